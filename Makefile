@@ -1,0 +1,36 @@
+# The two set-up commands of a fresh machine: `make train` and `make test`.
+# Each creates .venv if missing and installs the project into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# CPU machines take torch's CPU build (a bare `torch` requirement would pull a multi-GB
+# CUDA build); machines with a GPU driver keep the torch they install by the range.
+TORCH_CPU := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: train test test-slow test-all env clean-runs
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/lmtrain train configs/default.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs

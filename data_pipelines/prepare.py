@@ -1,0 +1,190 @@
+"""prepare-data: documents -> split -> BPE tokenizer -> packed memory-mapped token files.
+
+Run as `lmtrain prepare-data CONFIG [key=value ...]` or `python -m data_pipelines.prepare ...`.
+Re-running on unchanged inputs does nothing; a data.dir prepared for other inputs is an
+error unless --force is given (it is never silently mixed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data_pipelines.shards import (FORMAT_VERSION, SPLITS, DataDirError, atomic_write_text, token_dtype)
+from data_pipelines.sources import FileSource, resolve_source
+from data_pipelines.tokenizer import EOT, eot_id, file_sha256, load_tokenizer, train_tokenizer
+
+SPLIT_SALT = "lmtrain-split-v1"
+
+
+def is_val(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic split by document: a hash of its id, independent of order and seed."""
+    return _unit_hash(doc_id) < val_fraction
+
+
+def _unit_hash(doc_id: str) -> float:
+    h = hashlib.sha1(f"{SPLIT_SALT}:{doc_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def split_ids(ids: list[str], val_fraction: float) -> list[bool]:
+    """Per document, True for validation. Each split gets at least one document."""
+    flags = [is_val(i, val_fraction) for i in ids]
+    if len(ids) >= 2 and not any(flags):
+        flags[min(range(len(ids)), key=lambda j: _unit_hash(ids[j]))] = True
+    if len(ids) >= 2 and all(flags):
+        flags[max(range(len(ids)), key=lambda j: _unit_hash(ids[j]))] = False
+    return flags
+
+
+_TOKENIZERS: dict = {}
+
+
+def _encode_batch(batch, tokenizer_path: str):
+    tok = _TOKENIZERS.get(tokenizer_path)
+    if tok is None:
+        tok = _TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
+    eot = eot_id(tok)
+    ids = [e.ids + [eot] for e in tok.encode_batch(batch["text"])]
+    return {"ids": ids}
+
+
+def _inputs(data_cfg, source) -> dict:
+    return {
+        "source": data_cfg.source,
+        "fingerprint": source.fingerprint(),
+        "vocab_size": data_cfg.vocab_size,
+        "val_fraction": data_cfg.val_fraction,
+        "max_documents": data_cfg.max_documents,
+        "text_field": data_cfg.text_field,
+    }
+
+
+def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
+    import datasets
+
+    out = Path(data_cfg.dir)
+    source = resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split)
+    inputs = _inputs(data_cfg, source)
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        changed = [k for k in inputs if old.get("inputs", {}).get(k) != inputs[k]]
+        if not changed and old.get("format_version") == FORMAT_VERSION:
+            log(f"data: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
+            return out
+        if not force:
+            k = changed[0] if changed else "format_version"
+            raise DataDirError(
+                f"data.dir {out} was prepared with {k}={old.get('inputs', {}).get(k)!r}, not {inputs.get(k)!r}; "
+                "use another data.dir, or pass --force to rebuild it"
+            )
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # incomplete from here until the end
+
+    log(f"data: reading {source.describe()}")
+    if isinstance(source, FileSource):
+        docs = list(source.documents(data_cfg.max_documents))
+        ds = datasets.Dataset.from_dict({"id": [d.id for d in docs], "text": [d.text for d in docs]})
+        del docs
+    else:
+        ds = source.dataset()
+        if data_cfg.max_documents is not None:
+            ds = ds.select(range(min(data_cfg.max_documents, len(ds))))
+        ds = ds.select_columns([data_cfg.text_field])
+        if data_cfg.text_field != "text":
+            ds = ds.rename_column(data_cfg.text_field, "text")
+        ds = ds.add_column("id", [str(i) for i in range(len(ds))])
+    if len(ds) < 2:
+        raise DataDirError(f"data.source: {data_cfg.source} has {len(ds)} document(s); at least 2 are needed for a split")
+    flags = split_ids(ds["id"], data_cfg.val_fraction)
+    parts = {
+        "train": ds.select([i for i, f in enumerate(flags) if not f]),
+        "val": ds.select([i for i, f in enumerate(flags) if f]),
+    }
+    log(f"data: {len(parts['train']):,} train and {len(parts['val']):,} validation documents")
+
+    tok_path = out / "tokenizer.json"
+    tok_info = {"vocab_size_requested": data_cfg.vocab_size, "fingerprint": inputs["fingerprint"],
+                "max_documents": data_cfg.max_documents, "val_fraction": data_cfg.val_fraction}
+    tok_info_path = out / "tokenizer.inputs.json"
+    if tok_path.is_file() and tok_info_path.is_file() and json.loads(tok_info_path.read_text()) == tok_info:
+        log(f"data: reusing {tok_path}")
+    elif tok_path.is_file() and not tok_info_path.is_file():
+        # A tokenizer the user placed there: use it if it fits the model's vocabulary.
+        size = load_tokenizer(tok_path).get_vocab_size()
+        if size > data_cfg.vocab_size:
+            raise DataDirError(f"data.vocab_size: {tok_path} has {size} tokens, more than {data_cfg.vocab_size}")
+        log(f"data: using the tokenizer found at {tok_path} ({size} tokens)")
+    else:
+        log(f"data: training a byte-level BPE tokenizer of {data_cfg.vocab_size} tokens")
+        train_texts = parts["train"]
+        tok = train_tokenizer((train_texts[i : i + 256]["text"] for i in range(0, len(train_texts), 256)),
+                              data_cfg.vocab_size)
+        tok.save(str(tok_path) + ".tmp")
+        os.replace(str(tok_path) + ".tmp", tok_path)
+        atomic_write_text(tok_info_path, json.dumps(tok_info, indent=2))
+    tok = load_tokenizer(tok_path)
+    if tok.token_to_id(EOT) is None:
+        raise DataDirError(f"{tok_path} has no end-of-document token {EOT!r}")
+
+    dtype = token_dtype(data_cfg.vocab_size)
+    splits = {}
+    for split in SPLITS:
+        enc = parts[split].map(
+            _encode_batch, batched=True, batch_size=64, num_proc=min(data_cfg.num_proc, max(1, len(parts[split]) // 64)) or None,
+            remove_columns=parts[split].column_names, fn_kwargs={"tokenizer_path": str(tok_path)},
+            desc=f"tokenizing {split}",
+        )
+        column = enc.data.column("ids")
+        lengths = np.concatenate([c.value_lengths().to_numpy(zero_copy_only=False) for c in column.chunks]) \
+            if column.num_chunks else np.zeros(0, np.int64)
+        total = int(lengths.sum())
+        bin_tmp = out / f"{split}.bin.tmp"
+        arr = np.memmap(bin_tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+        pos = 0
+        for chunk in column.chunks:
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            arr[pos : pos + len(flat)] = flat
+            pos += len(flat)
+        arr.flush()
+        del arr
+        os.replace(bin_tmp, out / f"{split}.bin")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        np.save(out / f"{split}.idx.npy", offsets)
+        splits[split] = {"tokens": total, "documents": len(lengths)}
+        log(f"data: {split}: {len(lengths):,} documents, {total:,} tokens")
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "inputs": inputs,
+        "source_description": source.describe(),
+        "vocab_size": data_cfg.vocab_size,
+        "tokenizer_vocab_size": tok.get_vocab_size(),
+        "tokenizer_sha256": file_sha256(tok_path),
+        "eot_id": eot_id(tok),
+        "dtype": np.dtype(dtype).name,
+        "splits": splits,
+        "seconds": round(time.time() - t0, 1),
+    }
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    log(f"data: wrote {out} in {meta['seconds']} s")
+    return out
+
+
+def main(argv=None) -> int:
+    from lmtrain.cli import main as cli_main
+
+    return cli_main(["prepare-data", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

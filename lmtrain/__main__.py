@@ -1,0 +1,5 @@
+import sys
+
+from lmtrain.cli import main
+
+sys.exit(main())

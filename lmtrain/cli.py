@@ -1,0 +1,142 @@
+"""The `lmtrain` command line. Parsing and error reporting only; the work lives elsewhere.
+
+Bad input (config, data source, data dir, checkpoint) exits with code 2 and one line on
+stderr naming the key or path, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML preset, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dotlist overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lmtrain", description="Pretrain long-context decoder language models.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare-data", help="train the tokenizer and pack the corpus into token files")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild a data.dir prepared for other inputs")
+
+    p = sub.add_parser("train", help="train (resumes automatically from RUN/checkpoints/last.ckpt)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file or run dir")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir holds a checkpoint")
+
+    p = sub.add_parser("config", help="print the resolved config (exit 2 if it is invalid)")
+    _add_config_args(p)
+
+    p = sub.add_parser("generate", help="sample text from a run dir or checkpoint")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k filtering")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
+    return ap
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _fail(msg: str) -> int:
+    print(f"lmtrain: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_config(args) -> int:
+    from lmtrain.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from data_pipelines.prepare import prepare
+    from lmtrain.config import load_config
+
+    prepare(load_config(args.config, args.overrides).data, force=args.force)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from lmtrain.config import load_config
+    from lmtrain.train.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume, no_resume=args.no_resume)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from data_pipelines.tokenizer import eot_id, load_tokenizer
+    from lmtrain.generate import generate, load_model
+
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
+        return _fail("--max-new-tokens and --num-samples must be positive, --temperature 0 or more")
+    cfg, model = load_model(args.source, device=args.device)
+    tok_path = Path(cfg.data.dir) / "tokenizer.json"
+    if not tok_path.is_file():
+        return _fail(f"the tokenizer of this model is missing: {tok_path} (data.dir of the run)")
+    tok = load_tokenizer(tok_path)
+    eot = eot_id(tok)
+    ids = tok.encode(args.prompt).ids if args.prompt else [eot]
+    prompt = torch.tensor([ids] * args.num_samples, device=args.device)
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                   seed=args.seed, use_cache=not args.no_cache)
+    for i, row in enumerate(out.tolist()):
+        text = tok.decode([t for t in row if t != eot]) if not args.prompt else tok.decode(row[len(ids):])
+        if args.num_samples > 1:
+            print(f"--- sample {i} ---")
+        print(args.prompt + text)
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Options may follow the overrides (`train cfg a=1 --no-resume b=2`): collect the rest.
+    stray = [x for x in extra if "=" not in x or x.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    from data_pipelines.shards import DataDirError
+    from data_pipelines.sources import SourceError
+    from lmtrain.config import ConfigError
+    from lmtrain.train.run import ResumeError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, SourceError, DataDirError, ResumeError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("lmtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Typed configuration: OmegaConf structured configs over dataclasses.
+
+`load_config(path, overrides)` merges a YAML preset and `key=value` overrides onto the
+schema and validates the result. Every problem is raised as a `ConfigError` whose
+message is one line naming the key and the fix; the CLI prints it and exits 2.
+
+Polymorphic nodes (today `model.attention`, typed by its `kind`) are typed in two
+phases: the raw merge decides the kind, then the node is re-typed with that kind's
+own Config dataclass, so options of other kinds are unknown keys, as they should be.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from lmtrain.model.attention import ATTENTION, AttentionConfig
+from lmtrain.model.depth import DEPTH, DepthConfig
+from lmtrain.model.positions import POSITIONS
+from lmtrain.model.residual import RESIDUAL
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STRATEGIES = ("auto", "single", "ddp", "ddp_spawn")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is one line naming the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    root: str = "runs"
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # stdlib | path or glob of text files | *.jsonl / *.parquet (glob ok) | HF dataset name
+    source: str = "stdlib"
+    dir: str = "data/stdlib"
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 16  # per device, per micro-step
+    val_fraction: float = 0.02
+    text_field: str = "text"  # jsonl/parquet/HF column holding the text
+    hf_split: str = "train"
+    max_documents: Optional[int] = None  # use only the first N documents (in source order)
+    num_proc: int = 2  # tokenization processes
+    num_workers: int = 1  # DataLoader workers per rank
+    val_batches: int = 8  # validation batches per evaluation
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.0
+    position: str = "alibi"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    tie_embeddings: bool = True
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    bias: bool = True  # biases in linear layers
+    residual: str = "prenorm"
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    rope_theta: float = 10000.0
+    max_position: int = 0  # learned table size; 0 means data.seq_len
+    init_std: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    val_every_n_steps: int = 200
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    log_every_n_steps: int = 10
+    peak_tflops: Optional[float] = None  # MFU denominator; None: datasheet on GPU, measured on CPU
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+# key -> registry whose entries carry the node's Config dataclass
+POLYMORPHIC = {"model.attention": ATTENTION, "model.depth": DEPTH}
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_flat_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0]
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and "not in" in msg:
+        candidates = _flat_keys(schema)
+        parent = key.rpartition(".")[0]
+        siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see `lmtrain config configs/default.yaml` for all keys"
+        return f"{key}: unknown key ({hint})"
+    if isinstance(e, ValidationError):
+        expected = re.search(r"converted to (\w+)", msg)
+        what = f"expected {expected.group(1).lower()}" if expected else msg
+        return f"{key}: wrong type: {what}, got {msg.split()[1] if msg.startswith('Value') else '?'}"
+    return f"{key}: {msg}"
+
+
+def _schema_for(raw: DictConfig) -> DictConfig:
+    schema = OmegaConf.structured(Config)
+    for key, registry in POLYMORPHIC.items():
+        node = OmegaConf.select(raw, key, default=None)
+        kind = node.get("kind") if isinstance(node, DictConfig) else None
+        if kind is None:
+            kind = OmegaConf.select(schema, f"{key}.kind")
+        if not isinstance(kind, str) or kind not in registry:
+            raise ConfigError(registry.unknown_message(str(kind)))
+        typed = OmegaConf.structured(registry.get(kind).Config(kind=kind))
+        parent, leaf = key.rsplit(".", 1)
+        OmegaConf.select(schema, parent)[leaf] = typed
+    return schema
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset YAML + dotlist overrides -> validated `Config`. Raises ConfigError."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # YAML syntax errors and the like
+            raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like key=value")
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{item}: {str(e).splitlines()[0]}") from None
+    try:
+        raw = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
+    return _build(raw)
+
+
+def _build(raw: DictConfig) -> Config:
+    schema = _schema_for(raw)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, schema)) from None
+    errors = validate(cfg)
+    if errors:
+        raise ConfigError(errors[0] + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Bad values and unsupported combinations, each as a one-line message."""
+    errs: list[str] = []
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.trainer
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errs.append(msg)
+
+    need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name)), "run.name: use letters, digits, '.', '_' and '-' only")
+    need(257 <= d.vocab_size <= 2**32 - 1, "data.vocab_size: must be at least 257 (256 bytes + end-of-document)")
+    need(d.seq_len >= 2, "data.seq_len: must be at least 2")
+    need(d.batch_size >= 1, "data.batch_size: must be at least 1")
+    need(0.0 < d.val_fraction < 1.0, "data.val_fraction: must be strictly between 0 and 1")
+    need(d.max_documents is None or d.max_documents >= 2, "data.max_documents: must be at least 2 (or null)")
+    need(d.num_proc >= 1, "data.num_proc: must be at least 1")
+    need(d.num_workers >= 0, "data.num_workers: must be 0 or more")
+    need(d.val_batches >= 1, "data.val_batches: must be at least 1")
+    need(bool(d.source.strip()), "data.source: must not be empty")
+
+    need(m.n_layers >= 1, "model.n_layers: must be at least 1")
+    need(m.n_heads >= 1, "model.n_heads: must be at least 1")
+    need(m.d_model >= 1 and m.d_model % max(m.n_heads, 1) == 0,
+         f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    need(m.d_ff >= 1, "model.d_ff: must be at least 1")
+    need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+    need(m.norm in ("layernorm", "rmsnorm"), f"model.norm: {m.norm!r} is not one of layernorm, rmsnorm")
+    need(m.max_position >= 0, "model.max_position: must be 0 (= data.seq_len) or positive")
+    need(m.init_std > 0, "model.init_std: must be positive")
+    if m.position not in POSITIONS:
+        errs.append(POSITIONS.unknown_message(m.position))
+    if m.residual not in RESIDUAL:
+        errs.append(RESIDUAL.unknown_message(m.residual))
+    if m.position == "rope" and m.n_heads and (m.d_model // m.n_heads) % 2:
+        errs.append("model.position=rope needs an even head dimension (model.d_model / model.n_heads)")
+    if m.position == "learned" and m.max_position and m.max_position < d.seq_len:
+        errs.append(f"model.max_position: {m.max_position} is shorter than data.seq_len={d.seq_len}")
+    if not errs:  # the kind checks assume the basic shape is sane
+        errs += ATTENTION.get(m.attention.kind).check(m)
+        errs += DEPTH.get(m.depth.kind).check(m)
+        errs += RESIDUAL.get(m.residual).check(m)
+
+    need(o.lr > 0 and math.isfinite(o.lr), "optim.lr: must be positive")
+    need(0 <= o.min_lr <= o.lr, "optim.min_lr: must be between 0 and optim.lr")
+    need(o.weight_decay >= 0, "optim.weight_decay: must be 0 or more")
+    need(o.warmup_steps >= 0, "optim.warmup_steps: must be 0 or more")
+    need(o.grad_clip >= 0, "optim.grad_clip: must be 0 (off) or positive")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: must be two numbers in [0, 1)")
+
+    need(t.max_steps >= 1, "trainer.max_steps: must be at least 1")
+    need(t.val_every_n_steps >= 1, "trainer.val_every_n_steps: must be at least 1")
+    need(t.precision in PRECISIONS, f"trainer.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    need(t.accelerator in ACCELERATORS, f"trainer.accelerator: {t.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    need(t.strategy in STRATEGIES,
+         f"trainer.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    need(t.devices >= 1 or t.devices == -1, "trainer.devices: must be a positive count, or -1 for all")
+    need(t.num_nodes >= 1, "trainer.num_nodes: must be at least 1")
+    need(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches: must be at least 1")
+    need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps: must be at least 1")
+    need(t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops: must be positive (or null)")
+    if t.accelerator == "cpu" and t.precision in ("16-mixed",):
+        errs.append("trainer.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on trainer.accelerator=cpu")
+
+    need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps: must be at least 1")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be at least 1")
+    return errs
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a saved config (checkpoint, run dir) through the same validation."""
+    return _build(OmegaConf.create(d))

@@ -1,0 +1,10 @@
+"""Attention kernels, one file each, registered by `model.attention.kind`."""
+
+from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+from lmtrain.model.attention import softmax as _softmax  # noqa: F401  (registers "softmax")
+
+__all__ = ["ATTENTION", "AttentionConfig", "AttentionKernel", "build_attention"]
+
+
+def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float) -> AttentionKernel:
+    return ATTENTION.get(cfg.kind)(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)

@@ -1,0 +1,94 @@
+"""The one interface every attention kernel implements.
+
+A kernel gets queries, keys and values that the attention block has already projected
+and (for RoPE) rotated, plus the absolute positions of the queries and keys, and returns
+the attended values. It is always causal: key j is visible to query i iff k_pos[j] <= q_pos[i].
+That rule covers training (q_pos == k_pos) and decoding with a KV cache (q_pos are the
+new positions, k_pos all cached ones) with no special cases.
+
+Kernels declare what they support; `check` turns a config into a list of reasons to
+refuse it, which the config loader reports before anything is built.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from lmtrain.registry import Registry
+
+if TYPE_CHECKING:
+    from lmtrain.config import ModelConfig
+    from lmtrain.model.outputs import Aux
+    from lmtrain.model.positions import Position
+
+ATTENTION: Registry[type["AttentionKernel"]] = Registry("model.attention.kind")
+
+
+@dataclass
+class AttentionConfig:
+    """Options common to every kind; each kind subclasses it with its own."""
+
+    kind: str = "softmax"
+
+
+class AttentionKernel(nn.Module):
+    Config: type[AttentionConfig] = AttentionConfig
+
+    # Declared capabilities, asked before anything is built.
+    supports_score_bias: bool = False  # additive biases such as ALiBi
+    supports_kv_cache: bool = False  # incremental decoding in `generate`
+    deterministic_recompute: bool = True  # same output when rerun with the same RNG state
+
+    def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        # Which code path ran, counted; tests use it to prove a fast path really ran.
+        self.path_counts: Counter[str] = Counter()
+
+    @classmethod
+    def check(cls, model: "ModelConfig") -> list[str]:
+        """Reasons this kind cannot run with `model` (empty when it can)."""
+        from lmtrain.model.positions import POSITIONS
+
+        reasons = []
+        if model.position in POSITIONS and POSITIONS.get(model.position).has_score_bias:
+            if not cls.supports_score_bias:
+                reasons.append(
+                    f"model.attention.kind={model.attention.kind} cannot apply the additive score "
+                    f"bias of model.position={model.position}; use position rope or none"
+                )
+        return reasons
+
+    def forward(
+        self,
+        q_BHLD: Tensor,
+        k_BHSD: Tensor,
+        v_BHSD: Tensor,
+        *,
+        position: "Position",
+        q_pos_L: Tensor,
+        k_pos_S: Tensor,
+        aux: "Aux",
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def reference(
+        self,
+        q_BHLD: Tensor,
+        k_BHSD: Tensor,
+        v_BHSD: Tensor,
+        *,
+        position: "Position",
+        q_pos_L: Tensor,
+        k_pos_S: Tensor,
+        aux: "Aux",
+    ) -> Tensor:
+        """The plain implementation the fast path is tested against."""
+        raise NotImplementedError

@@ -1,0 +1,140 @@
+"""Causal softmax attention (Vaswani et al. 2017) with optional additive score bias.
+
+Paths, chosen once per call from the inputs, never from a kind name:
+  * sdpa      - torch's scaled_dot_product_attention. Without a bias and with aligned
+                positions it uses `is_causal=True` (flash kernels on CPU and GPU). With a
+                bias or a KV cache it passes an explicit mask, built per block of queries
+                so that no L x S x H buffer exists at once at long lengths.
+  * flex      - FlexAttention with the bias as a `score_mod` and a causal block mask
+                (compiled; used on CUDA for biased attention, where it skips the masked
+                half of the work instead of materialising a mask).
+  * reference - the plain formula in float32; tests compare the other paths against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+
+BACKENDS = ("auto", "sdpa", "flex", "reference")
+
+
+@dataclass
+class SoftmaxConfig(AttentionConfig):
+    kind: str = "softmax"
+    # auto: flex on CUDA when there is a score bias, else sdpa.
+    backend: str = "auto"
+    # Most bytes a materialised mask block may take; queries are chunked to fit.
+    mask_budget_mb: int = 64
+
+
+@lru_cache(maxsize=32)
+def _causal_block_mask(q_len: int, kv_len: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    return create_block_mask(causal, None, None, q_len, kv_len, device=device)
+
+
+@lru_cache(maxsize=1)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+@ATTENTION.register("softmax")
+class SoftmaxAttention(AttentionKernel):
+    Config = SoftmaxConfig
+    supports_score_bias = True
+    supports_kv_cache = True
+    deterministic_recompute = True
+
+    cfg: SoftmaxConfig
+
+    @classmethod
+    def check(cls, model) -> list[str]:
+        reasons = super().check(model)
+        cfg = model.attention
+        if cfg.backend not in BACKENDS:
+            reasons.append(f"model.attention.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if cfg.backend == "flex" and model.dropout > 0:
+            reasons.append("model.attention.backend=flex does not support dropout; set model.dropout=0 or backend=sdpa")
+        if cfg.mask_budget_mb <= 0:
+            reasons.append("model.attention.mask_budget_mb must be positive")
+        return reasons
+
+    def _backend(self, q_BHLD: Tensor, k_BHSD: Tensor, has_bias: bool) -> str:
+        if self.cfg.backend != "auto":
+            return self.cfg.backend
+        aligned = q_BHLD.shape[2] == k_BHSD.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        if q_BHLD.is_cuda and has_bias and aligned and dropout == 0.0:
+            return "flex"
+        return "sdpa"
+
+    def forward(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
+        has_bias = position.has_score_bias
+        path = self._backend(q_BHLD, k_BHSD, has_bias)
+        self.path_counts[path] += 1
+        if path == "reference":
+            return self.reference(q_BHLD, k_BHSD, v_BHSD, position=position, q_pos_L=q_pos_L, k_pos_S=k_pos_S, aux=aux)
+        if path == "flex":
+            return self._flex(q_BHLD, k_BHSD, v_BHSD, position)
+        return self._sdpa(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+
+    def _sdpa(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+        dropout = self.dropout if self.training else 0.0
+        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+        if not position.has_score_bias and L == S:
+            # Aligned positions without a bias: the kernel's own causal mask, no buffer.
+            return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=True)
+        if position.has_score_bias:
+            bytes_per_row = self.n_heads * S * q_BHLD.element_size()
+        else:
+            bytes_per_row = S  # a boolean mask, shared by the heads
+        chunk = max(1, (self.cfg.mask_budget_mb << 20) // bytes_per_row)
+        outs = []
+        for start in range(0, L, chunk):
+            q_pos = q_pos_L[start : start + chunk]
+            visible_LS = k_pos_S[None, :] <= q_pos[:, None]
+            if position.has_score_bias:
+                bias = position.score_bias(q_pos, k_pos_S).to(q_BHLD.dtype)
+                mask = bias.masked_fill(~visible_LS, float("-inf"))  # H l S
+            else:
+                mask = visible_LS
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q_BHLD[:, :, start : start + chunk], k_BHSD, v_BHSD, attn_mask=mask, dropout_p=dropout
+                )
+            )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _flex(self, q_BHLD, k_BHSD, v_BHSD, position):
+        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+        if L != S:
+            raise ValueError("the flex path needs aligned queries and keys (no KV cache)")
+        block_mask = _causal_block_mask(L, S, str(q_BHLD.device))
+        # Compile on GPU; on CPU only the eager forward exists (used by tests).
+        fn = _flex_fn(q_BHLD.is_cuda)
+        return fn(q_BHLD, k_BHSD, v_BHSD, score_mod=position.score_mod(), block_mask=block_mask)
+
+    def reference(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
+        dtype = q_BHLD.dtype
+        q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q_BHLD, k_BHSD, v_BHSD))
+        scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if position.has_score_bias:
+            scores_BHLS = scores_BHLS + position.score_bias(q_pos_L, k_pos_S).to(scores_BHLS.dtype)
+        visible_LS = k_pos_S[None, :] <= q_pos_L[:, None]
+        scores_BHLS = scores_BHLS.masked_fill(~visible_LS, float("-inf"))
+        probs = F.dropout(scores_BHLS.softmax(dim=-1), p=self.dropout, training=self.training)
+        return (probs @ v).to(dtype)

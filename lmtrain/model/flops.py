@@ -1,0 +1,30 @@
+"""Model FLOPs per token, for throughput and MFU.
+
+Training FLOPs per token = 6 * N_matmul + 12 * n_layers * d_model * L   (Kaplan et al. 2020;
+PaLM appendix B). N_matmul counts the parameters that take part in matrix multiplies:
+all parameters except embedding lookups, plus the LM head even when it is tied to the
+input embedding. The attention term counts the full L x L score and value products, as
+PaLM does, although a causal kernel may skip half of them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def matmul_params(model: nn.Module) -> int:
+    seen, n = set(), 0
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in lookups:
+            n += p.numel()
+        seen.add(id(p))
+    head = getattr(model, "head", None)
+    if head is not None and id(head.weight) in lookups:  # tied head: still a matmul
+        n += head.weight.numel()
+    return n
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    cfg = model.cfg
+    return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * cfg.d_model * seq_len

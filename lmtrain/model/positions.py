@@ -1,0 +1,156 @@
+"""Positional schemes: one axis of the decoder, keyed by `model.position`.
+
+A scheme can act in three places, and each declares which:
+  * `embed`      - added to the token embeddings (sinusoidal, learned),
+  * `rotate`     - applied to queries and keys (RoPE),
+  * `score_bias` - an additive bias on attention scores (ALiBi).
+Attention kernels read `has_score_bias` to refuse or to handle the bias; the decoder
+calls `embed` and the attention block calls `rotate`, whatever the scheme.
+
+Shapes: B batch, H heads, L query length, S key length, D head dim, M model dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lmtrain.registry import Registry
+
+POSITIONS: Registry[type["Position"]] = Registry("model.position")
+
+
+class Position(nn.Module):
+    """Base scheme: does nothing anywhere (that is exactly `none`)."""
+
+    has_score_bias = False
+
+    def __init__(self, *, d_model: int, n_heads: int, max_len: int, rope_theta: float = 10000.0):
+        super().__init__()
+        self.max_len = None  # only schemes with a table have a hard limit
+
+    def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
+        return x_BLM
+
+    def rotate(self, x_BHLD: Tensor, pos_L: Tensor) -> Tensor:
+        return x_BHLD
+
+    def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no score bias")
+
+    def score_mod(self) -> Optional[Callable]:
+        """The bias as a FlexAttention score_mod, or None."""
+        return None
+
+
+POSITIONS.register("none")(Position)
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al. 2022, Sec. 3 and the official code).
+
+    For n a power of two: the geometric sequence starting at 2^(-8/n) with that ratio.
+    Otherwise the slopes for the closest lower power of two c, followed by the
+    even-indexed slopes of 2c heads until there are n.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if n_heads <= 0:
+        raise ValueError("n_heads must be positive")
+    if math.log2(n_heads).is_integer():
+        return power_of_two(n_heads)
+    c = 2 ** math.floor(math.log2(n_heads))
+    return power_of_two(c) + power_of_two(2 * c)[0::2][: n_heads - c]
+
+
+@POSITIONS.register("alibi")
+class ALiBi(Position):
+    """Linear distance bias: score += slope_h * (k_pos - q_pos), <= 0 where causal."""
+
+    has_score_bias = True
+
+    def __init__(self, *, n_heads: int, **kw):
+        super().__init__(n_heads=n_heads, **kw)
+        # A buffer, not a parameter: the paper's slopes are fixed.
+        self.register_buffer("slopes", torch.tensor(alibi_slopes(n_heads)), persistent=False)
+
+    def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
+        dist_LS = (k_pos_S[None, :] - q_pos_L[:, None]).to(self.slopes.dtype)
+        return self.slopes[:, None, None] * dist_LS  # H L S
+
+    def score_mod(self) -> Callable:
+        slopes = self.slopes
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        return alibi
+
+
+@POSITIONS.register("rope")
+class RoPE(Position):
+    """Rotary embeddings (Su et al. 2021), rotating half-dimension pairs (GPT-NeoX layout)."""
+
+    def __init__(self, *, d_model: int, n_heads: int, rope_theta: float = 10000.0, **kw):
+        super().__init__(d_model=d_model, n_heads=n_heads, **kw)
+        head_dim = d_model // n_heads
+        if head_dim % 2:
+            raise ValueError("rope needs an even head dimension")
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotate(self, x_BHLD: Tensor, pos_L: Tensor) -> Tensor:
+        angles_LD2 = pos_L.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
+        cos, sin = angles_LD2.cos().to(x_BHLD.dtype), angles_LD2.sin().to(x_BHLD.dtype)
+        x1, x2 = x_BHLD.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@POSITIONS.register("sinusoidal")
+class Sinusoidal(Position):
+    """Fixed sinusoidal embeddings added to the input (Vaswani et al. 2017, Sec. 3.5)."""
+
+    def __init__(self, *, d_model: int, **kw):
+        super().__init__(d_model=d_model, **kw)
+        self.register_buffer(
+            "inv_freq",
+            torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)),
+            persistent=False,
+        )
+        self.d_model = d_model
+
+    def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
+        angles = pos_L.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        pe_LM = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, : self.d_model]
+        return x_BLM + pe_LM.to(x_BLM.dtype)
+
+
+@POSITIONS.register("learned")
+class Learned(Position):
+    """A learned absolute position table of `max_len` rows (GPT-2)."""
+
+    def __init__(self, *, d_model: int, max_len: int, **kw):
+        super().__init__(d_model=d_model, max_len=max_len, **kw)
+        self.max_len = max_len
+        self.table = nn.Embedding(max_len, d_model)
+
+    def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
+        if pos_L.numel() and int(pos_L.max()) >= self.max_len:
+            raise PositionOutOfRange(
+                f"learned positions end at {self.max_len}; position {int(pos_L.max())} was asked for"
+            )
+        return x_BLM + self.table(pos_L)
+
+
+class PositionOutOfRange(ValueError):
+    """A scheme with a finite table was asked for a position beyond it."""
+
+
+def build_position(kind: str, *, d_model: int, n_heads: int, max_len: int, rope_theta: float) -> Position:
+    return POSITIONS.get(kind)(d_model=d_model, n_heads=n_heads, max_len=max_len, rope_theta=rope_theta)

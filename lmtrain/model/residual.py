@@ -1,0 +1,37 @@
+"""Residual wiring: one axis of the decoder, keyed by `model.residual`.
+
+A wiring runs a sequence of layers (each offering sublayers f and g) over the stream.
+It sees the whole sequence, so stack-level schemes (two-stream reversible layers with
+their own autograd function) fit the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from lmtrain.model.layer import Context, Layer
+from lmtrain.registry import Registry
+
+RESIDUAL: Registry[type["Residual"]] = Registry("model.residual")
+
+
+class Residual:
+    @classmethod
+    def check(cls, model) -> list[str]:
+        return []
+
+    def run(self, layers: Sequence[Layer], x_BLM: Tensor, ctx: Context) -> Tensor:
+        raise NotImplementedError
+
+
+@RESIDUAL.register("prenorm")
+class PreNorm(Residual):
+    """x <- x + F(x); x <- x + G(x), with each sublayer normalising its own input."""
+
+    def run(self, layers, x_BLM, ctx):
+        for layer in layers:
+            x_BLM = x_BLM + layer.f(x_BLM, ctx)
+            x_BLM = x_BLM + layer.g(x_BLM, ctx)
+        return x_BLM

@@ -1,0 +1,49 @@
+"""Tokens per second and model FLOPs utilisation (MFU) against a stated peak."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from lmtrain.model.flops import training_flops_per_token
+from lmtrain.train.hardware import peak_flops
+
+
+class Throughput(pl.Callback):
+    """Measures over windows of `every` optimizer steps; synchronises only at window edges."""
+
+    def __init__(self, seq_len: int, every: int, peak_tflops: float | None = None):
+        self.seq_len, self.every, self.peak_tflops = seq_len, every, peak_tflops
+        self._t0 = None
+        self._tokens = 0
+        self.peak, self.peak_source, self.flops_per_token = None, "", 0.0
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.peak, self.peak_source = peak_flops(self.peak_tflops, pl_module.device)
+        self.flops_per_token = training_flops_per_token(pl_module.model, self.seq_len)
+        self._t0 = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:  # the first window starts at the first batch, not at setup
+            self._sync(pl_module)
+            self._t0, self._tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every:
+            return
+        self._sync(pl_module)
+        dt = time.perf_counter() - self._t0
+        tps = self._tokens / dt
+        mfu = tps * self.flops_per_token / (self.peak * trainer.world_size)
+        self.last = {"perf/tokens_per_s": tps, "perf/mfu": mfu}
+        pl_module.log_dict(self.last, rank_zero_only=True)
+        self._t0, self._tokens = time.perf_counter(), 0
+
+    @staticmethod
+    def _sync(pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)

@@ -1,0 +1,141 @@
+"""Training data: fixed-length windows over the packed token files.
+
+Window w of a split covers tokens [w*L, w*L + L + 1): inputs are the first L, targets the
+last L. The training order is a function of the *global sample index* g alone:
+epoch = g // W, and within an epoch a permutation of the W windows seeded by (seed, epoch).
+Micro-step t of rank r (of R ranks, micro-batch b) takes g in [t*b*R + r*b, t*b*R + (r+1)*b).
+So resuming needs only the number of samples consumed, and a change of world size at the
+same global batch keeps exactly the same global order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data_pipelines.shards import check_matches, open_tokens, read_meta
+
+
+def epoch_permutation(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    return torch.randperm(n_windows, generator=g)
+
+
+class GlobalSampler(Sampler[int]):
+    """Infinite, deterministic, resumable stream of window indices for one rank."""
+
+    def __init__(self, n_windows: int, *, seed: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 start_sample: int = 0):
+        if n_windows < 1:
+            raise ValueError("the training split holds no complete window; lower data.seq_len or add data")
+        self.n, self.seed, self.b, self.rank, self.world = n_windows, seed, micro_batch, rank, world_size
+        self.start_sample = start_sample
+        self._perm: Optional[tuple[int, torch.Tensor]] = None
+
+    def window(self, g: int) -> int:
+        """The window at global sample index g."""
+        epoch, i = divmod(g, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
+        return int(self._perm[1][i])
+
+    def global_indices(self) -> Iterator[int]:
+        step = self.b * self.world
+        if self.start_sample % step:
+            raise ValueError(f"cannot resume at sample {self.start_sample}: not a multiple of the global micro-batch {step}")
+        t = self.start_sample // step
+        while True:
+            base = t * step + self.rank * self.b
+            yield from range(base, base + self.b)
+            t += 1
+
+    def __iter__(self) -> Iterator[int]:
+        for g in self.global_indices():
+            yield self.window(g)
+
+
+class WindowDataset(Dataset):
+    """Window w -> int64 tensor of L+1 tokens. The memmap opens lazily in each worker."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
+        self.data_dir, self.split, self.seq_len = str(data_dir), split, seq_len
+        self._tokens = None
+        n_tokens = read_meta(data_dir)["splits"][split]["tokens"]
+        self.n_windows = max(0, (n_tokens - 1) // seq_len)
+
+    @property
+    def tokens(self) -> np.memmap:
+        if self._tokens is None:
+            self._tokens = open_tokens(self.data_dir, self.split)
+        return self._tokens
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, w: int) -> torch.Tensor:
+        start = w * self.seq_len
+        return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}
+
+
+def val_windows(n_windows: int, count: int) -> list[int]:
+    """`count` windows spread evenly over the split (the same every evaluation)."""
+    count = min(count, n_windows)
+    return [int(i) for i in np.linspace(0, n_windows - 1, num=count).round()] if count else []
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    # An explicit generator keeps the DataLoader from drawing on the global RNG.
+    return torch.Generator().manual_seed(seed)
+
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the model and data code do not need Lightning
+    pl = None
+
+
+class TokenDataModule(pl.LightningDataModule if pl else object):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.meta = read_meta(cfg.data.dir)
+        check_matches(self.meta, vocab_size=cfg.data.vocab_size, data_dir=cfg.data.dir)
+        self.train_set = WindowDataset(cfg.data.dir, "train", cfg.data.seq_len)
+        self.val_set = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len)
+        if self.val_set.n_windows < 1:
+            raise ValueError(
+                f"data.seq_len: the validation split of {cfg.data.dir} has fewer than {cfg.data.seq_len + 1} tokens; "
+                "raise data.val_fraction or lower data.seq_len"
+            )
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = getattr(self, "trainer", None)
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self, start_sample: Optional[int] = None) -> DataLoader:
+        rank, world = self._rank_world()
+        if start_sample is None:
+            start_sample = getattr(self.trainer.lightning_module, "consumed_samples", 0) if self.trainer else 0
+        sampler = GlobalSampler(self.train_set.n_windows, seed=self.cfg.run.seed, micro_batch=self.cfg.data.batch_size,
+                                rank=rank, world_size=world, start_sample=start_sample)
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        per_rank = self.cfg.data.val_batches * self.cfg.data.batch_size
+        windows = val_windows(self.val_set.n_windows, per_rank * world)
+        windows = windows[: len(windows) // world * world] or windows
+        return self._loader(self.val_set, windows[rank::world])
+
+    def _loader(self, dataset, sampler) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(dataset, batch_size=self.cfg.data.batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                          prefetch_factor=4 if workers else None, generator=_loader_generator(self.cfg.run.seed))

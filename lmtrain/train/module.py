@@ -1,0 +1,89 @@
+"""The LightningModule: loss, optimizer, schedule, and the state that exact resume needs."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lmtrain.config import Config, to_dict
+from lmtrain.model import build_model
+from lmtrain.train.optim import build_optimizer
+
+CKPT_KEY = "lmtrain"
+
+
+def lm_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten())
+
+
+def step_seed(seed: int, sample: int, rank: int) -> int:
+    """The RNG seed of the micro-step that starts at global `sample`: a pure function, so
+    dropout replays exactly after a resume with no RNG state to save."""
+    return (seed * 6_364_136_223_846_793_005 + sample * 1_442_695_040_888_963_407 + rank) % 2**63
+
+
+class LMModule(pl.LightningModule):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"config": to_dict(cfg)})
+        self.model = build_model(cfg)
+        self.consumed_samples = 0  # global samples consumed by training so far
+
+    def forward(self, idx_BL):
+        return self.model(idx_BL)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        torch.manual_seed(step_seed(self.cfg.run.seed, self.consumed_samples, self.global_rank))
+
+    def training_step(self, batch, batch_idx):
+        x_BL, y_BL = batch[:, :-1], batch[:, 1:]
+        out = self.model(x_BL)
+        loss = lm_loss(out.logits_BLV, y_BL)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x_BL.shape[0])
+        self.log("train/ppl", torch.exp(loss.detach().clamp(max=30)), batch_size=x_BL.shape[0])
+        aux = out.aux.total_loss()
+        for name, value in out.aux.losses.items():
+            self.log(f"train/{name}", value, batch_size=x_BL.shape[0])
+        for name, value in out.aux.stats.items():
+            if value.numel() == 1:
+                self.log(f"stats/{name}", value.float(), batch_size=x_BL.shape[0])
+        self.last_lm_loss = loss.detach()
+        return loss if aux is None else loss + aux
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.consumed_samples += batch.shape[0] * self.trainer.world_size
+
+    def validation_step(self, batch, batch_idx):
+        x_BL, y_BL = batch[:, :-1], batch[:, 1:]
+        loss = lm_loss(self.model(x_BL).logits_BLV, y_BL)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=x_BL.shape[0], prog_bar=True)
+        return loss
+
+    def on_validation_epoch_end(self):
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=False)
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[CKPT_KEY] = {"consumed_samples": self.consumed_samples, "format": 1}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.consumed_samples = int(checkpoint.get(CKPT_KEY, {}).get("consumed_samples", 0))
+
+
+def val_perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

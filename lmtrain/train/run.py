@@ -1,0 +1,214 @@
+"""`lmtrain train`: data, resume, Lightning Trainer, and the end-of-run summary.
+
+Run directory (run.root/run.name):
+  config.yaml          the resolved config of the latest start
+  checkpoints/         stepNNNNNN.ckpt (the last `checkpoint.keep_last`), last.ckpt
+  tb/                  TensorBoard event files
+  metrics.jsonl        logged scalars, one JSON object per line
+  summary.json         final validation loss and perplexity, unigram baseline, paths
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from lmtrain.config import Config, to_dict, to_yaml
+
+# Keys that may differ between the checkpoint's config and the config of a resume.
+RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "run.root", "data.num_workers", "data.num_proc", "data.val_batches")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this config."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_compatible(saved: Config, current: Config) -> None:
+    a, b = _flat(to_dict(saved)), _flat(to_dict(current))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            raise ResumeError(
+                f"{key}: the checkpoint was trained with {a.get(key)!r}, this config says {b.get(key)!r}; "
+                "resume with the same value, or start a new run (run.name=... or --no-resume)"
+            )
+
+
+def is_rank_zero() -> bool:
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def wait_for_data(data_dir: Path, timeout_s: float = 3600.0) -> None:
+    """Ranks other than 0 wait while rank 0 prepares the data."""
+    t0 = time.time()
+    while not (data_dir / "meta.json").is_file():
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"rank waited {timeout_s:.0f} s for {data_dir}/meta.json")
+        time.sleep(2.0)
+
+
+def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool) -> Optional[Path]:
+    from lmtrain.train.checkpoint import last_checkpoint
+
+    if resume and no_resume:
+        raise ResumeError("--resume and --no-resume exclude each other")
+    if resume:
+        path = Path(resume)
+        if path.is_dir():
+            path = last_checkpoint(path) or path / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ResumeError(f"--resume: no checkpoint at {resume}")
+        return path
+    return None if no_resume else last_checkpoint(cfg.run_dir)
+
+
+def build_trainer(cfg: Config, *, extra_callbacks=()):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lmtrain.train.callbacks.metrics_file import MetricsFile
+    from lmtrain.train.callbacks.throughput import Throughput
+    from lmtrain.train.checkpoint import AtomicCheckpointIO
+
+    t = cfg.trainer
+    run_dir = cfg.run_dir
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep_last,
+                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False),
+        LearningRateMonitor(logging_interval="step"),
+        Throughput(cfg.data.seq_len, every=t.log_every_n_steps, peak_tflops=t.peak_tflops),
+        MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),
+        *extra_callbacks,
+    ]
+    if t.progress_bar:
+        import sys
+
+        callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else t.log_every_n_steps))
+    strategy = t.strategy
+    if strategy == "ddp" and t.accelerator == "cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    elif strategy == "single":
+        strategy = "auto"
+    return pl.Trainer(
+        accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        gradient_clip_algorithm="norm",
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # our sampler shards the global order itself
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=True,
+        default_root_dir=str(run_dir),
+    )
+
+
+def unigram_perplexity(data_dir: str, seq_len: int, windows: list[int], vocab_size: int) -> float:
+    """Perplexity of the train split's add-one unigram model on the given validation windows
+    (the targets of each window, as the model is scored)."""
+    from data_pipelines.shards import open_tokens
+
+    train = open_tokens(data_dir, "train")
+    counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    val = open_tokens(data_dir, "val")
+    targets = np.concatenate([np.asarray(val[w * seq_len + 1 : w * seq_len + seq_len + 1]) for w in windows])
+    return float(math.exp(-logp[targets].mean()))
+
+
+def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False, log=print) -> dict:
+    """Train; returns the summary dict (on rank 0)."""
+    import lightning.pytorch as pl
+
+    from data_pipelines.prepare import prepare
+    from lmtrain.train.checkpoint import clean_partial, load_config_from_checkpoint
+    from lmtrain.train.data import TokenDataModule, val_windows
+    from lmtrain.train.module import LMModule, val_perplexity
+
+    ckpt_path = resolve_resume(cfg, resume, no_resume)
+    if ckpt_path is not None:
+        saved, _ = load_config_from_checkpoint(ckpt_path)
+        check_resume_compatible(saved, cfg)
+
+    data_dir = Path(cfg.data.dir)
+    if is_rank_zero():
+        prepare(cfg.data, log=log)
+    else:
+        wait_for_data(data_dir)
+
+    run_dir = cfg.run_dir
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        clean_partial(run_dir / "checkpoints")
+        if ckpt_path is None and (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()  # a fresh start in an old run dir
+        log(f"run: {run_dir} ({'resuming from ' + str(ckpt_path) if ckpt_path else 'fresh start'})")
+
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    datamodule = TokenDataModule(cfg)
+    module = LMModule(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+
+    # Final evaluation on the fixed validation windows, reported beside the unigram baseline.
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+    val_loss = float(results[0]["val/loss"])
+    windows = val_windows(datamodule.val_set.n_windows, cfg.data.val_batches * cfg.data.batch_size * trainer.world_size)
+    summary = {
+        "step": trainer.global_step,
+        "val_loss": val_loss,
+        "val_ppl": val_perplexity(val_loss),
+        "unigram_val_ppl": unigram_perplexity(cfg.data.dir, cfg.data.seq_len, windows, cfg.data.vocab_size),
+        "val_tokens_scored": len(windows) * cfg.data.seq_len,
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "tensorboard": str(run_dir / "tb"),
+        "metrics": str(run_dir / "metrics.jsonl"),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    return "\n".join([
+        "",
+        "== lmtrain: training finished ==",
+        f"  step                      {s['step']}",
+        f"  validation loss           {s['val_loss']:.4f}  ({s['val_tokens_scored']:,} tokens)",
+        f"  validation perplexity     {s['val_ppl']:.2f}",
+        f"  unigram perplexity        {s['unigram_val_ppl']:.2f}  (same tokens; add-one unigram of the train split)",
+        f"  checkpoint                {s['last_checkpoint']}",
+        f"  TensorBoard logs          {s['tensorboard']}",
+        f"  open them with            tensorboard --logdir {s['tensorboard']}   (then http://localhost:6006)",
+        f"  sample from the model     lmtrain generate {Path(s['last_checkpoint']).parent.parent} --prompt 'def '",
+    ])
