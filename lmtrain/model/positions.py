@@ -99,14 +99,16 @@ class RoPE(Position):
 
     def __init__(self, *, d_model: int, n_heads: int, rope_theta: float = 10000.0, **kw):
         super().__init__(d_model=d_model, n_heads=n_heads, **kw)
-        head_dim = d_model // n_heads
-        if head_dim % 2:
+        self.head_dim, self.theta = d_model // n_heads, rope_theta
+        if self.head_dim % 2:
             raise ValueError("rope needs an even head dimension")
-        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rotate(self, x_BHLD: Tensor, pos_L: Tensor) -> Tensor:
-        angles_LD2 = pos_L.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
+        # Angles are computed afresh in fp32 (fp64 for fp64 inputs), never in a low-precision
+        # buffer that model.to(bf16) would have cast: at long positions bf16 angles are useless.
+        dt = _angle_dtype(x_BHLD)
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=dt, device=x_BHLD.device) / self.head_dim)
+        angles_LD2 = pos_L.to(dt)[:, None] * inv_freq[None, :]
         cos, sin = angles_LD2.cos().to(x_BHLD.dtype), angles_LD2.sin().to(x_BHLD.dtype)
         x1, x2 = x_BHLD.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -118,15 +120,13 @@ class Sinusoidal(Position):
 
     def __init__(self, *, d_model: int, **kw):
         super().__init__(d_model=d_model, **kw)
-        self.register_buffer(
-            "inv_freq",
-            torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)),
-            persistent=False,
-        )
         self.d_model = d_model
 
     def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
-        angles = pos_L.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        dt = _angle_dtype(x_BLM)
+        inv_freq = torch.exp(torch.arange(0, self.d_model, 2, dtype=dt, device=x_BLM.device)
+                             * (-math.log(10000.0) / self.d_model))
+        angles = pos_L.to(dt)[:, None] * inv_freq[None, :]
         pe_LM = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, : self.d_model]
         return x_BLM + pe_LM.to(x_BLM.dtype)
 
@@ -146,6 +146,10 @@ class Learned(Position):
                 f"learned positions end at {self.max_len}; position {int(pos_L.max())} was asked for"
             )
         return x_BLM + self.table(pos_L)
+
+
+def _angle_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class PositionOutOfRange(ValueError):

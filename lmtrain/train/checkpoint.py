@@ -41,9 +41,23 @@ def clean_partial(ckpt_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def checkpoint_step(path: Path) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(ckpt.get("global_step", -1))
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
-    p = Path(run_dir) / "checkpoints" / "last.ckpt"
-    return p if p.is_file() else None
+    """The newest checkpoint of a run: `last.ckpt`, unless a kill fell between the save of
+    `stepNNNNNN.ckpt` and the save of `last.ckpt`, in which case the step file is newer."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    steps = sorted(ckpt_dir.glob("step*.ckpt"), key=lambda p: int("".join(filter(str.isdigit, p.stem)) or -1))
+    newest = steps[-1] if steps else None
+    if not last.is_file():
+        return newest
+    if newest is not None and int("".join(filter(str.isdigit, newest.stem))) > checkpoint_step(last):
+        return newest
+    return last
 
 
 def load_config_from_checkpoint(path: str | Path):

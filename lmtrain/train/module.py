@@ -52,10 +52,11 @@ class LMModule(pl.LightningModule):
             if value.numel() == 1:
                 self.log(f"stats/{name}", value.float(), batch_size=x_BL.shape[0])
         self.last_lm_loss = loss.detach()
+        self.last_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)
+        # run before the module's own batch-end hook.
+        self.consumed_samples += x_BL.shape[0] * self.trainer.world_size
         return loss if aux is None else loss + aux
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.consumed_samples += batch.shape[0] * self.trainer.world_size
 
     def validation_step(self, batch, batch_idx):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
@@ -76,7 +77,7 @@ class LMModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint[CKPT_KEY] = {"consumed_samples": self.consumed_samples, "format": 1}

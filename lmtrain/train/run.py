@@ -22,7 +22,7 @@ import numpy as np
 from lmtrain.config import Config, to_dict, to_yaml
 
 # Keys that may differ between the checkpoint's config and the config of a resume.
-RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "run.root", "data.num_workers", "data.num_proc", "data.val_batches")
+RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
 
 
 class ResumeError(ValueError):

@@ -51,6 +51,8 @@ class AttentionKernel(nn.Module):
         self.dropout = dropout
         # Which code path ran, counted; tests use it to prove a fast path really ran.
         self.path_counts: Counter[str] = Counter()
+        # Route every call through `reference` (tests compare the two on the same weights).
+        self.force_reference = False
 
     @classmethod
     def check(cls, model: "ModelConfig") -> list[str]:
@@ -66,17 +68,17 @@ class AttentionKernel(nn.Module):
                 )
         return reasons
 
-    def forward(
-        self,
-        q_BHLD: Tensor,
-        k_BHSD: Tensor,
-        v_BHSD: Tensor,
-        *,
-        position: "Position",
-        q_pos_L: Tensor,
-        k_pos_S: Tensor,
-        aux: "Aux",
-    ) -> Tensor:
+    def forward(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *, position: "Position", q_pos_L: Tensor,
+                k_pos_S: Tensor, aux: "Aux") -> Tensor:
+        kw = dict(position=position, q_pos_L=q_pos_L, k_pos_S=k_pos_S, aux=aux)
+        if self.force_reference:
+            self.path_counts["reference"] += 1
+            return self.reference(q_BHLD, k_BHSD, v_BHSD, **kw)
+        return self.fast(q_BHLD, k_BHSD, v_BHSD, **kw)
+
+    def fast(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *, position: "Position", q_pos_L: Tensor,
+             k_pos_S: Tensor, aux: "Aux") -> Tensor:
+        """The production path; counts the path it took in `path_counts`."""
         raise NotImplementedError
 
     def reference(

@@ -82,7 +82,7 @@ class SoftmaxAttention(AttentionKernel):
             return "flex"
         return "sdpa"
 
-    def forward(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
+    def fast(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
         has_bias = position.has_score_bias
         path = self._backend(q_BHLD, k_BHSD, has_bias)
         self.path_counts[path] += 1

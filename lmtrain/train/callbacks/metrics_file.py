@@ -25,8 +25,10 @@ class MetricsFile(pl.Callback):
         step = trainer.global_step  # optimizer steps done, so the batch just trained was step `step`
         if step % self.every or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        rec = {"step": step, "train/loss": float(pl_module.last_lm_loss),
-               "lr": trainer.optimizers[0].param_groups[0]["lr"], "consumed_samples": pl_module.consumed_samples}
+        # Mean over ranks (every rank takes part in the reduction; rank 0 writes).
+        loss = trainer.strategy.reduce(pl_module.last_lm_loss, reduce_op="mean")
+        rec = {"step": step, "train/loss": float(loss),
+               "lr": pl_module.last_lr, "consumed_samples": pl_module.consumed_samples}
         self._write(trainer, rec)
 
     def on_validation_epoch_end(self, trainer, pl_module):

@@ -1,0 +1,149 @@
+"""Integration: prepare-data and train through the CLI, checkpoints, exact resume (also after
+SIGKILL), DDP on 2 CPU processes, generation from a run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmtrain.train.callbacks.metrics_file import read_metrics
+from tests.conftest import CONFIGS, ROOT, TINY_DATA, run_cli
+
+DEBUG = str(CONFIGS / "debug.yaml")
+# Dropout on, so that exact resume also covers the RNG.
+MODEL = ["model.n_layers=3", "model.d_model=128", "model.n_heads=4", "model.d_ff=256", "model.dropout=0.1"]
+STEPS = ["trainer.max_steps=30", "checkpoint.every_n_steps=15", "trainer.val_every_n_steps=10",
+         "trainer.log_every_n_steps=1", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def base_args(workdir) -> list[str]:
+    data = [*TINY_DATA, f"data.dir={workdir / 'data'}"]
+    proc = run_cli("prepare-data", DEBUG, *data, check=True)
+    assert (workdir / "data" / "meta.json").is_file(), proc.stdout
+    return [DEBUG, *data, *MODEL, *STEPS, f"run.root={workdir / 'runs'}"]
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir, base_args) -> Path:
+    """The uninterrupted 30-step run."""
+    run_cli("train", *base_args, "run.name=baseline", check=True)
+    return workdir / "runs" / "baseline"
+
+
+def test_training_writes_checkpoints_logs_and_a_summary(baseline):
+    losses = read_metrics(baseline / "metrics.jsonl")
+    assert sorted(losses) == list(range(1, 31))
+    first, last = [losses[s] for s in range(1, 6)], [losses[s] for s in range(26, 31)]
+    assert sum(last) / 5 < sum(first) / 5 - 0.3, (first, last)
+    ckpts = sorted(p.name for p in (baseline / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step000015.ckpt", "step000030.ckpt"]
+    assert list((baseline / "tb").glob("events.out.tfevents.*"))
+    assert (baseline / "config.yaml").is_file()
+    import json
+
+    summary = json.loads((baseline / "summary.json").read_text())
+    assert summary["step"] == 30 and summary["val_ppl"] < summary["unigram_val_ppl"]
+
+
+def test_tensorboard_has_the_promised_scalars(baseline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(baseline / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr/decay", "lr/no_decay", "perf/tokens_per_s", "perf/mfu",
+                "train/grad_norm"):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_resume_from_step_15_is_exact(workdir, base_args, baseline):
+    run = workdir / "runs" / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(baseline / "checkpoints" / "step000015.ckpt", run / "checkpoints" / "step000015.ckpt")
+    proc = run_cli("train", *base_args, "run.name=resumed", "--resume", str(run / "checkpoints" / "step000015.ckpt"),
+                   check=True)
+    assert "resuming from" in proc.stdout
+    want, got = read_metrics(baseline / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert sorted(got) == list(range(16, 31))
+    assert [got[s] for s in range(16, 31)] == [want[s] for s in range(16, 31)]  # exact, not approximate
+    want_lr, got_lr = read_metrics(baseline / "metrics.jsonl", "lr"), read_metrics(run / "metrics.jsonl", "lr")
+    assert [got_lr[s] for s in range(16, 31)] == [want_lr[s] for s in range(16, 31)]
+
+
+def test_resume_after_sigkill_is_exact(workdir, base_args, baseline):
+    """Kill -9 right after the step-15 checkpoint, then `lmtrain train` again resumes by itself."""
+    run = workdir / "runs" / "killed"
+    cmd = [sys.executable, "-m", "lmtrain", "train", *base_args, "run.name=killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ckpt = run / "checkpoints" / "step000015.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run / "checkpoints" / "step000030.ckpt").exists(), "killed too late to test a mid-run kill"
+
+    resumed = run_cli("train", *base_args, "run.name=killed", check=True)
+    assert "resuming from" in resumed.stdout
+    want, got = read_metrics(baseline / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert [got[s] for s in range(16, 31)] == [want[s] for s in range(16, 31)]
+
+
+def test_resume_refuses_a_different_model(workdir, base_args, baseline):
+    proc = run_cli("train", *base_args, "run.name=baseline", "model.n_layers=2")
+    assert proc.returncode == 2
+    assert "model.n_layers" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_no_resume_starts_fresh(workdir, base_args, baseline):
+    run = workdir / "runs" / "fresh"
+    shutil.copytree(baseline, run)
+    proc = run_cli("train", *base_args, "run.name=fresh", "trainer.max_steps=3", "--no-resume", check=True)
+    assert "fresh start" in proc.stdout
+    assert sorted(read_metrics(run / "metrics.jsonl")) == [1, 2, 3]
+
+
+def test_generate_from_a_run(baseline):
+    proc = run_cli("generate", str(baseline), "--prompt", "def ", "--max-new-tokens", "16", "--temperature", "0",
+                   check=True)
+    assert proc.stdout.startswith("def ") and len(proc.stdout) > 6
+    again = run_cli("generate", str(baseline / "checkpoints" / "last.ckpt"), "--prompt", "def ",
+                    "--max-new-tokens", "16", "--temperature", "0", "--no-cache", check=True)
+    assert again.stdout == proc.stdout  # the KV cache changes nothing
+
+
+def test_generate_missing_checkpoint_exits_2(tmp_path):
+    proc = run_cli("generate", str(tmp_path / "nothing"))
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_ddp_two_cpu_processes_match_single_process(workdir, base_args):
+    """Same global batch (1 x 8 vs 2 x 4): the same samples per step, so the same losses."""
+    common = [*base_args, "model.dropout=0.0", "trainer.max_steps=8", "trainer.val_every_n_steps=4",
+              "checkpoint.every_n_steps=100"]
+    run_cli("train", *common, "run.name=single", "data.batch_size=8", check=True)
+    ddp = run_cli("train", *common, "run.name=ddp", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp",
+                  check=True)
+    single = read_metrics(workdir / "runs" / "single" / "metrics.jsonl")
+    two = read_metrics(workdir / "runs" / "ddp" / "metrics.jsonl")
+    assert sorted(two) == sorted(single) == list(range(1, 9)), ddp.stderr[-2000:]
+    for s in single:
+        assert two[s] == pytest.approx(single[s], rel=1e-4), s
+    v1 = read_metrics(workdir / "runs" / "single" / "metrics.jsonl", "val/loss")
+    v2 = read_metrics(workdir / "runs" / "ddp" / "metrics.jsonl", "val/loss")
+    assert v2[8] == pytest.approx(v1[8], rel=1e-4)
