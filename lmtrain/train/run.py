@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -80,6 +81,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lmtrain.train.callbacks.metrics_file import MetricsFile
+    from lmtrain.train.callbacks.progress import ProgressLines
     from lmtrain.train.callbacks.throughput import Throughput
     from lmtrain.train.checkpoint import AtomicCheckpointIO
 
@@ -94,10 +96,11 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),
         *extra_callbacks,
     ]
-    if t.progress_bar:
-        import sys
-
-        callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else t.log_every_n_steps))
+    tty = sys.stderr.isatty()
+    if t.progress_bar and tty:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    elif t.progress_bar:
+        callbacks.append(ProgressLines(every=t.log_every_n_steps))
     strategy = t.strategy
     if strategy == "ddp" and t.accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy
@@ -124,7 +127,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our sampler shards the global order itself
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=t.progress_bar and tty,
         enable_model_summary=True,
         default_root_dir=str(run_dir),
     )
