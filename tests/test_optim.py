@@ -73,3 +73,20 @@ def test_atomic_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
     assert list(tmp_path.glob(".*.tmp*"))
     clean_partial(tmp_path)
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_resume_picks_the_newest_checkpoint(tmp_path):
+    """A kill between the save of stepN.ckpt and of last.ckpt leaves the step file newer."""
+    from lmtrain.train.checkpoint import last_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    assert last_checkpoint(tmp_path) is None
+    torch.save({"global_step": 15}, ckpts / "step000015.ckpt")
+    assert last_checkpoint(tmp_path) == ckpts / "step000015.ckpt"
+    torch.save({"global_step": 15}, ckpts / "last.ckpt")
+    assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"
+    torch.save({"global_step": 30}, ckpts / "step000030.ckpt")
+    assert last_checkpoint(tmp_path) == ckpts / "step000030.ckpt"
+    torch.save({"global_step": 31}, ckpts / "last.ckpt")  # a final save after the last period
+    assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"

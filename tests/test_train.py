@@ -110,12 +110,20 @@ def test_resume_refuses_a_different_model(workdir, base_args, baseline):
     assert "model.n_layers" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_no_resume_starts_fresh(workdir, base_args, baseline):
+def test_no_resume_starts_fresh_and_keeps_the_old_files(workdir, base_args, baseline):
     run = workdir / "runs" / "fresh"
     shutil.copytree(baseline, run)
-    proc = run_cli("train", *base_args, "run.name=fresh", "trainer.max_steps=3", "--no-resume", check=True)
+    proc = run_cli("train", *base_args, "run.name=fresh", "trainer.max_steps=4", "checkpoint.every_n_steps=1",
+                   "checkpoint.keep_last=2", "--no-resume", check=True)
     assert "fresh start" in proc.stdout
-    assert sorted(read_metrics(run / "metrics.jsonl")) == [1, 2, 3]
+    assert sorted(read_metrics(run / "metrics.jsonl")) == [1, 2, 3, 4]
+    # keep_last=2 periodic checkpoints plus last; the old run's files are set aside, not lost.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step000003.ckpt", "step000004.ckpt"]
+    (previous,) = (run / "previous").iterdir()
+    assert (previous / "checkpoints" / "step000030.ckpt").is_file() and (previous / "metrics.jsonl").is_file()
+    from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint
+
+    assert checkpoint_step(last_checkpoint(run)) == 4
 
 
 def test_generate_from_a_run(baseline):

@@ -101,13 +101,8 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     elif t.progress_bar:
         callbacks.append(ProgressLines(every=t.log_every_n_steps))
-    strategy = t.strategy
-    if strategy == "ddp" and t.accelerator == "cpu":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = DDPStrategy(process_group_backend="gloo")
-    elif strategy == "single":
-        strategy = "auto"
+    # Lightning's DDP picks the process-group backend from the device: gloo on CPU, nccl on GPU.
+    strategy = "auto" if t.strategy == "single" else t.strategy
     return pl.Trainer(
         accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
         devices=t.devices,
@@ -146,6 +141,19 @@ def unigram_perplexity(data_dir: str, seq_len: int, windows: list[int], vocab_si
     return float(math.exp(-logp[targets].mean()))
 
 
+def set_aside_previous(run_dir: Path) -> Optional[Path]:
+    """A fresh start in a used run dir moves the old checkpoints and metrics to
+    previous/<time>/: nothing is lost, and no later auto-resume can pick an old checkpoint."""
+    old = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "summary.json") if p.exists()]
+    if not old:
+        return None
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        p.rename(dest / p.name)
+    return dest
+
+
 def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False, log=print) -> dict:
     """Train; returns the summary dict (on rank 0)."""
     import lightning.pytorch as pl
@@ -171,8 +179,10 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         clean_partial(run_dir / "checkpoints")
-        if ckpt_path is None and (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()  # a fresh start in an old run dir
+        if ckpt_path is None:
+            moved = set_aside_previous(run_dir)
+            if moved:
+                log(f"run: fresh start; the previous run's files were moved to {moved}")
         log(f"run: {run_dir} ({'resuming from ' + str(ckpt_path) if ckpt_path else 'fresh start'})")
 
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)

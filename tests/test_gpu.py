@@ -1,0 +1,71 @@
+"""GPU paths: compiled FlexAttention, bf16 SDPA, bf16-mixed training. Skipped without CUDA;
+`scripts/gpu_check.sh` runs them on a GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtrain.config import load_config
+from lmtrain.model import build_model
+from tests.conftest import CONFIGS
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def _model(position: str, backend: str, dtype):
+    cfg = load_config(CONFIGS / "debug.yaml", [
+        f"model.position={position}", f"model.attention.backend={backend}", "model.n_layers=2", "model.d_model=256",
+        "model.n_heads=4", "model.d_ff=512", "data.vocab_size=1024", "data.seq_len=1024"])
+    torch.manual_seed(0)
+    return build_model(cfg, device="cuda").to(dtype)
+
+
+def _fwd_bwd(model, x, reference: bool):
+    for k in model.attention_kernels():
+        k.force_reference = reference
+    model.zero_grad()
+    out = model(x).logits_BLV
+    F.cross_entropy(out.float().flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("position", ["alibi", "none"])
+def test_compiled_flex_matches_reference(position, dtype):
+    model = _model(position, "flex", dtype)
+    x = torch.randint(0, 1024, (2, 1024), device="cuda")
+    (out, grads), (ref, ref_grads) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
+    tol = BF16_TOL if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    for n in grads:
+        torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), **tol, msg=n)
+    assert all(k.path_counts["flex"] >= 1 for k in model.attention_kernels())
+
+
+def test_auto_backend_picks_flex_for_alibi_on_cuda():
+    model = _model("alibi", "auto", torch.bfloat16).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 1024, (1, 256), device="cuda"))
+    assert all(k.path_counts["flex"] == 1 for k in model.attention_kernels())
+
+
+@pytest.mark.parametrize("position", ["rope", "sinusoidal", "learned"])
+def test_sdpa_bf16_matches_reference(position):
+    model = _model(position, "sdpa", torch.bfloat16)
+    x = torch.randint(0, 1024, (2, 512), device="cuda")
+    (out, _), (ref, _) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
+    torch.testing.assert_close(out.float(), ref.float(), **BF16_TOL)
+
+
+def test_bf16_mixed_training_runs_and_learns(tmp_path):
+    from lmtrain.train.run import train
+
+    cfg = load_config(CONFIGS / "debug.yaml", [
+        f"run.root={tmp_path}", f"data.dir={tmp_path / 'data'}", "trainer.accelerator=gpu",
+        "trainer.precision=bf16-mixed", "trainer.max_steps=40", "trainer.deterministic=false", "trainer.progress_bar=false"])
+    summary = train(cfg, log=lambda s: None)
+    assert summary["val_ppl"] < summary["unigram_val_ppl"]
