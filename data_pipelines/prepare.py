@@ -66,6 +66,25 @@ def _inputs(data_cfg, source) -> dict:
     }
 
 
+def _changed(data_cfg, inputs: dict) -> tuple[dict | None, list[str]]:
+    """The data dir's meta (None if not prepared) and the input keys that differ from it."""
+    meta_path = Path(data_cfg.dir) / "meta.json"
+    if not meta_path.is_file():
+        return None, []
+    old = json.loads(meta_path.read_text())
+    changed = [k for k in inputs if old.get("inputs", {}).get(k) != inputs[k]]
+    if old.get("format_version") != FORMAT_VERSION:
+        changed.append("format_version")
+    return old, changed
+
+
+def is_prepared(data_cfg) -> bool:
+    """True when data.dir is complete and was prepared from exactly these inputs."""
+    source = resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split)
+    old, changed = _changed(data_cfg, _inputs(data_cfg, source))
+    return old is not None and not changed
+
+
 def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
     import datasets
@@ -74,16 +93,15 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
     source = resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split)
     inputs = _inputs(data_cfg, source)
     meta_path = out / "meta.json"
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        changed = [k for k in inputs if old.get("inputs", {}).get(k) != inputs[k]]
-        if not changed and old.get("format_version") == FORMAT_VERSION:
+    old, changed = _changed(data_cfg, inputs)
+    if old is not None:
+        if not changed:
             log(f"data: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
             return out
         if not force:
-            k = changed[0] if changed else "format_version"
+            k = changed[0]
             raise DataDirError(
-                f"data.dir {out} was prepared with {k}={old.get('inputs', {}).get(k)!r}, not {inputs.get(k)!r}; "
+                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, not {inputs.get(k, FORMAT_VERSION)!r}; "
                 "use another data.dir, or pass --force to rebuild it"
             )
     t0 = time.time()

@@ -100,3 +100,21 @@ def test_cli_config_prints_resolved_yaml(tmp_path):
 def test_cli_unknown_option_exits_2(tmp_path):
     proc = run_cli("config", str(CONFIGS / "default.yaml"), "--bogus", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
+
+
+def test_missing_data_source_exits_2_and_writes_nothing(tmp_path):
+    proc = run_cli("train", str(CONFIGS / "debug.yaml"), f"run.root={tmp_path}/runs", f"data.dir={tmp_path}/data",
+                   f"data.source={tmp_path}/nothing/*.txt", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "data.source" in proc.stderr and "no files match" in proc.stderr
+    assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_data_pipelines_runs_as_a_module(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", str(CONFIGS / "debug.yaml"), "data.vocab=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.vocab: unknown key (did you mean data.vocab_size?)" in proc.stderr

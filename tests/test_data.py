@@ -189,3 +189,11 @@ def test_val_windows_spread_over_the_split():
     w = val_windows(1000, 10)
     assert w[0] == 0 and w[-1] == 999 and len(set(w)) == 10
     assert val_windows(3, 10) == [0, 1, 2]
+
+
+def test_is_prepared_follows_the_inputs(tiny_data):
+    from data_pipelines.prepare import is_prepared
+
+    assert is_prepared(_cfg(*tiny_data).data)
+    assert not is_prepared(_cfg(*tiny_data, "data.val_fraction=0.5").data)
+    assert not is_prepared(_cfg(*tiny_data[:-1], "data.dir=/nonexistent/dir").data)

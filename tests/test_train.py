@@ -81,6 +81,10 @@ def test_resume_from_step_15_is_exact(workdir, base_args, baseline):
     assert [got[s] for s in range(16, 31)] == [want[s] for s in range(16, 31)]  # exact, not approximate
     want_lr, got_lr = read_metrics(baseline / "metrics.jsonl", "lr"), read_metrics(run / "metrics.jsonl", "lr")
     assert [got_lr[s] for s in range(16, 31)] == [want_lr[s] for s in range(16, 31)]
+    # Validation runs at the same global steps, with the same results.
+    want_val, got_val = read_metrics(baseline / "metrics.jsonl", "val/loss"), read_metrics(run / "metrics.jsonl", "val/loss")
+    assert sorted(want_val) == [10, 20, 30] and sorted(got_val) == [20, 30]
+    assert [got_val[s] for s in (20, 30)] == [want_val[s] for s in (20, 30)]
 
 
 def test_resume_after_sigkill_is_exact(workdir, base_args, baseline):

@@ -51,12 +51,15 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
-def wait_for_data(data_dir: Path, timeout_s: float = 3600.0) -> None:
-    """Ranks other than 0 wait while rank 0 prepares the data."""
+def wait_for_data(data_cfg, timeout_s: float = 3600.0) -> None:
+    """Ranks other than 0 wait while rank 0 prepares the data (a shared filesystem is assumed),
+    until the data dir matches their own inputs: a stale dir does not count."""
+    from data_pipelines.prepare import is_prepared
+
     t0 = time.time()
-    while not (data_dir / "meta.json").is_file():
+    while not is_prepared(data_cfg):
         if time.time() - t0 > timeout_s:
-            raise TimeoutError(f"rank waited {timeout_s:.0f} s for {data_dir}/meta.json")
+            raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to prepare {data_cfg.dir}")
         time.sleep(2.0)
 
 
@@ -156,7 +159,12 @@ def set_aside_previous(run_dir: Path) -> Optional[Path]:
 
 def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False, log=print) -> dict:
     """Train; returns the summary dict (on rank 0)."""
+    import warnings
+
     import lightning.pytorch as pl
+
+    # Lightning <= 2.6 calls a torch pytree API that torch 2.13 deprecates; harmless noise.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
     from data_pipelines.prepare import prepare
     from lmtrain.train.checkpoint import clean_partial, load_config_from_checkpoint
@@ -168,11 +176,10 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         saved, _ = load_config_from_checkpoint(ckpt_path)
         check_resume_compatible(saved, cfg)
 
-    data_dir = Path(cfg.data.dir)
     if is_rank_zero():
         prepare(cfg.data, log=log)
     else:
-        wait_for_data(data_dir)
+        wait_for_data(cfg.data)
 
     run_dir = cfg.run_dir
     if is_rank_zero():
