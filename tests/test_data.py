@@ -93,6 +93,12 @@ def test_shards_hold_exactly_the_encoded_documents(tiny_data):
     assert meta["splits"]["val"]["documents"] >= 1
 
 
+def test_token_dtype_fits_the_vocabulary():
+    from data_pipelines.shards import token_dtype
+
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32 and token_dtype(200_000) == np.uint32
+
+
 def test_split_is_deterministic_and_by_document():
     ids = [f"pkg/mod{i}.py" for i in range(2000)]
     flags = split_ids(ids, 0.1)

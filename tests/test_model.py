@@ -177,6 +177,7 @@ def test_softmax_masks_are_chunked_to_the_budget(monkeypatch):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, on purpose
 @pytest.mark.parametrize("position", ["alibi", "none"])
 def test_flex_forward_matches_reference_on_cpu(position):
     pytest.importorskip("torch.nn.attention.flex_attention")
@@ -220,6 +221,10 @@ def test_sampling_is_seeded_and_respects_top_k():
     a = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=3)
     b = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=3)
     assert torch.equal(a, b)
+    assert not torch.equal(a, generate(model, prompt, 10, temperature=1.0, top_k=5, seed=4))
+    # top_k = 1 leaves only the most likely token: greedy, whatever the temperature and seed.
+    greedy = generate(model, prompt, 10, temperature=0.0)
+    assert torch.equal(generate(model, prompt, 10, temperature=5.0, top_k=1, seed=9), greedy)
 
 
 def test_aux_structure_is_returned_empty():

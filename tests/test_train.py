@@ -20,7 +20,7 @@ DEBUG = str(CONFIGS / "debug.yaml")
 # Dropout on, so that exact resume also covers the RNG.
 MODEL = ["model.n_layers=3", "model.d_model=128", "model.n_heads=4", "model.d_ff=256", "model.dropout=0.1"]
 STEPS = ["trainer.max_steps=30", "checkpoint.every_n_steps=15", "trainer.val_every_n_steps=10",
-         "trainer.log_every_n_steps=1", "trainer.progress_bar=false"]
+         "trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,13 @@ def base_args(workdir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(workdir, base_args) -> Path:
+def baseline_proc(workdir, base_args):
     """The uninterrupted 30-step run."""
-    run_cli("train", *base_args, "run.name=baseline", check=True)
+    return run_cli("train", *base_args, "run.name=baseline", check=True)
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir, baseline_proc) -> Path:
     return workdir / "runs" / "baseline"
 
 
@@ -51,11 +55,22 @@ def test_training_writes_checkpoints_logs_and_a_summary(baseline):
     ckpts = sorted(p.name for p in (baseline / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step000015.ckpt", "step000030.ckpt"]
     assert list((baseline / "tb").glob("events.out.tfevents.*"))
-    assert (baseline / "config.yaml").is_file()
+    from lmtrain.config import load_config
+
+    saved = load_config(baseline / "config.yaml")
+    assert saved.model.n_layers == 3 and saved.model.d_model == 128 and saved.trainer.max_steps == 30
     import json
 
     summary = json.loads((baseline / "summary.json").read_text())
     assert summary["step"] == 30 and summary["val_ppl"] < summary["unigram_val_ppl"]
+
+
+def test_progress_and_summary_are_printed(baseline_proc):
+    out = baseline_proc.stdout
+    # Not a terminal: one plain progress line per logged step, then the summary.
+    assert "step 1/30 | loss" in out and "step 30/30 | loss" in out and "tok/s" in out and "eta" in out
+    for words in ("validation perplexity", "unigram perplexity", "last.ckpt", "tensorboard --logdir"):
+        assert words in out, words
 
 
 def test_tensorboard_has_the_promised_scalars(baseline):

@@ -137,7 +137,10 @@ def unigram_perplexity(data_dir: str, seq_len: int, windows: list[int], vocab_si
     from data_pipelines.shards import open_tokens
 
     train = open_tokens(data_dir, "train")
-    counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0
+    counts = np.ones(vocab_size, dtype=np.float64)  # add-one
+    chunk = 1 << 26  # count in chunks: the split may be far larger than memory
+    for start in range(0, len(train), chunk):
+        counts += np.bincount(np.asarray(train[start : start + chunk]), minlength=vocab_size)[:vocab_size]
     logp = np.log(counts / counts.sum())
     val = open_tokens(data_dir, "val")
     targets = np.concatenate([np.asarray(val[w * seq_len + 1 : w * seq_len + seq_len + 1]) for w in windows])
