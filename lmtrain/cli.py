@@ -101,6 +101,9 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(tok_path)
     eot = eot_id(tok)
     ids = tok.encode(args.prompt).ids if args.prompt else [eot]
+    if model.max_len is not None and len(ids) + args.max_new_tokens > model.max_len:
+        return _fail(f"--max-new-tokens: this model's {cfg.model.position} positions end at {model.max_len}; "
+                     f"the prompt has {len(ids)} tokens, so at most {model.max_len - len(ids)} new ones fit")
     prompt = torch.tensor([ids] * args.num_samples, device=args.device)
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                    seed=args.seed, use_cache=not args.no_cache)

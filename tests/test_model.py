@@ -247,3 +247,12 @@ def test_model_code_is_free_of_lightning_and_deepspeed():
         text = path.read_text()
         for banned in ("lightning", "deepspeed", "torch.distributed"):
             assert f"import {banned}" not in text and f"from {banned}" not in text, (path, banned)
+
+
+def test_alibi_score_mod_is_one_function_that_follows_the_module():
+    pos = build_position("alibi", d_model=32, n_heads=4, max_len=0, rope_theta=1e4)
+    fn = pos.score_mod()
+    assert pos.score_mod() is fn  # no new closure per call: no recompiles under torch.compile
+    pos.to(torch.float64)
+    score = fn(torch.tensor(0.0, dtype=torch.float64), 0, 1, torch.tensor(5), torch.tensor(2))
+    assert score.dtype == torch.float64 and float(score) == pytest.approx(-3 * alibi_slopes(4)[1])

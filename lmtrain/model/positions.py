@@ -85,12 +85,16 @@ class ALiBi(Position):
         return self.slopes[:, None, None] * dist_LS  # H L S
 
     def score_mod(self) -> Callable:
-        slopes = self.slopes
+        # One function per module, reading the slopes at call time: torch.compile sees the same
+        # function every call (no recompiles), and it follows the buffer through .to(device).
+        if getattr(self, "_score_mod", None) is None:
+            module = self
 
-        def alibi(score, b, h, q_idx, kv_idx):
-            return score + slopes[h] * (kv_idx - q_idx)
+            def alibi(score, b, h, q_idx, kv_idx):
+                return score + module.slopes[h] * (kv_idx - q_idx)
 
-        return alibi
+            self._score_mod = alibi
+        return self._score_mod
 
 
 @POSITIONS.register("rope")
