@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,11 @@ def split_ids(ids: list[str], val_fraction: float) -> list[bool]:
 
 
 _TOKENIZERS: dict = {}
+
+
+def _file_documents(source, limit, fingerprint):
+    for doc in source.documents(limit):
+        yield {"id": doc.id, "text": doc.text}
 
 
 def _encode_batch(batch, tokenizer_path: str):
@@ -109,10 +115,13 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
     meta_path.unlink(missing_ok=True)  # incomplete from here until the end
 
     log(f"data: reading {source.describe()}")
+    cache_dir = out / ".hf_cache"  # datasets' Arrow files while preparing; removed at the end
     if isinstance(source, FileSource):
-        docs = list(source.documents(data_cfg.max_documents))
-        ds = datasets.Dataset.from_dict({"id": [d.id for d in docs], "text": [d.text for d in docs]})
-        del docs
+        # Streamed to Arrow on disk, so a corpus larger than memory is fine. The fingerprint
+        # in gen_kwargs keys datasets' cache, so changed files are never served stale.
+        ds = datasets.Dataset.from_generator(
+            _file_documents, cache_dir=str(cache_dir),
+            gen_kwargs={"source": source, "limit": data_cfg.max_documents, "fingerprint": inputs["fingerprint"]})
     else:
         ds = source.dataset()
         if data_cfg.max_documents is not None:
@@ -181,6 +190,7 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
         splits[split] = {"tokens": total, "documents": len(lengths)}
         log(f"data: {split}: {len(lengths):,} documents, {total:,} tokens")
 
+    shutil.rmtree(cache_dir, ignore_errors=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
