@@ -8,9 +8,30 @@ uses it to type the matching config node (see lmtrain/config.py).
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass
+class KindConfig:
+    """The config node of a polymorphic axis: its `kind` picks the registry entry, and the
+    entry's own `Config` subclass adds that kind's options."""
+
+    kind: str = ""
+
+
+class Variant:
+    """What every registered variant declares, asked by the config loader before building."""
+
+    # The typed options of this kind (a KindConfig subclass), or None for axes keyed by a plain string.
+    Config: ClassVar[Optional[type]] = None
+
+    @classmethod
+    def check(cls, model) -> list[str]:
+        """Reasons this variant cannot run with the model config (empty when it can)."""
+        return []
 
 
 class Registry(Generic[T]):

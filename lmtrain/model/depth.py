@@ -13,22 +13,18 @@ from torch import Tensor, nn
 
 from lmtrain.model.layer import Context, Layer
 from lmtrain.model.residual import Residual
-from lmtrain.registry import Registry
+from lmtrain.registry import KindConfig, Registry, Variant
 
 DEPTH: Registry[type["Depth"]] = Registry("model.depth.kind")
 
 
 @dataclass
-class DepthConfig:
+class DepthConfig(KindConfig):
     kind: str = "fixed"
 
 
-class Depth(nn.Module):
-    Config: type[DepthConfig] = DepthConfig
-
-    @classmethod
-    def check(cls, model) -> list[str]:
-        return []
+class Depth(Variant, nn.Module):
+    Config = DepthConfig
 
 
 @DEPTH.register("fixed")

@@ -12,16 +12,12 @@ from typing import Sequence
 from torch import Tensor
 
 from lmtrain.model.layer import Context, Layer
-from lmtrain.registry import Registry
+from lmtrain.registry import Registry, Variant
 
 RESIDUAL: Registry[type["Residual"]] = Registry("model.residual")
 
 
-class Residual:
-    @classmethod
-    def check(cls, model) -> list[str]:
-        return []
-
+class Residual(Variant):
     def run(self, layers: Sequence[Layer], x_BLM: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
 

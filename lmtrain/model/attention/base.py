@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from lmtrain.registry import Registry
+from lmtrain.registry import KindConfig, Registry, Variant
 
 if TYPE_CHECKING:
     from lmtrain.config import ModelConfig
@@ -29,14 +29,14 @@ ATTENTION: Registry[type["AttentionKernel"]] = Registry("model.attention.kind")
 
 
 @dataclass
-class AttentionConfig:
+class AttentionConfig(KindConfig):
     """Options common to every kind; each kind subclasses it with its own."""
 
     kind: str = "softmax"
 
 
-class AttentionKernel(nn.Module):
-    Config: type[AttentionConfig] = AttentionConfig
+class AttentionKernel(Variant, nn.Module):
+    Config = AttentionConfig
 
     # Declared capabilities, asked before anything is built.
     supports_score_bias: bool = False  # additive biases such as ALiBi
