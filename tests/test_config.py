@@ -118,3 +118,10 @@ def test_data_pipelines_runs_as_a_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", str(CONFIGS / "debug.yaml"), "data.vocab=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "data.vocab: unknown key (did you mean data.vocab_size?)" in proc.stderr
+
+
+def test_data_too_short_for_seq_len_exits_2_without_a_run_dir(tmp_path, tiny_data):
+    proc = run_cli("train", str(CONFIGS / "debug.yaml"), *tiny_data, f"run.root={tmp_path}/runs", "data.seq_len=100000",
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "data.seq_len" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()

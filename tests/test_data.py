@@ -203,3 +203,15 @@ def test_is_prepared_follows_the_inputs(tiny_data):
     assert is_prepared(_cfg(*tiny_data).data)
     assert not is_prepared(_cfg(*tiny_data, "data.val_fraction=0.5").data)
     assert not is_prepared(_cfg(*tiny_data[:-1], "data.dir=/nonexistent/dir").data)
+
+
+def test_sampler_refuses_a_misaligned_resume_at_once():
+    with pytest.raises(ValueError, match="not a multiple of the global micro-batch 8"):
+        GlobalSampler(50, seed=0, micro_batch=4, world_size=2, start_sample=12)
+
+
+def test_too_short_validation_split_is_a_data_error(tiny_data):
+    from lmtrain.train.data import TokenDataModule
+
+    with pytest.raises(DataDirError, match="data.seq_len"):
+        TokenDataModule(_cfg(*tiny_data, "data.seq_len=100000"))

@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_pipelines.shards import check_matches, open_tokens, read_meta
+from data_pipelines.shards import DataDirError, check_matches, open_tokens, read_meta
 
 
 def epoch_permutation(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -33,6 +34,9 @@ class GlobalSampler(Sampler[int]):
         if n_windows < 1:
             raise ValueError("the training split holds no complete window; lower data.seq_len or add data")
         self.n, self.seed, self.b, self.rank, self.world = n_windows, seed, micro_batch, rank, world_size
+        if start_sample % (micro_batch * world_size):
+            raise ValueError(f"cannot resume at sample {start_sample}: not a multiple of the global micro-batch "
+                             f"{micro_batch * world_size} (data.batch_size x devices)")
         self.start_sample = start_sample
         self._perm: Optional[tuple[int, torch.Tensor]] = None
 
@@ -45,8 +49,6 @@ class GlobalSampler(Sampler[int]):
 
     def global_indices(self) -> Iterator[int]:
         step = self.b * self.world
-        if self.start_sample % step:
-            raise ValueError(f"cannot resume at sample {self.start_sample}: not a multiple of the global micro-batch {step}")
         t = self.start_sample // step
         while True:
             base = t * step + self.rank * self.b
@@ -95,13 +97,7 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-try:
-    import lightning.pytorch as pl
-except ImportError:  # the model and data code do not need Lightning
-    pl = None
-
-
-class TokenDataModule(pl.LightningDataModule if pl else object):
+class TokenDataModule(pl.LightningDataModule):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -110,7 +106,7 @@ class TokenDataModule(pl.LightningDataModule if pl else object):
         self.train_set = WindowDataset(cfg.data.dir, "train", cfg.data.seq_len)
         self.val_set = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len)
         if self.val_set.n_windows < 1:
-            raise ValueError(
+            raise DataDirError(
                 f"data.seq_len: the validation split of {cfg.data.dir} has fewer than {cfg.data.seq_len + 1} tokens; "
                 "raise data.val_fraction or lower data.seq_len"
             )

@@ -183,6 +183,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         prepare(cfg.data, log=log)
     else:
         wait_for_data(cfg.data)
+    datamodule = TokenDataModule(cfg)  # checks data against the config before the run dir is touched
 
     run_dir = cfg.run_dir
     if is_rank_zero():
@@ -196,7 +197,6 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         log(f"run: {run_dir} ({'resuming from ' + str(ckpt_path) if ckpt_path else 'fresh start'})")
 
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    datamodule = TokenDataModule(cfg)
     module = LMModule(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
