@@ -106,15 +106,19 @@ class SoftmaxAttention(AttentionKernel):
         outs = []
         for start in range(0, L, chunk):
             q_pos = q_pos_L[start : start + chunk]
-            visible_LS = k_pos_S[None, :] <= q_pos[:, None]
+            # The queries are the last L of the S key positions (aligned, or after a KV cache),
+            # so this chunk sees only the first S - L + end keys: the rest is never computed.
+            end = S - L + start + q_pos.shape[0]
+            k_pos, k, v = k_pos_S[:end], k_BHSD[:, :, :end], v_BHSD[:, :, :end]
+            visible_LS = k_pos[None, :] <= q_pos[:, None]
             if position.has_score_bias:
-                bias = position.score_bias(q_pos, k_pos_S).to(q_BHLD.dtype)
+                bias = position.score_bias(q_pos, k_pos).to(q_BHLD.dtype)
                 mask = bias.masked_fill(~visible_LS, float("-inf"))  # H l S
             else:
                 mask = visible_LS
             outs.append(
                 F.scaled_dot_product_attention(
-                    q_BHLD[:, :, start : start + chunk], k_BHSD, v_BHSD, attn_mask=mask, dropout_p=dropout
+                    q_BHLD[:, :, start : start + chunk], k, v, attn_mask=mask, dropout_p=dropout
                 )
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
