@@ -29,6 +29,7 @@ class Decoder(nn.Module):
         self.position = build_position(
             cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads, max_len=max_len, rope_theta=cfg.rope_theta
         )
+        self.embed_scale = math.sqrt(cfg.d_model) if self.position.scales_tokens else 1.0
         self.drop = nn.Dropout(cfg.dropout)
         self.depth = DEPTH.get(cfg.depth.kind)(cfg, RESIDUAL.get(cfg.residual)())
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.bias)
@@ -51,17 +52,28 @@ class Decoder(nn.Module):
                 continue
             scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
+        if self.position.scales_tokens:
+            nn.init.normal_(self.embed.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
 
     def forward(self, idx_BL: Tensor, *, cache: Optional[KVCache] = None) -> ModelOutput:
+        x_BLM, aux = self.features(idx_BL, cache=cache)
+        return ModelOutput(logits_BLV=self.head(x_BLM), aux=aux)
+
+    def features(self, idx_BL: Tensor, *, cache: Optional[KVCache] = None) -> tuple[Tensor, Aux]:
+        """The final normalised hidden states, before the LM head. Evaluation applies the head
+        to the positions it scores only, in chunks, so no full B x L x V logits exist."""
         B, L = idx_BL.shape
         start = cache.length if cache is not None else 0
         pos_L = torch.arange(start, start + L, device=idx_BL.device)
         ctx = Context(pos_L=pos_L, position=self.position, aux=Aux(), cache=cache)
-        x_BLM = self.drop(self.position.embed(self.embed(idx_BL), pos_L))
+        tok_BLM = self.embed(idx_BL)
+        if self.embed_scale != 1.0:
+            tok_BLM = tok_BLM * self.embed_scale
+        x_BLM = self.drop(self.position.embed(tok_BLM, pos_L))
         x_BLM = self.norm(self.depth(x_BLM, ctx))
         if cache is not None:
             cache.length += L
-        return ModelOutput(logits_BLV=self.head(x_BLM), aux=ctx.aux)
+        return x_BLM, ctx.aux
 
     def supports_kv_cache(self) -> bool:
         return all(m.supports_kv_cache for m in self.attention_kernels())
