@@ -8,23 +8,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lmtrain.model import Decoder, build_model
+from lmtrain.model import Decoder
 from lmtrain.model.layer import KVCache
 
 
 def load_model(path: str | Path, device: str = "cpu"):
     """A run directory (its last checkpoint) or a checkpoint file -> (config, model in eval mode)."""
-    from lmtrain.train.checkpoint import last_checkpoint, load_config_from_checkpoint
+    from lmtrain.train.checkpoint import load_trained
 
-    path = Path(path)
-    ckpt_path = last_checkpoint(path) if path.is_dir() else path
-    if ckpt_path is None or not ckpt_path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected a .ckpt file or a run dir with checkpoints/last.ckpt)")
-    cfg, ckpt = load_config_from_checkpoint(ckpt_path)
-    model = build_model(cfg, device=device)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return cfg, model.eval()
+    t = load_trained(path, device)
+    return t.cfg, t.model
 
 
 def sample_next(logits_BV: Tensor, *, temperature: float, top_k: Optional[int], generator: torch.Generator) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,3 +66,35 @@ def load_config_from_checkpoint(path: str | Path):
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return from_dict(ckpt["hyper_parameters"]["config"]), ckpt
+
+
+@dataclass
+class Trained:
+    """A model restored from a checkpoint, with where it came from."""
+
+    cfg: object  # lmtrain.config.Config
+    model: torch.nn.Module | None  # in eval mode
+    checkpoint: Path
+    step: int
+    run_dir: Path  # the run dir holding the checkpoint (its parent for a loose file)
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_model: bool = True) -> Trained:
+    """A run directory (its newest checkpoint) or a checkpoint file -> Trained. With
+    `with_model=False` only the config and the checkpoint's facts (model None): cheap,
+    since the checkpoint is memory-mapped."""
+    from lmtrain.model import build_model
+
+    path = Path(path)
+    ckpt_path = last_checkpoint(path) if path.is_dir() else path
+    if ckpt_path is None or not ckpt_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a .ckpt file or a run dir with checkpoints/last.ckpt)")
+    cfg, ckpt = load_config_from_checkpoint(ckpt_path)
+    model = None
+    if with_model:
+        model = build_model(cfg, device=device)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(state)
+        model.eval()
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    return Trained(cfg=cfg, model=model, checkpoint=ckpt_path, step=int(ckpt.get("global_step", -1)), run_dir=run_dir)
