@@ -90,6 +90,19 @@ def test_learned_positions_refuse_beyond_their_table():
         model(torch.randint(0, V, (1, 17)))
 
 
+def test_sinusoidal_uses_vaswanis_embedding_recipe():
+    """Token embeddings N(0, d^-1/2) times sqrt(d) (about 1 per dimension), plus sinusoids of
+    amplitude 1; the other schemes keep GPT-2's embeddings."""
+    model = make_model("sinusoidal", dtype=torch.float32)
+    d = model.cfg.d_model
+    assert model.embed_scale == pytest.approx(math.sqrt(d))
+    assert float(model.embed.weight.std()) == pytest.approx(d ** -0.5, rel=0.1)
+    pe = model.position.embed(torch.zeros(1, 48, d), torch.arange(48))
+    assert float(pe.abs().max()) == pytest.approx(1.0, abs=1e-3)
+    other = make_model("learned", dtype=torch.float32)
+    assert other.embed_scale == 1.0 and float(other.embed.weight.std()) == pytest.approx(0.02, rel=0.1)
+
+
 # ---- registry-wide properties ----------------------------------------------------------------
 
 
@@ -161,8 +174,11 @@ def test_softmax_masks_are_chunked_to_the_budget(monkeypatch):
     seen = []
     real = F.scaled_dot_product_attention
 
+    keys = []
+
     def spy(q, k, v, attn_mask=None, **kw):
         seen.append(None if attn_mask is None else attn_mask.numel() * attn_mask.element_size())
+        keys.append(k.shape[-2])
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
@@ -174,6 +190,9 @@ def test_softmax_masks_are_chunked_to_the_budget(monkeypatch):
             k.force_reference = True
         ref = model(x).logits_BLV
     assert len(seen) > 2 * model.cfg.n_layers and max(s for s in seen if s) <= 1 << 20
+    # each block of queries attends to the causal prefix of keys only, not to all L keys
+    per_layer = keys[: len(keys) // model.cfg.n_layers]  # the reference path does not call SDPA
+    assert per_layer == sorted(per_layer) and per_layer[0] < L and per_layer[-1] == L
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 
 
