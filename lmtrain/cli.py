@@ -43,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
+
+    p = sub.add_parser("eval-length", help="perplexity against context length, for one or more runs",
+                       description="Score the same tokens at every length; write JSON, CSV, markdown and plots "
+                                   "into RUN/eval/ (and --out), and log to the run's TensorBoard.")
+    p.add_argument("sources", nargs="+", metavar="RUN_OR_CKPT")
+    p.add_argument("--lengths", help="comma-separated window lengths (default: the training length x 1,2,4,8,16,32)")
+    p.add_argument("--mode", default="nonoverlap", choices=("nonoverlap", "sliding"))
+    p.add_argument("--stride", type=int, help="sliding mode: tokens each window moves and scores (default: L/2)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="how many tokens to score (0: all there are)")
+    p.add_argument("--data", metavar="PATH", help="a prepared data dir (its validation split) or any data source "
+                   "(text files, jsonl/parquet); default: the run's own validation split")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward batch (memory bound)")
+    p.add_argument("--buckets-per-octave", type=int, default=4,
+                   help="resolution of the per-position loss curve (buckets are log-spaced)")
+    p.add_argument("--out", metavar="DIR", help="also write the combined report of all runs here")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not log to the runs' TensorBoard")
     return ap
 
 
@@ -115,7 +132,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate}
+def cmd_eval_length(args) -> int:
+    from pathlib import Path
+
+    from lmtrain.evaluate.length import EvalError
+    from lmtrain.evaluate.report import log_tensorboard, markdown, report_dict, write_report
+    from lmtrain.evaluate.runner import evaluate_runs, parse_lengths
+
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise EvalError("--max-tokens: must be 0 (all) or positive")
+    report = evaluate_runs(args.sources, lengths=parse_lengths(args.lengths) if args.lengths else None,
+                           mode=args.mode, stride=args.stride, max_tokens=args.max_tokens or None, data=args.data,
+                           batch_tokens=args.batch_tokens, buckets_per_octave=args.buckets_per_octave, device=args.device,
+                           progress_bar=True, log=lambda s: print(s, file=sys.stderr))
+    print(markdown(report_dict(report)), end="")
+    written = []
+    for run in report["runs"]:
+        written += write_report(report, run.trained.run_dir / "eval", runs=[run])
+        if not args.no_tensorboard:
+            log_tensorboard(report, run)
+    if args.out:
+        written += write_report(report, Path(args.out))
+    dirs = sorted({str(p.parent) for p in written})
+    print(f"\nwrote {len(written)} files into {', '.join(dirs)} ({report['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
+            "eval-length": cmd_eval_length}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipelines.shards import DataDirError
     from data_pipelines.sources import SourceError
     from lmtrain.config import ConfigError
+    from lmtrain.evaluate.length import EvalError
     from lmtrain.train.run import ResumeError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SourceError, DataDirError, ResumeError, FileNotFoundError) as e:
+    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("lmtrain: interrupted", file=sys.stderr)

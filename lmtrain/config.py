@@ -112,6 +112,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Periodic length-extrapolation evaluation during training (empty: off). Perplexity at
+    # each length is logged to TensorBoard as eval_length/<mode>/ppl_L<length>.
+    lengths: List[int] = field(default_factory=list)
+    mode: str = "sliding"  # nonoverlap | sliding
+    stride: int = 0  # sliding: tokens each window moves and scores; 0 = half of each length
+    max_tokens: int = 4096  # scored tokens of the validation split
+    every_n_steps: int = 0  # 0 = at every validation (trainer.val_every_n_steps)
+    batch_tokens: int = 16384
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +131,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -172,17 +185,30 @@ def _schema_for(raw: DictConfig) -> DictConfig:
     return schema
 
 
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """A preset and the presets it builds on: a top-level `base: other.yaml` (relative to the
+    file) is loaded first and this file's keys override it."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base: presets include each other in a cycle")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors and the like
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections (run, data, model, ...)")
+    base = node.pop("base", None)
+    if base is None:
+        return [node]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: give one preset file name, relative to this file")
+    return [*_load_yaml(path.parent / base, (*seen, path.resolve())), node]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Preset YAML + dotlist overrides -> validated `Config`. Raises ConfigError."""
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as e:  # YAML syntax errors and the like
-            raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    layers = _load_yaml(Path(path)) if path is not None else []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value")
@@ -274,6 +300,15 @@ def validate(cfg: Config) -> list[str]:
     if t.accelerator == "cpu" and t.precision in ("16-mixed",):
         errs.append("trainer.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on trainer.accelerator=cpu")
 
+    e = cfg.eval
+    need(all(L >= 1 for L in e.lengths), "eval.lengths: lengths must be positive, e.g. [128, 512, 2048]")
+    need(e.mode in ("nonoverlap", "sliding"), f"eval.mode: {e.mode!r} is not one of nonoverlap, sliding")
+    need(e.stride >= 0, "eval.stride: must be 0 (half of each length) or positive")
+    need(not e.lengths or e.mode != "sliding" or e.stride <= min(e.lengths),
+         f"eval.stride: {e.stride} exceeds the shortest of eval.lengths; a window scores at most its length")
+    need(e.max_tokens >= 1, "eval.max_tokens: must be at least 1")
+    need(e.every_n_steps >= 0, "eval.every_n_steps: must be 0 (at every validation) or positive")
+    need(e.batch_tokens >= 1, "eval.batch_tokens: must be at least 1")
     need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps: must be at least 1")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be at least 1")
     return errs

@@ -23,7 +23,7 @@ import numpy as np
 from lmtrain.config import Config, to_dict, to_yaml
 
 # Keys that may differ between the checkpoint's config and the config of a resume.
-RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
+RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
 
 
 class ResumeError(ValueError):
@@ -99,6 +99,10 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),
         *extra_callbacks,
     ]
+    if cfg.eval.lengths:
+        from lmtrain.train.callbacks.eval_length import EvalLength
+
+        callbacks.append(EvalLength(cfg, metrics_path=run_dir / "metrics.jsonl"))
     tty = sys.stderr.isatty()
     if t.progress_bar and tty:
         callbacks.append(TQDMProgressBar(refresh_rate=1))

@@ -1,0 +1,1 @@
+"""Evaluation beyond the training loop: perplexity against context length (`eval-length`)."""

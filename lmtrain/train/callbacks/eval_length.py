@@ -1,0 +1,73 @@
+"""Periodic length-extrapolation evaluation during training (`eval.lengths`).
+
+Rank 0 scores a fixed slice of the validation split at each length (the same tokens
+every time, so the curves are comparable across steps) and logs
+eval_length/<mode>/ppl_L<length> to TensorBoard and metrics.jsonl. The other ranks wait
+at a barrier. The evaluation draws no random numbers, so training continues exactly as
+it would have without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lmtrain.evaluate.length import Plan, evaluate_length, resolve_stride, scored_range
+
+
+class EvalLength(pl.Callback):
+    def __init__(self, cfg, metrics_path: Path | None = None):
+        self.cfg = cfg
+        self.e = cfg.eval
+        self.every = self.e.every_n_steps or cfg.trainer.val_every_n_steps
+        self.metrics_path = metrics_path
+        self._plans = None
+        self._last_step = -1
+
+    def plans(self) -> dict[int, Plan]:
+        if self._plans is None:
+            from data_pipelines.shards import read_meta
+
+            n_tokens = read_meta(self.cfg.data.dir)["splits"]["val"]["tokens"]
+            lengths = sorted(set(self.e.lengths))
+            offset, n = scored_range(n_tokens, lengths, self.e.max_tokens)
+            self._plans = {L: Plan(self.e.mode, L, resolve_stride(self.e.mode, L, self.e.stride or None), offset, n)
+                           for L in lengths}
+        return self._plans
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._last_step or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if step % self.every and step != trainer.max_steps:
+            return
+        self._last_step = step
+        if trainer.is_global_zero:
+            self.evaluate(trainer, pl_module.model, step)
+        trainer.strategy.barrier("eval_length")
+
+    def evaluate(self, trainer, model, step: int) -> dict[str, float]:
+        from data_pipelines.shards import open_tokens
+
+        tokens = open_tokens(self.cfg.data.dir, "val")
+        was_training = model.training
+        model.eval()
+        metrics, shown = {}, []
+        try:
+            for L, plan in self.plans().items():
+                r = evaluate_length(model, tokens, plan, batch_tokens=self.e.batch_tokens, buckets_per_octave=1,
+                                    device=next(model.parameters()).device)
+                if r.status == "ok":
+                    metrics[f"eval_length/{self.e.mode}/ppl_L{L}"] = r.ppl
+                shown.append(f"L={L} {r.ppl:.2f}" if r.status == "ok" else f"L={L} n/a ({r.reason})")
+        finally:
+            model.train(was_training)
+        if trainer.logger is not None and metrics:
+            trainer.logger.log_metrics(metrics, step=step)
+        if self.metrics_path is not None and metrics:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        print(f"eval-length step {step} ({self.e.mode}): perplexity {', '.join(shown)}", flush=True)
+        return metrics
