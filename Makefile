@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-slow test-all env clean-runs
+.PHONY: train test test-slow test-all env clean-runs extrapolation
 
 env: $(STAMP)
 
@@ -31,6 +31,19 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Length extrapolation (issue 3): train five position schemes at L=128 (auto-resumes),
+# then evaluate all of them on the same tokens up to 32x the training length.
+EXTRAP_SCHEMES := alibi rope sinusoidal learned none
+EXTRAP_LENGTHS := 128,256,512,1024,2048,4096
+EXTRAP_OUT     := runs/extrapolation
+extrapolation: $(STAMP)
+	for p in $(EXTRAP_SCHEMES); do \
+	  $(VENV)/bin/lmtrain train configs/experiments/extrapolation/$$p.yaml $(ARGS) || exit 1; done
+	for m in sliding nonoverlap; do \
+	  $(VENV)/bin/lmtrain eval-length $(foreach p,$(EXTRAP_SCHEMES),runs/extrap-$(p)) --mode $$m \
+	    --lengths $(EXTRAP_LENGTHS) --max-tokens 16384 --out $(EXTRAP_OUT) || exit 1; done
+	@echo "results: $(EXTRAP_OUT)/length_sliding.md, $(EXTRAP_OUT)/length_nonoverlap.md and the PNG plots there"
 
 clean-runs:
 	rm -rf runs
