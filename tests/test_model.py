@@ -96,11 +96,11 @@ def test_sinusoidal_uses_vaswanis_embedding_recipe():
     model = make_model("sinusoidal", dtype=torch.float32)
     d = model.cfg.d_model
     assert model.embed_scale == pytest.approx(math.sqrt(d))
-    assert float(model.embed.weight.std()) == pytest.approx(d ** -0.5, rel=0.1)
+    assert float(model.embed.weight.detach().std()) == pytest.approx(d ** -0.5, rel=0.1)
     pe = model.position.embed(torch.zeros(1, 48, d), torch.arange(48))
     assert float(pe.abs().max()) == pytest.approx(1.0, abs=1e-3)
     other = make_model("learned", dtype=torch.float32)
-    assert other.embed_scale == 1.0 and float(other.embed.weight.std()) == pytest.approx(0.02, rel=0.1)
+    assert other.embed_scale == 1.0 and float(other.embed.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
 
 
 # ---- registry-wide properties ----------------------------------------------------------------

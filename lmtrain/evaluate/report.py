@@ -101,10 +101,15 @@ def ppl_figure(rep: dict):
         train_lengths.add(run["train_length"])
     for L in sorted(train_lengths):
         ax.axvline(L, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"train L={L}", (L, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+        ax.annotate(f"train L={L}", (L, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
                     textcoords="offset points", fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import LogFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(3, 1)))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(3, 1)))
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     stride = "" if rep["mode"] == "nonoverlap" else f", stride {rep['stride'] or 'L/2'}"
