@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (exit 2 if it is invalid)")
     _add_config_args(p)
 
+    p = sub.add_parser("plan", help="parameters, ZeRO memory per GPU, activations and a micro-batch for a config")
+    _add_config_args(p)
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GB", help="memory of one GPU (default 80)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="data-parallel ranks (default: trainer.devices x trainer.num_nodes)")
+
     p = sub.add_parser("generate", help="sample text from a run dir or checkpoint")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
@@ -101,6 +107,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from lmtrain.config import ConfigError, load_config
+    from lmtrain.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    n_gpus = args.gpus if args.gpus is not None else max(cfg.trainer.devices, 1) * cfg.trainer.num_nodes
+    if n_gpus < 1:
+        raise ConfigError("--gpus: must be at least 1")
+    if not args.gpu_mem > 2.0:
+        raise ConfigError("--gpu-mem: give the GPU's memory in GB, more than the 2 GB kept as headroom")
+    print(format_plan(plan(cfg, gpu_mem_gb=args.gpu_mem, n_gpus=n_gpus)))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from pathlib import Path
 
@@ -159,7 +179,7 @@ def cmd_eval_length(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
-            "eval-length": cmd_eval_length}
+            "eval-length": cmd_eval_length, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
