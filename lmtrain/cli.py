@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, metavar="N",
                    help="data-parallel ranks (default: trainer.devices x trainer.num_nodes)")
 
+    p = sub.add_parser("submit", help="render the sbatch script into RUN/slurm/ and submit it (SLURM)")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    p.add_argument("--eval-length", metavar="ARGS",
+                   help="also submit `lmtrain eval-length RUN ARGS` to run after training succeeds (afterok)")
+
     p = sub.add_parser("generate", help="sample text from a run dir or checkpoint")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
@@ -121,6 +127,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from lmtrain.config import load_config
+    from lmtrain.slurm import submit
+
+    cfg = load_config(args.config, args.overrides)
+    submit(cfg, dry_run=args.dry_run, eval_length=args.eval_length)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from pathlib import Path
 
@@ -179,7 +194,7 @@ def cmd_eval_length(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
-            "eval-length": cmd_eval_length, "plan": cmd_plan}
+            "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:
