@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-length", metavar="ARGS",
                    help="also submit `lmtrain eval-length RUN ARGS` to run after training succeeds (afterok)")
 
-    p = sub.add_parser("generate", help="sample text from a run dir or checkpoint")
+    p = sub.add_parser("export", help="write consolidated fp32 safetensors, the config and the tokenizer")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export directory (generate and eval-length accept it)")
+
+    p = sub.add_parser("generate", help="sample text from a run dir, checkpoint or export")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -136,18 +140,25 @@ def cmd_submit(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from pathlib import Path
+def cmd_export(args) -> int:
+    from lmtrain.export import export
 
+    export(args.source, args.out)
+    return 0
+
+
+def cmd_generate(args) -> int:
     import torch
 
     from data_pipelines.tokenizer import eot_id, load_tokenizer
-    from lmtrain.generate import generate, load_model
+    from lmtrain.generate import generate
+    from lmtrain.train.checkpoint import load_trained, tokenizer_path
 
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
         return _fail("--max-new-tokens and --num-samples must be positive, --temperature 0 or more")
-    cfg, model = load_model(args.source, device=args.device)
-    tok_path = Path(cfg.data.dir) / "tokenizer.json"
+    trained = load_trained(args.source, device=args.device)
+    cfg, model = trained.cfg, trained.model
+    tok_path = tokenizer_path(trained)
     if not tok_path.is_file():
         return _fail(f"the tokenizer of this model is missing: {tok_path} (data.dir of the run)")
     tok = load_tokenizer(tok_path)
@@ -194,7 +205,8 @@ def cmd_eval_length(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
-            "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit}
+            "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, FileNotFoundError) as e:
+    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, FileNotFoundError, FileExistsError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("lmtrain: interrupted", file=sys.stderr)
