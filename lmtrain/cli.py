@@ -33,7 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (exit 2 if it is invalid)")
     _add_config_args(p)
 
-    p = sub.add_parser("generate", help="sample text from a run dir or checkpoint")
+    p = sub.add_parser("plan", help="parameters, ZeRO memory per GPU, activations and a micro-batch for a config")
+    _add_config_args(p)
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GB", help="memory of one GPU (default 80)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="data-parallel ranks (default: trainer.devices x trainer.num_nodes)")
+
+    p = sub.add_parser("submit", help="render the sbatch script into RUN/slurm/ and submit it (SLURM)")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    p.add_argument("--eval-length", metavar="ARGS",
+                   help="also submit `lmtrain eval-length RUN ARGS` to run after training succeeds (afterok)")
+
+    p = sub.add_parser("export", help="write consolidated fp32 safetensors, the config and the tokenizer")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export directory (generate and eval-length accept it)")
+
+    p = sub.add_parser("generate", help="sample text from a run dir, checkpoint or export")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -101,18 +117,48 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from pathlib import Path
+def cmd_plan(args) -> int:
+    from lmtrain.config import ConfigError, load_config
+    from lmtrain.plan import format_plan, plan
 
+    cfg = load_config(args.config, args.overrides)
+    n_gpus = args.gpus if args.gpus is not None else max(cfg.trainer.devices, 1) * cfg.trainer.num_nodes
+    if n_gpus < 1:
+        raise ConfigError("--gpus: must be at least 1")
+    if not args.gpu_mem > 2.0:
+        raise ConfigError("--gpu-mem: give the GPU's memory in GB, more than the 2 GB kept as headroom")
+    print(format_plan(plan(cfg, gpu_mem_gb=args.gpu_mem, n_gpus=n_gpus)))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from lmtrain.config import load_config
+    from lmtrain.slurm import submit
+
+    cfg = load_config(args.config, args.overrides)
+    submit(cfg, dry_run=args.dry_run, eval_length=args.eval_length)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lmtrain.export import export
+
+    export(args.source, args.out)
+    return 0
+
+
+def cmd_generate(args) -> int:
     import torch
 
     from data_pipelines.tokenizer import eot_id, load_tokenizer
-    from lmtrain.generate import generate, load_model
+    from lmtrain.generate import generate
+    from lmtrain.train.checkpoint import load_trained, tokenizer_path
 
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
         return _fail("--max-new-tokens and --num-samples must be positive, --temperature 0 or more")
-    cfg, model = load_model(args.source, device=args.device)
-    tok_path = Path(cfg.data.dir) / "tokenizer.json"
+    trained = load_trained(args.source, device=args.device)
+    cfg, model = trained.cfg, trained.model
+    tok_path = tokenizer_path(trained)
     if not tok_path.is_file():
         return _fail(f"the tokenizer of this model is missing: {tok_path} (data.dir of the run)")
     tok = load_tokenizer(tok_path)
@@ -159,7 +205,8 @@ def cmd_eval_length(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
-            "eval-length": cmd_eval_length}
+            "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, FileNotFoundError) as e:
+    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, FileNotFoundError, FileExistsError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("lmtrain: interrupted", file=sys.stderr)

@@ -124,6 +124,20 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    # `lmtrain submit`: nodes = trainer.num_nodes, tasks (and GPUs) per node = trainer.devices.
+    job_name: str = ""  # default: run.name
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = "24:00:00"  # [D-]HH:MM:SS
+    cpus_per_task: int = 8
+    mem: str = "0"  # per node, e.g. 480G; 0 = all of it
+    signal_seconds: int = 300  # USR1 this long before the time limit: save, requeue, exit
+    env_hook: str = ""  # a shell file sourced before training (module loads, venv activation)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +146,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -214,8 +229,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{item}: an override must look like key=value")
         try:
             layers.append(OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{item}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # OmegaConf errors, and YAML scanner errors on values such as `...`
+            raise ConfigError(f"{item}: cannot parse this override ({str(e).splitlines()[0]}); quote the value") from None
     try:
         raw = OmegaConf.merge(*layers) if layers else OmegaConf.create()
     except OmegaConfBaseException as e:
@@ -309,6 +324,8 @@ def validate(cfg: Config) -> list[str]:
     need(e.max_tokens >= 1, "eval.max_tokens: must be at least 1")
     need(e.every_n_steps >= 0, "eval.every_n_steps: must be 0 (at every validation) or positive")
     need(e.batch_tokens >= 1, "eval.batch_tokens: must be at least 1")
+    need(cfg.slurm.cpus_per_task >= 1, "slurm.cpus_per_task: must be at least 1")
+    need(cfg.slurm.signal_seconds >= 0, "slurm.signal_seconds: must be 0 or more")
     need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps: must be at least 1")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be at least 1")
     return errs

@@ -123,6 +123,35 @@ def test_resume_after_sigkill_is_exact(workdir, base_args, baseline):
     assert [got[s] for s in range(16, 31)] == [want[s] for s in range(16, 31)]
 
 
+def test_usr1_saves_at_the_step_stops_and_resumes_exactly(workdir, base_args, baseline):
+    """SIGUSR1 (SLURM's warning before a time limit or preemption): the run finishes its step,
+    saves last.ckpt there, exits 0; the same command resumes with the same losses."""
+    from lmtrain.train.checkpoint import checkpoint_step
+
+    run = workdir / "runs" / "usr1"
+    cmd = [sys.executable, "-m", "lmtrain", "train", *base_args, "run.name=usr1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and max(read_metrics(metrics), default=0) >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption: signal received" in out and "not a SLURM job" in out, out[-3000:]
+    stopped = checkpoint_step(run / "checkpoints" / "last.ckpt")
+    assert 5 <= stopped < 30, "the signal came too late to test a mid-run stop"
+    assert not (run / "summary.json").exists()  # no final evaluation on the way out
+
+    resumed = run_cli("train", *base_args, "run.name=usr1", check=True)
+    assert "resuming from" in resumed.stdout
+    want, got = read_metrics(baseline / "metrics.jsonl"), read_metrics(metrics)
+    assert [got[s] for s in range(1, 31)] == [want[s] for s in range(1, 31)]
+
+
 def test_resume_refuses_a_different_model(workdir, base_args, baseline):
     proc = run_cli("train", *base_args, "run.name=baseline", "model.n_layers=2")
     assert proc.returncode == 2

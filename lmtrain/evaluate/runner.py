@@ -51,11 +51,13 @@ def source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int]) -> 
                     file_sha256(tokenizer_path))
 
 
-def text_for(cfg, data: Optional[str], need_tokens: Optional[int]) -> EvalText:
+def text_for(trained, data: Optional[str], need_tokens: Optional[int]) -> EvalText:
     """The text to evaluate a model on: its own validation split, or `data`."""
     from data_pipelines.shards import DataDirError
+    from lmtrain.train.checkpoint import tokenizer_path
 
-    model_tok = Path(cfg.data.dir) / "tokenizer.json"
+    cfg = trained.cfg
+    model_tok = tokenizer_path(trained)
     if not model_tok.is_file():
         raise DataDirError(f"the tokenizer of this model is missing: {model_tok} (its data.dir); "
                            "run from the directory it was trained in, or prepare data.dir again")
@@ -114,7 +116,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
                   device: str, log: Callable[[str], None] = print, progress_bar: bool = True) -> dict:
     """Evaluate every source on the same scored tokens; returns the report (see report.py).
     Everything the user gave is checked before the long work starts."""
-    from lmtrain.train.checkpoint import load_trained
+    from lmtrain.train.checkpoint import load_trained, reload_with_model
 
     if mode not in MODES:
         raise EvalError(f"--mode {mode}: choose one of {', '.join(MODES)}")
@@ -132,7 +134,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
         raise EvalError("--buckets-per-octave: must be at least 1")
 
     need = None if max_tokens is None else max(lengths) + max_tokens + 1
-    texts = [text_for(t.cfg, data, need) for t in trained]
+    texts = [text_for(t, data, need) for t in trained]
     shas = {x.tokenizer_sha256 for x in texts}
     if len(shas) > 1:
         raise EvalError("these runs use different tokenizers, so no common set of scored tokens exists; "
@@ -151,7 +153,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
     t0 = time.time()
     try:
         for name, source, t in zip(names, sources, trained):
-            model = load_trained(t.checkpoint, device=device).model
+            model = reload_with_model(t, device=device).model
             results = []
             for L in lengths:
                 bar.set_description(f"{name} L={L}")

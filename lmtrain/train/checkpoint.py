@@ -86,6 +86,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_m
     from lmtrain.model import build_model
 
     path = Path(path)
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        return _load_export(path, device, with_model)
     ckpt_path = last_checkpoint(path) if path.is_dir() else path
     if ckpt_path is None or not ckpt_path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a .ckpt file or a run dir with checkpoints/last.ckpt)")
@@ -98,3 +100,37 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_m
         model.eval()
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     return Trained(cfg=cfg, model=model, checkpoint=ckpt_path, step=int(ckpt.get("global_step", -1)), run_dir=run_dir)
+
+
+# An export dir (`lmtrain export`): consolidated fp32 weights, the config, the tokenizer.
+EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_META = "model.safetensors", "config.yaml", "export.json"
+
+
+def _load_export(path: Path, device, with_model: bool) -> Trained:
+    import json
+
+    from safetensors.torch import load_model
+
+    from lmtrain.config import load_config
+    from lmtrain.model import build_model
+
+    cfg = load_config(path / EXPORT_CONFIG)
+    meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
+    model = None
+    if with_model:
+        model = build_model(cfg, device=device)
+        load_model(model, str(path / EXPORT_WEIGHTS), device=str(device))
+        model.eval()
+    return Trained(cfg=cfg, model=model, checkpoint=path / EXPORT_WEIGHTS, step=int(meta.get("step", -1)), run_dir=path)
+
+
+def reload_with_model(trained: Trained, device="cpu") -> Trained:
+    """The same checkpoint (or export) again, now with its model built and loaded."""
+    src = trained.run_dir if trained.checkpoint.name == EXPORT_WEIGHTS else trained.checkpoint
+    return load_trained(src, device)
+
+
+def tokenizer_path(trained: Trained) -> Path:
+    """The model's tokenizer: the copy in an export dir, else the one in its data.dir."""
+    own = trained.run_dir / "tokenizer.json"
+    return own if trained.checkpoint.name == EXPORT_WEIGHTS and own.is_file() else Path(trained.cfg.data.dir) / "tokenizer.json"

@@ -23,7 +23,7 @@ import numpy as np
 from lmtrain.config import Config, to_dict, to_yaml
 
 # Keys that may differ between the checkpoint's config and the config of a resume.
-RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
+RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "slurm.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
 
 
 class ResumeError(ValueError):
@@ -80,10 +80,12 @@ def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool) -> Optio
 
 def build_trainer(cfg: Config, *, extra_callbacks=()):
     import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import SLURMEnvironment
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lmtrain.train.callbacks.metrics_file import MetricsFile
+    from lmtrain.train.callbacks.preemption import Preemption
     from lmtrain.train.callbacks.progress import ProgressLines
     from lmtrain.train.callbacks.throughput import Throughput
     from lmtrain.train.checkpoint import AtomicCheckpointIO
@@ -103,6 +105,11 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         from lmtrain.train.callbacks.eval_length import EvalLength
 
         callbacks.append(EvalLength(cfg, metrics_path=run_dir / "metrics.jsonl"))
+    callbacks.append(Preemption(run_dir / "checkpoints"))
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Our Preemption callback saves and requeues; Lightning's own requeue handler stays off.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     tty = sys.stderr.isatty()
     if t.progress_bar and tty:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
@@ -127,7 +134,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         log_every_n_steps=t.log_every_n_steps,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         use_distributed_sampler=False,  # our sampler shards the global order itself
         enable_progress_bar=t.progress_bar and tty,
         enable_model_summary=True,
@@ -204,6 +211,12 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     module = LMModule(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    preempted = next((c for c in trainer.callbacks if type(c).__name__ == "Preemption" and c.stopped_at is not None), None)
+    if preempted is not None:
+        if trainer.is_global_zero:
+            log(f"run: stopped at step {preempted.stopped_at} on a signal; "
+                + ("the job is requeued and resumes there" if preempted.requeued else "run the same command to resume"))
+        return {"preempted": True, "step": preempted.stopped_at, "requeued": preempted.requeued}
 
     # Final evaluation on the fixed validation windows, reported beside the unigram baseline.
     results = trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -1,0 +1,54 @@
+"""`lmtrain export RUN_OR_CKPT --out DIR`: a self-contained model directory.
+
+  model.safetensors   consolidated fp32 weights (tied weights stored once)
+  config.yaml         the resolved training config
+  tokenizer.json      the model's tokenizer
+  export.json         source checkpoint, step, parameter count, format version
+
+`generate` and `eval-length` accept the directory in place of a run. (Sharded DeepSpeed
+ZeRO checkpoints are consolidated on the way, once DeepSpeed training lands.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lmtrain.config import to_yaml
+from lmtrain.train.checkpoint import EXPORT_CONFIG, EXPORT_META, EXPORT_WEIGHTS, load_trained, tokenizer_path
+
+FORMAT = 1
+
+
+def export(source: str | Path, out: str | Path, log=print) -> Path:
+    from safetensors.torch import save_model
+
+    t = load_trained(source, device="cpu")
+    tok = tokenizer_path(t)
+    if not tok.is_file():
+        raise FileNotFoundError(f"the tokenizer of this model is missing: {tok} (its data.dir)")
+    out = Path(out)
+    if out.exists() and not (out / EXPORT_META).is_file():
+        raise FileExistsError(f"--out {out}: exists and is not an lmtrain export; choose a new directory")
+    if out.resolve() == t.run_dir.resolve():
+        raise FileExistsError(f"--out {out}: that is the source itself; choose another directory")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = t.model.float()
+    save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": f"lmtrain-export-{FORMAT}", "step": str(t.step)})
+    (tmp / EXPORT_CONFIG).write_text(to_yaml(t.cfg))
+    shutil.copyfile(tok, tmp / "tokenizer.json")
+    meta = {"format": FORMAT, "source": str(t.checkpoint), "step": t.step,
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(torch.float32),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():  # an earlier export: replaced
+        shutil.rmtree(out)
+    tmp.rename(out)  # the directory appears complete or not at all
+    log(f"exported step {t.step} ({meta['parameters']:,} parameters) from {t.checkpoint} to {out}")
+    return out

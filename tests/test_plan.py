@@ -1,0 +1,56 @@
+"""`lmtrain plan`: the ZeRO memory formulas, the activation estimate, and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmtrain.config import load_config
+from lmtrain.model import build_model
+from lmtrain.plan import STAGES, Bytes, activation_bytes, count_params, model_state_bytes, plan
+from tests.conftest import CONFIGS, run_cli
+
+
+def test_zero_memory_matches_the_papers_example():
+    # Rajbhandari et al. 2020, Fig. 1: Psi = 7.5 B, N_d = 64, mixed-precision Adam.
+    got = [round(model_state_bytes(int(7.5e9), 64, s, Bytes(2, 2, 12)) / 1e9, 1) for s in STAGES]
+    assert got == [120.0, 31.4, 16.6, 1.9]
+
+
+def test_offload_moves_optimizer_state_and_zero3_params_off_the_gpu():
+    b = Bytes(2, 2, 12)
+    assert model_state_bytes(1000, 8, "ZeRO-2", b, offload_optimizer=True) == 2 * 1000 + 2 * 1000 / 8
+    assert model_state_bytes(1000, 8, "ZeRO-3", b, offload_optimizer=True, offload_params=True) == 2 * 1000 / 8
+
+
+def test_activations_follow_korthikanti_for_a_4x_feed_forward():
+    s, b, h, a, n = 2048, 4, 1024, 16, 10
+    full = activation_bytes(seq_len=s, micro_batch=b, d_model=h, n_heads=a, d_ff=4 * h, n_layers=n, vocab=0,
+                            checkpointing=False, flash=False)
+    assert full == pytest.approx(n * s * b * h * (34 + 5 * a * s / h))
+    ckpt = activation_bytes(seq_len=s, micro_batch=b, d_model=h, n_heads=a, d_ff=4 * h, n_layers=n, vocab=0,
+                            checkpointing=True)
+    assert ckpt == pytest.approx(2 * s * b * h * n + 34 * s * b * h)
+
+
+def test_parameter_count_is_the_models():
+    cfg = load_config(CONFIGS / "default.yaml")
+    assert count_params(cfg) == sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def test_more_sharding_never_fits_fewer_samples():
+    cfg = load_config(CONFIGS / "default.yaml", ["model.n_layers=24", "model.d_model=2048", "model.n_heads=16",
+                                                  "model.d_ff=8192", "data.seq_len=4096", "trainer.precision=bf16-mixed"])
+    p = plan(cfg, gpu_mem_gb=80, n_gpus=8)
+    mbs = [r["max_micro_batch"] for r in p["stages"]]
+    states = [r["model_states_gb"] for r in p["stages"]]
+    assert mbs == sorted(mbs) and states == sorted(states, reverse=True)
+    assert all(r["max_micro_batch_ckpt"] >= r["max_micro_batch"] for r in p["stages"])
+
+
+def test_cli_prints_the_table_and_refuses_bad_input():
+    proc = run_cli("plan", str(CONFIGS / "default.yaml"), "--gpus", "4", check=True)
+    assert "| ZeRO-3 |" in proc.stdout and "parameters" in proc.stdout and "suggestion:" in proc.stdout
+    bad = run_cli("plan", str(CONFIGS / "default.yaml"), "--gpus", "0")
+    assert bad.returncode == 2 and "--gpus" in bad.stderr
+    bad = run_cli("plan", str(CONFIGS / "default.yaml"), "model.n_layer=3")
+    assert bad.returncode == 2 and "model.n_layer" in bad.stderr
