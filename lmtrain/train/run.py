@@ -95,7 +95,10 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep_last,
-                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False),
+                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False,
+                        # last.ckpt is always the newest state, whoever wrote it (a preemption
+                        # save too): overwrite it, never write last-v1.ckpt beside it.
+                        enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         Throughput(cfg.data.seq_len, every=t.log_every_n_steps, peak_tflops=t.peak_tflops),
         MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),

@@ -33,6 +33,8 @@ class Preemption(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         self._previous = signal.signal(self.sig, self._handler)
+
+    def on_train_start(self, trainer, pl_module):  # after a resume has restored the step
         job = os.environ.get("SLURM_JOB_ID")
         if job and trainer.is_global_zero:
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
