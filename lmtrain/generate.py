@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -10,14 +9,6 @@ from torch import Tensor
 
 from lmtrain.model import Decoder
 from lmtrain.model.layer import KVCache
-
-
-def load_model(path: str | Path, device: str = "cpu"):
-    """A run directory (its last checkpoint) or a checkpoint file -> (config, model in eval mode)."""
-    from lmtrain.train.checkpoint import load_trained
-
-    t = load_trained(path, device)
-    return t.cfg, t.model
 
 
 def sample_next(logits_BV: Tensor, *, temperature: float, top_k: Optional[int], generator: torch.Generator) -> Tensor:

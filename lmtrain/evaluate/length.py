@@ -101,6 +101,17 @@ def scored_range(n_tokens: int, lengths: Sequence[int], max_tokens: Optional[int
     return offset, n
 
 
+def make_plans(n_tokens: int, lengths: Sequence[int], mode: str, stride: Optional[int],
+               max_tokens: Optional[int]) -> dict[int, Plan]:
+    """One plan per length, all over the same scored targets of an n_tokens stream."""
+    if mode not in MODES:
+        raise EvalError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+    lengths = sorted(set(lengths))
+    strides = {L: resolve_stride(mode, L, stride) for L in lengths}
+    offset, n = scored_range(n_tokens, lengths, max_tokens)
+    return {L: Plan(mode, L, strides[L], offset, n) for L in lengths}
+
+
 @dataclass
 class LengthResult:
     length: int

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from lmtrain.evaluate.length import MODES, EvalError, LengthResult, Plan, evaluate_length, resolve_stride, scored_range
+from lmtrain.evaluate.length import EvalError, LengthResult, evaluate_length, make_plans
 
 
 @dataclass
@@ -118,8 +118,6 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
     Everything the user gave is checked before the long work starts."""
     from lmtrain.train.checkpoint import load_trained, reload_with_model
 
-    if mode not in MODES:
-        raise EvalError(f"--mode {mode}: choose one of {', '.join(MODES)}")
     if batch_tokens < 1:
         raise EvalError("--batch-tokens: must be at least 1")
     # Configs first (cheap), so that every check is done before any model is built;
@@ -129,7 +127,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
         base = trained[0].cfg.data.seq_len
         lengths = [base * f for f in (1, 2, 4, 8, 16, 32)]
     lengths = sorted(set(lengths))
-    strides = {L: resolve_stride(mode, L, stride) for L in lengths}
+    make_plans(max(lengths) + 1, lengths, mode, stride, None)  # checks mode and stride before any text is read
     if buckets_per_octave < 1:
         raise EvalError("--buckets-per-octave: must be at least 1")
 
@@ -140,8 +138,8 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
         raise EvalError("these runs use different tokenizers, so no common set of scored tokens exists; "
                         "evaluate them separately")
     text = texts[0]
-    offset, n = scored_range(len(text.tokens), lengths, max_tokens)
-    plans = {L: Plan(mode=mode, length=L, stride=strides[L], offset=offset, n_scored=n) for L in lengths}
+    plans = make_plans(len(text.tokens), lengths, mode, stride, max_tokens)
+    offset, n = plans[lengths[0]].offset, plans[lengths[0]].n_scored
     names = _names(trained, sources)
     log(f"eval-length: {len(trained)} model(s), {mode}"
         f"{'' if mode == 'nonoverlap' else ' (stride ' + (str(stride) if stride else 'L/2') + ')'}, "
@@ -167,7 +165,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
     return {
         "mode": mode,
         "stride": stride if mode == "sliding" else None,
-        "strides": {str(L): s for L, s in strides.items()},
+        "strides": {str(L): p.stride for L, p in plans.items()},
         "lengths": list(lengths),
         "data": text.description,
         "scored_offset": offset,

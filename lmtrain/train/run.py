@@ -108,7 +108,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         from lmtrain.train.callbacks.eval_length import EvalLength
 
         callbacks.append(EvalLength(cfg, metrics_path=run_dir / "metrics.jsonl"))
-    callbacks.append(Preemption(run_dir / "checkpoints"))
+    callbacks.append(Preemption(run_dir / "checkpoints", every=t.log_every_n_steps))
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Our Preemption callback saves and requeues; Lightning's own requeue handler stays off.
@@ -214,7 +214,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     module = LMModule(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    preempted = next((c for c in trainer.callbacks if type(c).__name__ == "Preemption" and c.stopped_at is not None), None)
+    from lmtrain.train.callbacks.preemption import Preemption
+
+    preempted = next((c for c in trainer.callbacks if isinstance(c, Preemption) and c.stopped_at is not None), None)
     if preempted is not None:
         if trainer.is_global_zero:
             log(f"run: stopped at step {preempted.stopped_at} on a signal; "

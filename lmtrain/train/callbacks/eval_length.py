@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from lmtrain.evaluate.length import Plan, evaluate_length, resolve_stride, scored_range
+from lmtrain.evaluate.length import Plan, evaluate_length, make_plans
 
 
 class EvalLength(pl.Callback):
@@ -31,10 +31,7 @@ class EvalLength(pl.Callback):
             from data_pipelines.shards import read_meta
 
             n_tokens = read_meta(self.cfg.data.dir)["splits"]["val"]["tokens"]
-            lengths = sorted(set(self.e.lengths))
-            offset, n = scored_range(n_tokens, lengths, self.e.max_tokens)
-            self._plans = {L: Plan(self.e.mode, L, resolve_stride(self.e.mode, L, self.e.stride or None), offset, n)
-                           for L in lengths}
+            self._plans = make_plans(n_tokens, self.e.lengths, self.e.mode, self.e.stride or None, self.e.max_tokens)
         return self._plans
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

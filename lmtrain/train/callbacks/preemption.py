@@ -21,8 +21,10 @@ import torch
 
 
 class Preemption(pl.Callback):
-    def __init__(self, ckpt_dir: Path, sig: int = signal.SIGUSR1, log=print):
-        self.ckpt_dir, self.sig, self._log = Path(ckpt_dir), sig, log
+    def __init__(self, ckpt_dir: Path, every: int = 1, sig: int = signal.SIGUSR1, log=print):
+        """every: check for the signal every this many optimizer steps (with several ranks the
+        check is a collective, so it rides on the steps that log metrics anyway)."""
+        self.ckpt_dir, self.every, self.sig, self._log = Path(ckpt_dir), every, sig, log
         self.requested = False
         self.stopped_at: int | None = None
         self.requeued = False
@@ -54,6 +56,8 @@ class Preemption(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if trainer.world_size > 1 and trainer.global_step % self.every and trainer.global_step != trainer.max_steps:
             return
         if not self._agreed(trainer, pl_module.device):
             return
