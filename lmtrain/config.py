@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -28,7 +28,8 @@ from lmtrain.model.residual import RESIDUAL
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-STRATEGIES = ("auto", "single", "ddp", "ddp_spawn")
+STRATEGIES = ("auto", "single", "ddp", "ddp_spawn", "deepspeed")
+DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     peak_tflops: Optional[float] = None  # MFU denominator; None: datasheet on GPU, measured on CPU
     progress_bar: bool = True
+    # Recompute each layer's activations in the backward pass instead of keeping them
+    # (torch.utils.checkpoint; any strategy, ZeRO-3 included): less memory, ~1/3 more compute.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -138,6 +142,19 @@ class SlurmConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    # Used with trainer.strategy=deepspeed. The DeepSpeed JSON is generated from these keys
+    # (lmtrain/train/strategy.py) and saved as RUN/deepspeed.json.
+    zero_stage: int = 2  # 1: optimizer state sharded; 2: and gradients; 3: and parameters
+    offload_optimizer: bool = False  # optimizer state and its step on the CPU (any stage)
+    offload_params: bool = False  # parameters on the CPU between uses (stage 3 only)
+    # Raw DeepSpeed JSON keys, merged last (nested dicts merge key by key), e.g.
+    # deepspeed.raw.zero_optimization.reduce_bucket_size=5e8. Keys that lmtrain sets from its
+    # own config (batch size, accumulation, clipping, precision, optimizer, stage) are refused.
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +164,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -324,11 +342,55 @@ def validate(cfg: Config) -> list[str]:
     need(e.max_tokens >= 1, "eval.max_tokens: must be at least 1")
     need(e.every_n_steps >= 0, "eval.every_n_steps: must be 0 (at every validation) or positive")
     need(e.batch_tokens >= 1, "eval.batch_tokens: must be at least 1")
+    errs += _check_deepspeed(cfg)
     need(cfg.slurm.cpus_per_task >= 1, "slurm.cpus_per_task: must be at least 1")
     need(cfg.slurm.signal_seconds >= 0, "slurm.signal_seconds: must be 0 or more")
     need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps: must be at least 1")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be at least 1")
     return errs
+
+
+# Raw DeepSpeed keys that lmtrain derives from its own config: raw key -> the key to set instead.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "data.batch_size (per device) and trainer.accumulate_grad_batches",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "gradient_clipping": "optim.grad_clip",
+    "fp16": "trainer.precision", "bf16": "trainer.precision", "amp": "trainer.precision",
+    "optimizer": "optim.*", "scheduler": "optim.*",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "activation_checkpointing": "trainer.activation_checkpointing",
+}
+
+
+def _check_deepspeed(cfg: Config) -> list[str]:
+    ds, t = cfg.deepspeed, cfg.trainer
+    if t.strategy != "deepspeed":
+        changed = [k for k, v in to_dict(ds).items() if v != getattr(DeepSpeedConfig(), k)]
+        return [f"deepspeed.{changed[0]}: is set but trainer.strategy={t.strategy}; set trainer.strategy=deepspeed "
+                "or drop the deepspeed keys"] if changed else []
+    errs = []
+    if ds.zero_stage not in (1, 2, 3):
+        errs.append(f"deepspeed.zero_stage: {ds.zero_stage} is not 1, 2 or 3 (for no sharding use trainer.strategy=ddp)")
+    if ds.offload_params and ds.zero_stage != 3:
+        errs.append("deepspeed.offload_params: needs deepspeed.zero_stage=3 (only stage 3 partitions parameters)")
+    if t.precision not in DEEPSPEED_PRECISIONS:
+        errs.append(f"trainer.precision: {t.precision!r} is not supported by DeepSpeed; use one of "
+                    f"{', '.join(DEEPSPEED_PRECISIONS)}")
+    flat = flatten(ds.raw)
+    for key in sorted(flat):
+        owner = next((o for raw, o in DEEPSPEED_OWNED.items() if key == raw or key.startswith(raw + ".")), None)
+        if owner:
+            errs.append(f"deepspeed.raw.{key}: lmtrain sets this from {owner}; set that instead")
+    return errs
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dict -> {"a.b.c": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

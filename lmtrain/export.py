@@ -5,8 +5,9 @@
   tokenizer.json      the model's tokenizer
   export.json         source checkpoint, step, parameter count, format version
 
-`generate` and `eval-length` accept the directory in place of a run. (Sharded DeepSpeed
-ZeRO checkpoints are consolidated on the way, once DeepSpeed training lands.)
+The source is a run dir, a Lightning checkpoint file, or a DeepSpeed checkpoint directory
+of any ZeRO stage; ZeRO shards are consolidated into the fp32 master weights on the way
+(one process, no GPU). `generate` and `eval-length` accept the directory in place of a run.
 """
 
 from __future__ import annotations

@@ -104,6 +104,16 @@ def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> di
             free = budget - states - fixed
             row["max_micro_batch" + ("_ckpt" if ckpt else "")] = max(0, int(free // per_sample)) if per_sample > 0 else 0
         rows.append(row)
+    t, ds = cfg.trainer, cfg.deepspeed
+    zero = t.strategy == "deepspeed"
+    stage = f"ZeRO-{ds.zero_stage}" if zero else "DP"
+    states = model_state_bytes(psi, n_gpus, stage, b, offload_optimizer=zero and ds.offload_optimizer,
+                               offload_params=zero and ds.offload_params)
+    acts = act(d.batch_size, t.activation_checkpointing)
+    configured = {"stage": stage, "offload_optimizer": zero and ds.offload_optimizer,
+                  "offload_params": zero and ds.offload_params, "checkpointing": t.activation_checkpointing,
+                  "model_states_gb": states / GB, "activations_gb": acts / GB, "total_gb": (states + acts) / GB,
+                  "fits": states + acts <= budget}
     return {
         "params": psi,
         "precision": cfg.trainer.precision,
@@ -116,6 +126,7 @@ def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> di
         "activations_gb": act(d.batch_size, False) / GB,
         "activations_ckpt_gb": act(d.batch_size, True) / GB,
         "stages": rows,
+        "configured": configured,
     }
 
 
@@ -134,6 +145,13 @@ def format_plan(p: dict) -> str:
     ]
     for r in p["stages"]:
         lines.append(f"| {r['stage']} | {r['model_states_gb']:.2f} | {r['max_micro_batch']} | {r['max_micro_batch_ckpt']} |")
+    c = p["configured"]
+    how = ", ".join([c["stage"]] + [w for w, on in (("optimizer offloaded", c["offload_optimizer"]),
+                                                     ("parameters offloaded", c["offload_params"]),
+                                                     ("activation checkpointing", c["checkpointing"])) if on])
+    lines += ["", f"this config          {how}: {c['model_states_gb']:.2f} GB model states + {c['activations_gb']:.2f} GB "
+              f"activations = {c['total_gb']:.2f} GB of {p['gpu_mem_gb'] - p['headroom_gb']:g} GB per GPU: "
+              + ("fits" if c["fits"] else "DOES NOT FIT")]
     fits = [r for r in p["stages"] if r["max_micro_batch"] >= p["micro_batch"]]
     lines.append("")
     if fits:

@@ -53,14 +53,45 @@ def test_default_preset_is_the_documented_default():
         ("trainer.precision=fp8", "trainer.precision", "not one of"),
         ("optim.min_lr=1", "optim.min_lr", "between 0 and optim.lr"),
         ("model.position=rope", "model.position=rope", "even head dimension"),
+        ("deepspeed.zero_stage=3", "deepspeed.zero_stage", "set trainer.strategy=deepspeed"),
+        ("deepspeed.zero_stag=3", "deepspeed.zero_stag", "did you mean deepspeed.zero_stage"),
+        ("DS deepspeed.zero_stage=4", "deepspeed.zero_stage", "not 1, 2 or 3"),
+        ("DS deepspeed.offload_params=true", "deepspeed.offload_params", "zero_stage=3"),
+        ("DS trainer.precision=64-true", "trainer.precision", "not supported by DeepSpeed"),
+        ("DS deepspeed.raw.zero_optimization.stage=3", "deepspeed.raw.zero_optimization.stage",
+         "from deepspeed.zero_stage"),
+        ("DS deepspeed.raw.gradient_accumulation_steps=4", "deepspeed.raw.gradient_accumulation_steps",
+         "trainer.accumulate_grad_batches"),
+        ("DS deepspeed.raw.bf16.enabled=true", "deepspeed.raw.bf16.enabled", "trainer.precision"),
     ],
 )
 def test_bad_values_name_the_key(override, key, words):
     extra = ["model.d_model=66", "model.n_heads=6"] if override == "model.position=rope" else []
+    if override.startswith("DS "):  # under trainer.strategy=deepspeed
+        extra, override = ["trainer.strategy=deepspeed"], override[3:]
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "default.yaml", [*extra, override])
     msg = str(e.value)
     assert "\n" not in msg and key in msg and words in msg, msg
+
+
+def test_deepspeed_json_is_generated_from_the_config_with_raw_keys_merged():
+    from lmtrain.train.strategy import deepspeed_json
+
+    cfg = load_config(CONFIGS / "default.yaml", [
+        "trainer.strategy=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+        "deepspeed.offload_params=true", "optim.grad_clip=0.5", "data.batch_size=3",
+        "deepspeed.raw.zero_optimization.stage3_max_live_parameters=1e8", "deepspeed.raw.zero_optimization.overlap_comm=false",
+        "deepspeed.raw.communication_data_type=fp32"])
+    ds = deepspeed_json(cfg)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_max_live_parameters"] == 1e8 and z["overlap_comm"] is False and z["contiguous_gradients"] is True
+    assert ds["communication_data_type"] == "fp32"
+    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 3
+    # Stage 1 without offload carries no offload blocks.
+    plain = deepspeed_json(load_config(CONFIGS / "default.yaml", ["trainer.strategy=deepspeed", "deepspeed.zero_stage=1"]))
+    assert plain["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True}
 
 
 def test_options_of_another_kind_are_unknown():

@@ -47,9 +47,28 @@ def test_more_sharding_never_fits_fewer_samples():
     assert all(r["max_micro_batch_ckpt"] >= r["max_micro_batch"] for r in p["stages"])
 
 
+def test_the_configured_strategy_is_costed():
+    big = ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "model.d_ff=16384", "data.seq_len=8192",
+           "data.batch_size=1", "trainer.precision=bf16-mixed"]
+    cfg = load_config(CONFIGS / "default.yaml", big)
+    ddp = plan(cfg, gpu_mem_gb=80, n_gpus=32)["configured"]
+    assert ddp["stage"] == "DP" and not ddp["fits"] and ddp["model_states_gb"] == pytest.approx(16 * count_params(cfg) / 1e9)
+    z3 = plan(load_config(CONFIGS / "default.yaml", [*big, "trainer.strategy=deepspeed", "deepspeed.zero_stage=3",
+                                                      "trainer.activation_checkpointing=true"]),
+              gpu_mem_gb=80, n_gpus=32)["configured"]
+    assert z3["stage"] == "ZeRO-3" and z3["checkpointing"] and z3["fits"]
+    assert z3["model_states_gb"] == pytest.approx(ddp["model_states_gb"] / 32)
+    assert z3["activations_gb"] < ddp["activations_gb"] / 4
+    off = plan(load_config(CONFIGS / "default.yaml", [*big, "trainer.strategy=deepspeed", "deepspeed.zero_stage=3",
+                                                       "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"]),
+               gpu_mem_gb=80, n_gpus=32)["configured"]
+    assert off["model_states_gb"] == pytest.approx(z3["model_states_gb"] * 2 / 16)  # gradients only
+
+
 def test_cli_prints_the_table_and_refuses_bad_input():
     proc = run_cli("plan", str(CONFIGS / "default.yaml"), "--gpus", "4", check=True)
     assert "| ZeRO-3 |" in proc.stdout and "parameters" in proc.stdout and "suggestion:" in proc.stdout
+    assert "this config          DP:" in proc.stdout
     bad = run_cli("plan", str(CONFIGS / "default.yaml"), "--gpus", "0")
     assert bad.returncode == 2 and "--gpus" in bad.stderr
     bad = run_cli("plan", str(CONFIGS / "default.yaml"), "model.n_layer=3")

@@ -174,6 +174,34 @@ def test_no_resume_starts_fresh_and_keeps_the_old_files(workdir, base_args, base
     assert checkpoint_step(last_checkpoint(run)) == 4
 
 
+def test_interrupted_directory_swap_is_repaired(tmp_path):
+    """DeepSpeed checkpoints are directories, swapped in as a whole (lmtrain/train/strategy.py).
+    A kill at any point of the swap leaves a complete checkpoint after clean_partial."""
+    from lmtrain.train.checkpoint import clean_partial, swap_in
+
+    ckpt = tmp_path / "checkpoints"
+    def make(path, text):
+        (path / "checkpoint").mkdir(parents=True)
+        (path / "checkpoint" / "data").write_text(text)
+        (path / "latest").write_text("checkpoint")
+
+    make(ckpt / "last.ckpt", "old")
+    make(ckpt / ".last.ckpt.tmp", "new")
+    swap_in(ckpt / ".last.ckpt.tmp", ckpt / "last.ckpt")
+    assert (ckpt / "last.ckpt" / "checkpoint" / "data").read_text() == "new"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
+    # Killed after the old copy moved aside, before the new one moved in: the old one returns.
+    (ckpt / "last.ckpt").rename(ckpt / ".last.ckpt.old")
+    make(ckpt / ".last.ckpt.tmp", "half-written")
+    clean_partial(ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
+    assert (ckpt / "last.ckpt" / "checkpoint" / "data").read_text() == "new"
+    # Killed after the new one moved in, before the old one was deleted: the old one goes.
+    make(ckpt / ".last.ckpt.old", "old")
+    clean_partial(ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
+
+
 def test_generate_from_a_run(baseline):
     proc = run_cli("generate", str(baseline), "--prompt", "def ", "--max-new-tokens", "16", "--temperature", "0",
                    check=True)

@@ -75,6 +75,10 @@ class Decoder(nn.Module):
             cache.length += L
         return x_BLM, ctx.aux
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each layer's activations in backward (less memory, about a third more compute)."""
+        self.depth.residual.checkpoint_layers = enabled
+
     def supports_kv_cache(self) -> bool:
         return all(m.supports_kv_cache for m in self.attention_kernels())
 

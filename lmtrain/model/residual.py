@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from lmtrain.model.layer import Context, Layer
 from lmtrain.registry import Registry, Variant
@@ -18,6 +20,10 @@ RESIDUAL: Registry[type["Residual"]] = Registry("model.residual")
 
 
 class Residual(Variant):
+    # Recompute each layer in the backward pass instead of keeping its activations
+    # (trainer.activation_checkpointing). Wirings that never keep activations ignore it.
+    checkpoint_layers: bool = False
+
     def run(self, layers: Sequence[Layer], x_BLM: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
 
@@ -28,6 +34,15 @@ class PreNorm(Residual):
 
     def run(self, layers, x_BLM, ctx):
         for layer in layers:
-            x_BLM = x_BLM + layer.f(x_BLM, ctx)
-            x_BLM = x_BLM + layer.g(x_BLM, ctx)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                # Non-reentrant: every tensor saved inside (aux losses too) is rebuilt in
+                # backward, with the RNG state (dropout) replayed.
+                x_BLM = checkpoint(self.block, layer, x_BLM, ctx, use_reentrant=False)
+            else:
+                x_BLM = self.block(layer, x_BLM, ctx)
         return x_BLM
+
+    @staticmethod
+    def block(layer, x_BLM, ctx):
+        x_BLM = x_BLM + layer.f(x_BLM, ctx)
+        return x_BLM + layer.g(x_BLM, ctx)

@@ -31,6 +31,7 @@ class LMModule(pl.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.model = build_model(cfg)
+        self.model.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.consumed_samples = 0  # global samples consumed by training so far
 
     def forward(self, idx_BL):
@@ -67,16 +68,31 @@ class LMModule(pl.LightningModule):
     def on_validation_epoch_end(self):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
-            self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=False)
+            # the loss is already synced: every rank holds the same value
+            self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer):
+        if self._deepspeed_engine() is not None:  # gradients live in DeepSpeed's buffers
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm)
 
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        engine = self._deepspeed_engine()
+        if engine is not None:  # the norm DeepSpeed clipped with, before clipping
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
+
+    def _deepspeed_engine(self):
+        return getattr(self.trainer.strategy, "deepspeed_engine", None)
+
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps)
+        offload = self.cfg.trainer.strategy == "deepspeed" and self.cfg.deepspeed.offload_optimizer
+        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps, cpu_offload=offload)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint):

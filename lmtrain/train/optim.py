@@ -29,10 +29,17 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, optim_cfg, max_steps: int):
-    opt = torch.optim.AdamW(
-        param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps
-    )
+def build_optimizer(model: nn.Module, optim_cfg, max_steps: int, *, cpu_offload: bool = False):
+    """AdamW and its schedule. cpu_offload: DeepSpeed's vectorised CPU AdamW (the same update),
+    for ZeRO with the optimizer offloaded; compiled by DeepSpeed on first use."""
+    groups = param_groups(model, optim_cfg.weight_decay)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                               adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda step: lr_at(step, lr=optim_cfg.lr, min_lr=optim_cfg.min_lr, warmup_steps=optim_cfg.warmup_steps,

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
-from lmtrain.config import Config, to_dict, to_yaml
+from lmtrain.config import Config, flatten, to_dict, to_yaml
 
 # Keys that may differ between the checkpoint's config and the config of a resume.
 RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "slurm.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
@@ -30,15 +31,8 @@ class ResumeError(ValueError):
     """A checkpoint that cannot continue this config."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume_compatible(saved: Config, current: Config) -> None:
-    a, b = _flat(to_dict(saved)), _flat(to_dict(current))
+    a, b = flatten(to_dict(saved)), flatten(to_dict(current))
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
             raise ResumeError(
@@ -64,18 +58,40 @@ def wait_for_data(data_cfg, timeout_s: float = 3600.0) -> None:
 
 
 def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool) -> Optional[Path]:
-    from lmtrain.train.checkpoint import last_checkpoint
+    from lmtrain.train.checkpoint import is_deepspeed_checkpoint, last_checkpoint
 
     if resume and no_resume:
         raise ResumeError("--resume and --no-resume exclude each other")
     if resume:
         path = Path(resume)
-        if path.is_dir():
+        if path.is_dir() and not is_deepspeed_checkpoint(path):
             path = last_checkpoint(path) or path / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not (path.is_file() or is_deepspeed_checkpoint(path)):
             raise ResumeError(f"--resume: no checkpoint at {resume}")
-        return path
-    return None if no_resume else last_checkpoint(cfg.run_dir)
+    else:
+        path = None if no_resume else last_checkpoint(cfg.run_dir)
+    if path is not None:
+        check_checkpoint_format(path, cfg)
+    return path
+
+
+def check_checkpoint_format(path: Path, cfg: Config) -> None:
+    """A DeepSpeed checkpoint directory resumes under DeepSpeed with as many ranks as wrote
+    it; a Lightning file resumes under the other strategies."""
+    from lmtrain.train.checkpoint import deepspeed_world_size, is_deepspeed_checkpoint
+
+    t = cfg.trainer
+    if is_deepspeed_checkpoint(path) != (t.strategy == "deepspeed"):
+        kind = "a DeepSpeed checkpoint directory" if is_deepspeed_checkpoint(path) else "a Lightning checkpoint file"
+        raise ResumeError(
+            f"trainer.strategy: {path} is {kind}, which trainer.strategy={t.strategy} cannot resume; resume with the "
+            "strategy that wrote it, or `lmtrain export` it and start a new run (--no-resume or another run.name)")
+    if is_deepspeed_checkpoint(path) and t.devices > 0:
+        saved, now = deepspeed_world_size(path), t.devices * t.num_nodes
+        if saved != now:
+            raise ResumeError(
+                f"trainer.devices: {path} was written by {saved} ranks and this run has {now} "
+                f"(trainer.devices x trainer.num_nodes); ZeRO shards resume only on the same number of ranks")
 
 
 def build_trainer(cfg: Config, *, extra_callbacks=()):
@@ -89,6 +105,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
     from lmtrain.train.callbacks.progress import ProgressLines
     from lmtrain.train.callbacks.throughput import Throughput
     from lmtrain.train.checkpoint import AtomicCheckpointIO
+    from lmtrain.train.strategy import build_strategy
 
     t = cfg.trainer
     run_dir = cfg.run_dir
@@ -114,17 +131,16 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         # Our Preemption callback saves and requeues; Lightning's own requeue handler stays off.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     tty = sys.stderr.isatty()
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
     if t.progress_bar and tty:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     elif t.progress_bar:
         callbacks.append(ProgressLines(every=t.log_every_n_steps))
-    # Lightning's DDP picks the process-group backend from the device: gloo on CPU, nccl on GPU.
-    strategy = "auto" if t.strategy == "single" else t.strategy
     return pl.Trainer(
         accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=strategy,
+        strategy=build_strategy(cfg, on_cpu=on_cpu),
         precision=t.precision,
         max_steps=t.max_steps,
         val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
@@ -182,6 +198,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
 
     # Lightning <= 2.6 calls a torch pytree API that torch 2.13 deprecates; harmless noise.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # DeepSpeed (<= 0.19) calls collectives that torch 2.13 renamed; harmless noise on every step.
+    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*")
 
     from data_pipelines.prepare import prepare
     from lmtrain.train.checkpoint import clean_partial, load_config_from_checkpoint

@@ -21,14 +21,17 @@ class Throughput(pl.Callback):
         self.peak, self.peak_source, self.flops_per_token = None, "", 0.0
         self.last: dict[str, float] = {}
 
+    def setup(self, trainer, pl_module, stage):
+        # Counted before the strategy wraps the model: ZeRO-3 leaves each rank a shard only.
+        self.flops_per_token = training_flops_per_token(pl_module.model, self.seq_len)
+
     def on_train_start(self, trainer, pl_module):
         self.peak, self.peak_source = peak_flops(self.peak_tflops, pl_module.device)
-        self.flops_per_token = training_flops_per_token(pl_module.model, self.seq_len)
         self._t0 = None
         if trainer.is_global_zero:
             print(f"mfu: peak {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source}; pin it with "
                   f"trainer.peak_tflops); {self.flops_per_token / 1e6:.1f} MFLOP per token", flush=True)
-        pl_module.log("perf/peak_tflops", self.peak / 1e12, rank_zero_only=True)
+        pl_module.log("perf/peak_tflops", self.peak / 1e12, sync_dist=True)  # mean over ranks
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:  # the first window starts at the first batch, not at setup
