@@ -110,3 +110,42 @@ def test_resume_refuses_a_different_world_size_or_strategy(base_args):
     ddp = [a for a in args if not a.startswith(("trainer.strategy", "deepspeed."))]
     proc = run_cli("train", *ddp, "trainer.strategy=ddp")
     assert proc.returncode == 2 and "DeepSpeed checkpoint directory" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_usr1_under_zero3_saves_shards_and_resumes_exactly(base_args):
+    """SLURM's warning signal under ZeRO-3: rank 0 gets USR1 (the other rank learns of it in
+    the agreement), every rank writes its shard of last.ckpt, the run exits 0, and the same
+    command continues with the losses of the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmtrain.train.checkpoint import checkpoint_step
+    from tests.conftest import ROOT
+
+    root = Path(next(a for a in base_args if a.startswith("run.root=")).split("=", 1)[1])
+    if not (root / "zero3" / "metrics.jsonl").exists():
+        pytest.skip("needs the ZeRO-3 run of the test above")
+    args = [*base_args, *STAGES[3], "run.name=zero3-usr1"]
+    run = root / "zero3-usr1"
+    proc = subprocess.Popen([sys.executable, "-m", "lmtrain", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and max(read_metrics(metrics), default=0) >= 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption: signal received" in out, out[-3000:]
+    stopped = checkpoint_step(run / "checkpoints" / "last.ckpt")
+    assert 1 <= stopped < 6, "the signal came too late to test a mid-run stop"
+    assert len(list((run / "checkpoints" / "last.ckpt" / "checkpoint").glob("*optim_states.pt"))) == 2
+
+    run_cli("train", *args, check=True)
+    want, got = read_metrics(root / "zero3" / "metrics.jsonl"), read_metrics(metrics)
+    assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]
