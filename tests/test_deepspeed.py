@@ -18,11 +18,14 @@ DEBUG = str(CONFIGS / "debug.yaml")
 MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=256", "model.dropout=0.1"]
 STEPS = ["trainer.max_steps=6", "checkpoint.every_n_steps=3", "trainer.val_every_n_steps=3",
          "trainer.log_every_n_steps=1", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=deepspeed"]
-# Stage 3 also recomputes activations in backward; stage 2 offloads the optimizer (DeepSpeedCPUAdam).
+# Stage 3 also recomputes activations in backward and runs the periodic length evaluation
+# (a collective under ZeRO-3: every rank joins the parameter gathers); stage 2 offloads the
+# optimizer (DeepSpeedCPUAdam).
 STAGES = {
     1: ["deepspeed.zero_stage=1"],
     2: ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"],
-    3: ["deepspeed.zero_stage=3", "trainer.activation_checkpointing=true"],
+    3: ["deepspeed.zero_stage=3", "trainer.activation_checkpointing=true", "eval.lengths=[32,128]",
+        "eval.max_tokens=512"],
 }
 
 
@@ -76,6 +79,9 @@ def test_zero_stage_trains_resumes_exactly_and_exports(stage, base_args, tmp_pat
     want = read_metrics(run / "metrics.jsonl")
     assert sorted(want) == list(range(1, 7)), proc.stdout[-2000:]
     assert want[6] < want[1]
+    if stage == 3:
+        assert proc.stdout.count("eval-length step 3") == 1, proc.stdout[-3000:]  # reported once
+        assert sorted(read_metrics(run / "metrics.jsonl", "eval_length/sliding/ppl_L128")) == [3, 6]
 
     # Resume from step 3 in a new run dir: steps 4-6 repeat exactly (loss, lr, validation).
     resumed = root / f"{name}-resumed"

@@ -3,7 +3,8 @@
 Rank 0 scores a fixed slice of the validation split at each length (the same tokens
 every time, so the curves are comparable across steps) and logs
 eval_length/<mode>/ppl_L<length> to TensorBoard and metrics.jsonl. The other ranks wait
-at a barrier. The evaluation draws no random numbers, so training continues exactly as
+at a barrier; under DeepSpeed ZeRO-3, where every forward gathers parameter shards from all
+ranks, every rank runs the same evaluation and rank 0 alone reports it. The evaluation draws no random numbers, so training continues exactly as
 it would have without it.
 """
 
@@ -41,11 +42,12 @@ class EvalLength(pl.Callback):
         if step % self.every and step != trainer.max_steps:
             return
         self._last_step = step
-        if trainer.is_global_zero:
-            self.evaluate(trainer, pl_module.model, step)
+        sharded = bool(getattr(trainer.strategy, "zero_stage_3", False))
+        if trainer.is_global_zero or sharded:
+            self.evaluate(trainer, pl_module.model, step, report=trainer.is_global_zero)
         trainer.strategy.barrier("eval_length")
 
-    def evaluate(self, trainer, model, step: int) -> dict[str, float]:
+    def evaluate(self, trainer, model, step: int, report: bool = True) -> dict[str, float]:
         from data_pipelines.shards import open_tokens
 
         tokens = open_tokens(self.cfg.data.dir, "val")
@@ -61,6 +63,8 @@ class EvalLength(pl.Callback):
                 shown.append(f"L={L} {r.ppl:.2f}" if r.status == "ok" else f"L={L} n/a ({r.reason})")
         finally:
             model.train(was_training)
+        if not report:
+            return metrics
         if trainer.logger is not None and metrics:
             trainer.logger.log_metrics(metrics, step=step)
         if self.metrics_path is not None and metrics:
