@@ -228,6 +228,11 @@ def test_ddp_two_cpu_processes_match_single_process(workdir, base_args):
     assert sorted(two) == sorted(single) == list(range(1, 9)), ddp.stderr[-2000:]
     for s in single:
         assert two[s] == pytest.approx(single[s], rel=1e-4), s
+    # checkpoint.every_n_steps=100 > max_steps: the final step is still saved, by every rank.
+    from lmtrain.train.checkpoint import checkpoint_step
+
+    for name in ("single", "ddp"):
+        assert checkpoint_step(workdir / "runs" / name / "checkpoints" / "last.ckpt") == 8
     v1 = read_metrics(workdir / "runs" / "single" / "metrics.jsonl", "val/loss")
     v2 = read_metrics(workdir / "runs" / "ddp" / "metrics.jsonl", "val/loss")
     assert v2[8] == pytest.approx(v1[8], rel=1e-4)

@@ -241,6 +241,14 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
                 + ("the job is requeued and resumes there" if preempted.requeued else "run the same command to resume"))
         return {"preempted": True, "step": preempted.stopped_at, "requeued": preempted.requeued}
 
+    # The final step is always in a checkpoint, whatever checkpoint.every_n_steps is: export,
+    # generate and eval-length read the newest checkpoint, and the summary names last.ckpt.
+    from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint
+
+    newest = last_checkpoint(run_dir)  # every rank reads the same files and decides the same
+    if newest is None or checkpoint_step(newest) < trainer.global_step:
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+
     # Final evaluation on the fixed validation windows, reported beside the unigram baseline.
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
