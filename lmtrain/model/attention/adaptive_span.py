@@ -168,8 +168,11 @@ class AdaptiveSpanAttention(AttentionKernel):
         # Training and full-sequence evaluation: positions are consecutive and queries align
         # with keys. If the bias depends on distance only, every block of queries sees the
         # same distances, and the banded path runs all blocks in two SDPA calls.
+        # When the band is as long as the sequence, the causal prefix of each block is less work.
         relative = not position.has_score_bias or position.relative_bias
-        if L == S and relative and bool(q_pos_L[-1] - q_pos_L[0] == L - 1) and torch.equal(q_pos_L, k_pos_S):
+        band_covers_all = self.window() + self.cfg.block - 1 >= L
+        if (L == S and relative and not band_covers_all and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
+                and torch.equal(q_pos_L, k_pos_S)):
             return self._banded(q_BHLD, k_BHSD, v_BHSD, position)
         return self._blockwise(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
 
@@ -216,8 +219,9 @@ class AdaptiveSpanAttention(AttentionKernel):
         return out.transpose(1, 2).reshape(B, H, nb * blk, D)[:, :, :L]
 
     def _blockwise(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
-        """Any positions (decoding with a KV cache): a loop over blocks of queries, each with
-        the keys of its own window."""
+        """Any positions (decoding with a KV cache), or a window as long as the sequence: a
+        loop over blocks of queries, each with the keys of its own window (at most its causal
+        prefix)."""
         dropout = self.dropout if self.training else 0.0
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
         W, blk = self.window(), self.cfg.block
