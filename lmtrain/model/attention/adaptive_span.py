@@ -168,13 +168,23 @@ class AdaptiveSpanAttention(AttentionKernel):
         # Training and full-sequence evaluation: positions are consecutive and queries align
         # with keys. If the bias depends on distance only, every block of queries sees the
         # same distances, and the banded path runs all blocks in two SDPA calls.
-        # When the band is as long as the sequence, the causal prefix of each block is less work.
         relative = not position.has_score_bias or position.relative_bias
-        band_covers_all = self.window() + self.cfg.block - 1 >= L
-        if (L == S and relative and not band_covers_all and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
+        if (L == S and relative and self._banded_is_cheaper(L) and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
                 and torch.equal(q_pos_L, k_pos_S)):
             return self._banded(q_BHLD, k_BHSD, v_BHSD, position)
         return self._blockwise(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+
+    def _banded_is_cheaper(self, L: int) -> bool:
+        """Cost model, in query-key pairs. The banded path computes blk + W - 1 keys for every
+        block (plus copying the windows). The block loop computes at most each block's causal
+        prefix, but the backward pass of each block's slices writes full-length gradients of
+        q, k and v: 3 L D elements, and one element write costs about as much as 1 / (0.2 D)
+        pairs (measured on CPU), so about 15 L pairs per block."""
+        W, blk = self.window(), self.cfg.block
+        nb = -(-L // blk)
+        band = nb * blk * (blk + W - 1) * 1.3
+        loop = sum(blk * min((b + 1) * blk, blk + W - 1) for b in range(nb)) + nb * 15 * L
+        return band < loop
 
     def _banded(self, q_BHLD, k_BHSD, v_BHSD, position):
         """Queries in blocks of `blk`; block b attends to the W - 1 + blk keys ending at its last
