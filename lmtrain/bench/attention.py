@@ -1,8 +1,9 @@
 """`lmtrain bench attention`: forward+backward time and peak memory of one attention kernel
 call, for several configurations side by side.
 
-`--kind adaptive_span` compares every head's span at S (`--max-span`) with every span at
-S/8, at length `--length` (default 4096). Memory is the process's peak resident memory
+`--kind adaptive_span` compares every head's span at S (`--max-span`, default the kind's
+default S = 1024) with every span at S/8, at length `--length` (default 4096), and shows
+dense causal softmax attention over all keys beside them for context. Memory is the process's peak resident memory
 during one forward+backward minus its resident memory just before it (Linux: the peak is
 reset through /proc/self/clear_refs), i.e. what the attention call itself allocated.
 """
@@ -40,8 +41,11 @@ def adaptive_span_cases(args) -> list[Case]:
     opts = {"max_span": S, "ramp": args.ramp, "block": args.block}
     common = dict(kind="adaptive_span", length=args.length, options=opts, batch=args.batch, heads=args.heads,
                   head_dim=args.head_dim, position=args.position, threads=args.threads, repeats=args.repeats)
+    plain = {**common, "kind": "softmax", "options": {"backend": "sdpa"}}
     return [Case(label=f"span S={S}", spans=float(S), **common),
-            Case(label=f"span S/8={S // 8}", spans=float(S // 8), **common)]
+            Case(label=f"span S/8={S // 8}", spans=float(S // 8), **common),
+            # For context: dense causal softmax over all L keys (SDPA's fused kernel where it applies).
+            Case(label="softmax, all keys", **plain)]
 
 
 CASES = {"adaptive_span": adaptive_span_cases}

@@ -224,7 +224,8 @@ class AdaptiveSpanAttention(AttentionKernel):
             rest = nb - n_head
             outs.append(F.scaled_dot_product_attention(
                 *(t[:, n_head:].reshape(B * rest, H, -1, D) for t in (q, k, v)),
-                attn_mask=steady, dropout_p=dropout).view(B, rest, H, blk, D))
+                # 4-D mask: without a gradient (evaluation, generation) SDPA takes its fused CPU kernel
+                attn_mask=steady[None], dropout_p=dropout).view(B, rest, H, blk, D))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # B nb H blk D
         return out.transpose(1, 2).reshape(B, H, nb * blk, D)[:, :, :L]
 
