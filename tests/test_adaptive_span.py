@@ -209,3 +209,19 @@ def spans_at(run, step):
     from lmtrain.train.callbacks.metrics_file import read_metrics
 
     return read_metrics(run / "metrics.jsonl", "span/layer1")[step]
+
+
+def test_bench_attention_compares_spans_side_by_side(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "attention", "--kind", "adaptive_span", "--length", "512", "--max-span", "256",
+                   "--heads", "2", "--head-dim", "16", "--rounds", "1", "--repeats", "1", "--out", str(out), check=True)
+    assert "| span S=256 | 320 |" in proc.stdout and "| span S/8=32 | 64 |" in proc.stdout, proc.stdout
+    assert "softmax, all keys" in proc.stdout and "x faster" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["label"] for r in results] == ["span S=256", "span S/8=32", "softmax, all keys"]
+    assert all(r["time_s"] > 0 for r in results)
+    assert results[0]["paths"] == {"chunked": 2} and results[2]["paths"] == {"sdpa": 2}
+    bad = run_cli("bench", "attention", "--length", "1")
+    assert bad.returncode == 2 and "--length" in bad.stderr
