@@ -222,6 +222,6 @@ def test_bench_attention_compares_spans_side_by_side(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["label"] for r in results] == ["span S=256", "span S/8=32", "softmax, all keys"]
     assert all(r["time_s"] > 0 for r in results)
-    assert results[0]["paths"] == {"chunked": 2} and results[2]["paths"] == {"sdpa": 2}
+    assert set(results[0]["paths"]) == {"chunked"} and set(results[2]["paths"]) == {"sdpa"}
     bad = run_cli("bench", "attention", "--length", "1")
     assert bad.returncode == 2 and "--length" in bad.stderr
