@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-slow test-all env clean-runs extrapolation
+.PHONY: train test test-slow test-all env clean-runs extrapolation adaptive-span
 
 env: $(STAMP)
 
@@ -44,6 +44,14 @@ extrapolation: $(STAMP)
 	  $(VENV)/bin/lmtrain eval-length $(foreach p,$(EXTRAP_SCHEMES),runs/extrap-$(p)) --mode $$m \
 	    --lengths $(EXTRAP_LENGTHS) --max-tokens 16384 --out $(EXTRAP_OUT) || exit 1; done
 	@echo "results: $(EXTRAP_OUT)/length_sliding.md, $(EXTRAP_OUT)/length_nonoverlap.md and the PNG plots there"
+
+# Adaptive attention span (issue 5): learned spans against spans fixed at S, same model,
+# same steps (auto-resumes); then the span table of the adaptive run.
+adaptive-span: $(STAMP)
+	$(VENV)/bin/lmtrain train configs/experiments/adaptive_span/adaptive.yaml $(ARGS)
+	$(VENV)/bin/lmtrain train configs/experiments/adaptive_span/fixed_span.yaml $(ARGS)
+	$(VENV)/bin/lmtrain inspect runs/adaptive-span
+	@echo "validation: runs/adaptive-span/summary.json vs runs/fixed-span/summary.json"
 
 clean-runs:
 	rm -rf runs

@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--out", required=True, metavar="DIR", help="the export directory (generate and eval-length accept it)")
 
+    p = sub.add_parser("bench", help="side-by-side benchmarks that report ratios (see docs/benchmarks.md)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    from lmtrain.bench.attention import add_arguments as bench_attention_args
+
+    bench_attention_args(bench.add_parser("attention", help="forward+backward time and peak memory of an attention kernel"))
+
+    p = sub.add_parser("inspect", help="the model of a run, checkpoint or export, and its learned per-head statistics (spans)")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+
     p = sub.add_parser("generate", help="sample text from a run dir, checkpoint or export")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
@@ -147,6 +156,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from lmtrain.bench import attention
+
+    return {"attention": attention.main}[args.bench](args)
+
+
+def cmd_inspect(args) -> int:
+    from lmtrain.inspect import inspect
+
+    print(inspect(args.source))
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -206,7 +228,7 @@ def cmd_eval_length(args) -> int:
 
 COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
             "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit,
-            "export": cmd_export}
+            "export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

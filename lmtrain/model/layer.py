@@ -56,6 +56,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout)
+        self.kernel.layer_index = index
 
     def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable) -> Tensor:
         B, L, M = x_BLM.shape

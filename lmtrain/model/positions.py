@@ -27,6 +27,8 @@ class Position(nn.Module):
     """Base scheme: does nothing anywhere (that is exactly `none`)."""
 
     has_score_bias = False
+    # True: score_bias(q, k) depends on k - q only (kernels may then share one bias block).
+    relative_bias = True
     # True: the decoder follows Vaswani et al.'s embedding recipe for this scheme (token
     # embeddings initialised N(0, d^-1/2) and multiplied by sqrt(d) on input).
     scales_tokens = False

@@ -81,6 +81,8 @@ class LMModule(pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
+        for kernel in self.model.attention_kernels():
+            kernel.after_optimizer_step()
         engine = self._deepspeed_engine()
         if engine is not None:  # the norm DeepSpeed clipped with, before clipping
             norm = engine.get_global_grad_norm()

@@ -125,6 +125,9 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         from lmtrain.train.callbacks.eval_length import EvalLength
 
         callbacks.append(EvalLength(cfg, metrics_path=run_dir / "metrics.jsonl"))
+    from lmtrain.train.callbacks.head_stats import HeadStats
+
+    callbacks.append(HeadStats(every=t.log_every_n_steps, metrics_path=run_dir / "metrics.jsonl"))
     callbacks.append(Preemption(run_dir / "checkpoints", every=t.log_every_n_steps))
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

@@ -1,6 +1,7 @@
 """Attention kernels, one file each, registered by `model.attention.kind`."""
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+from lmtrain.model.attention import adaptive_span as _adaptive_span  # noqa: F401  (registers "adaptive_span")
 from lmtrain.model.attention import softmax as _softmax  # noqa: F401  (registers "softmax")
 
 __all__ = ["ATTENTION", "AttentionConfig", "AttentionKernel", "build_attention"]

@@ -53,6 +53,19 @@ class AttentionKernel(Variant, nn.Module):
         self.path_counts: Counter[str] = Counter()
         # Route every call through `reference` (tests compare the two on the same weights).
         self.force_reference = False
+        self.layer_index = 0  # set by the attention block; names per-layer statistics
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after every optimizer step (projections, clamps)."""
+
+    def head_stats(self) -> dict[str, Tensor]:
+        """Learned per-head quantities worth watching (name -> H values), e.g. adaptive spans.
+        Logged to TensorBoard per layer and head, and printed by `lmtrain inspect`."""
+        return {}
+
+    def head_stat_limits(self) -> dict[str, float]:
+        """The largest value each head stat can take (for plots and percentages)."""
+        return {}
 
     @classmethod
     def check(cls, model: "ModelConfig") -> list[str]:

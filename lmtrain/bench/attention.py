@@ -1,0 +1,204 @@
+"""`lmtrain bench attention`: forward+backward time and peak memory of one attention kernel
+call, for several configurations side by side.
+
+`--kind adaptive_span` compares every head's span at S (`--max-span`, default the kind's
+default S = 1024) with every span at S/8, at length `--length` (default 4096), and shows
+dense causal softmax attention over all keys beside them for context. Memory is the process's peak resident memory
+during one forward+backward minus its resident memory just before it (Linux: the peak is
+reset through /proc/self/clear_refs), i.e. what the attention call itself allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Case:
+    label: str
+    kind: str
+    length: int
+    options: dict = field(default_factory=dict)  # model.attention options of the kind
+    spans: float | None = None  # adaptive_span: every head's z, in positions
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    position: str = "none"
+    threads: int = 0
+    repeats: int = 5
+
+
+def adaptive_span_cases(args) -> list[Case]:
+    S = args.max_span
+    opts = {"max_span": S, "ramp": args.ramp, "block": args.block}
+    common = dict(kind="adaptive_span", length=args.length, options=opts, batch=args.batch, heads=args.heads,
+                  head_dim=args.head_dim, position=args.position, threads=args.threads, repeats=args.repeats)
+    plain = {**common, "kind": "softmax", "options": {"backend": "sdpa"}}
+    return [Case(label=f"span S={S}", spans=float(S), **common),
+            Case(label=f"span S/8={S // 8}", spans=float(S // 8), **common),
+            # For context: dense causal softmax over all L keys (SDPA's fused kernel where it applies).
+            Case(label="softmax, all keys", **plain)]
+
+
+CASES = {"adaptive_span": adaptive_span_cases}
+
+
+# -- the child: one configuration, one process ---------------------------------------------
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure(case: Case) -> dict:
+    import torch
+
+    from lmtrain.model.attention import ATTENTION
+    from lmtrain.model.outputs import Aux
+    from lmtrain.model.positions import build_position
+
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    torch.manual_seed(0)
+    cls = ATTENTION.get(case.kind)
+    cfg = cls.Config(kind=case.kind, **case.options)
+    d_model = case.heads * case.head_dim
+    kernel = cls(cfg, d_model=d_model, n_heads=case.heads, dropout=0.0).train()
+    if case.spans is not None:
+        with torch.no_grad():
+            kernel.span_frac.fill_(case.spans / cfg.max_span)
+    position = build_position(case.position, d_model=d_model, n_heads=case.heads, max_len=case.length,
+                              rope_theta=10000.0)
+    B, H, L, D = case.batch, case.heads, case.length, case.head_dim
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    pos = torch.arange(L)
+
+    def step():
+        out = kernel(q, k, v, position=position, q_pos_L=pos, k_pos_S=pos, aux=Aux())
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+        kernel.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    _trim()
+    before = _rss_kb("VmRSS")
+    peak_ok = _reset_peak()
+    step()
+    peak = _rss_kb("VmHWM")
+    times = []
+    for _ in range(case.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    extra = {"window": kernel.window()} if hasattr(kernel, "window") else {}
+    return {"label": case.label, "time_s": statistics.median(times), "times_s": times,
+            "peak_mb": (peak - before) / 1024 if peak_ok else None, "threads": torch.get_num_threads(),
+            "paths": dict(kernel.path_counts), **extra}
+
+
+# -- the parent: cases side by side --------------------------------------------------------
+def run_cases(cases: list[Case], rounds: int, log=print) -> list[dict]:
+    """Each case in its own process, `rounds` times, alternating; the median per case."""
+    results: dict[str, list[dict]] = {c.label: [] for c in cases}
+    for r in range(rounds):
+        for c in cases:
+            proc = subprocess.run([sys.executable, "-m", "lmtrain.bench.attention", "--child", json.dumps(asdict(c))],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench case {c.label!r} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[c.label].append(res)
+            log(f"round {r + 1}/{rounds}  {c.label:<22} {res['time_s'] * 1e3:9.1f} ms  "
+                f"peak {res['peak_mb'] if res['peak_mb'] is None else round(res['peak_mb'], 1)} MB")
+    out = []
+    for c in cases:
+        rs = results[c.label]
+        peaks = [x["peak_mb"] for x in rs if x["peak_mb"] is not None]
+        out.append({**rs[0], "time_s": statistics.median(x["time_s"] for x in rs),
+                    "peak_mb": statistics.median(peaks) if peaks else None, "rounds": len(rs),
+                    "case": asdict(c)})
+    return out
+
+
+def format_results(results: list[dict]) -> str:
+    base = results[0]
+    lines = ["| case | window (keys per query) | fwd+bwd (ms) | peak memory (MB) | time vs first | memory vs first |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        t_ratio = base["time_s"] / r["time_s"]
+        m_ratio = (base["peak_mb"] / r["peak_mb"]) if r["peak_mb"] and base["peak_mb"] else float("nan")
+        lines.append(f"| {r['label']} | {r.get('window', '-')} | {r['time_s'] * 1e3:.1f} | "
+                     f"{r['peak_mb']:.1f} | {t_ratio:.2f}x faster | {m_ratio:.2f}x less |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", default="adaptive_span", choices=sorted(CASES), help="attention kind to benchmark")
+    p.add_argument("--length", type=int, default=4096, help="sequence length L")
+    p.add_argument("--max-span", type=int, default=1024, help="adaptive_span: S (compared with S/8)")
+    p.add_argument("--ramp", type=int, default=32, help="adaptive_span: R")
+    p.add_argument("--block", type=int, default=64, help="adaptive_span: block")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--position", default="none", help="positional scheme (alibi adds its score bias)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per process (median)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per case, alternating (median)")
+    p.add_argument("--out", help="also write the results as JSON here")
+
+
+def main(args) -> int:
+    from lmtrain.config import ConfigError
+
+    if args.length < 2 or args.max_span < 8 or args.rounds < 1 or args.repeats < 1:
+        raise ConfigError("bench attention: --length >= 2, --max-span >= 8, --rounds and --repeats >= 1")
+    cases = CASES[args.kind](args)
+    import torch
+
+    print(f"bench attention: {args.kind}, L={args.length}, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
+          f"position {args.position}, fp32, forward+backward; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}; {args.rounds} rounds x {args.repeats} steps", flush=True)
+    results = run_cases(cases, args.rounds)
+    print()
+    print(format_results(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(measure(Case(**json.loads(sys.argv[2])))))
+        sys.exit(0)
+    print("use `lmtrain bench attention ...`", file=sys.stderr)
+    sys.exit(2)

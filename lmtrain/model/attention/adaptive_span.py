@@ -1,0 +1,298 @@
+"""Adaptive attention span (Sukhbaatar et al., ACL 2019): each head learns how far back it looks.
+
+Per head h a learnable span z_h in [0, S] (stored as z_h / S in [0, 1], as the official
+code does, and clamped to that range after every optimizer step) softly masks the key at
+distance x = i - j with
+
+    m_z(x) = clamp((R + z - x) / R, 0, 1)          (ramp R)
+
+The mask multiplies the attention weights after the softmax, which are then renormalised.
+That is the same as adding log m_z(x) to the scores (m = 0: masked), which is how the
+fast paths apply it, so that the usual kernels run. The span loss
+`loss_coef * mean_h z_h`, summed over layers (= coef * S * mean_h(z_h / S)), is added to the
+training loss as `aux.losses["span"]`.
+
+Cost follows the span: keys at distances >= max_h z_h + R have weight 0 for every head, so
+only the window W = max_h z_h + R, rounded up to `block`, is ever computed:
+
+  * chunked   - CPU (and GPU without FlexAttention): queries in blocks of `block`, each
+                attending to its own band of W - 1 + block keys through SDPA with the
+                log-mask (plus any positional bias) as `attn_mask`. In training the bands are
+                overlapping windows of the keys and every block shares one mask, so all
+                blocks run in two SDPA calls; with a KV cache, a loop over blocks. Time and
+                memory O(L x W).
+  * flex      - FlexAttention with the log-mask as `score_mod` and a banded causal block
+                mask, so blocks beyond the window are skipped (compiled on GPU).
+  * reference - the dense formula of the paper (softmax, multiply by the mask, renormalise)
+                over all L x S scores in float32; the tests compare the paths against it.
+
+Shapes: B batch, H heads, L queries, S keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+
+BACKENDS = ("auto", "chunked", "flex", "reference")
+
+
+@dataclass
+class AdaptiveSpanConfig(AttentionConfig):
+    kind: str = "adaptive_span"
+    max_span: int = 1024  # S: the longest span a head may learn, in positions
+    ramp: int = 32  # R: width of the soft edge of the mask
+    init_span: float = 0.0  # z of every head at initialisation, in positions (official default 0)
+    loss_coef: float = 2e-6  # span loss: coef * mean_h z_h, summed over layers
+    block: int = 64  # keys are trimmed to a multiple of this; queries are processed in blocks of it
+    fixed: bool = False  # spans stay at init_span: not learned, no span loss (an experiment's control)
+    # auto: flex on CUDA (no dropout), else chunked.
+    backend: str = "auto"
+
+
+def log_span_mask(z_H: Tensor, dist: Tensor, ramp: int) -> Tensor:
+    """log m_z(x) per head: H x (dist's shape). -inf where the mask is 0 or the key is in the
+    future (dist < 0). Differentiable in z: 1 / (R m) on the ramp, 0 where m = 1 (x < z)
+    or m = 0."""
+    shape = (-1,) + (1,) * dist.dim()
+    m = ((ramp + z_H.view(shape) - dist.to(z_H.dtype)) / ramp).clamp(max=1.0)
+    tiny = torch.finfo(m.dtype).tiny
+    logm = torch.where(m > 0, torch.log(m.clamp(min=tiny)), float("-inf"))
+    return logm.masked_fill(dist < 0, float("-inf"))
+
+
+@lru_cache(maxsize=16)
+def _band_block_mask(q_len: int, kv_len: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def band(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(band, None, None, q_len, kv_len, device=device)
+
+
+@lru_cache(maxsize=1)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+@ATTENTION.register("adaptive_span")
+class AdaptiveSpanAttention(AttentionKernel):
+    Config = AdaptiveSpanConfig
+    supports_score_bias = True
+    supports_kv_cache = True
+    deterministic_recompute = True
+
+    cfg: AdaptiveSpanConfig
+
+    def __init__(self, cfg: AdaptiveSpanConfig, *, d_model: int, n_heads: int, dropout: float):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.max_span, self.ramp = cfg.max_span, cfg.ramp
+        # z_h / S, one per head; no weight decay (1-D), clamped to [0, 1] after each step.
+        self.span_frac = nn.Parameter(torch.full((n_heads,), cfg.init_span / cfg.max_span),
+                                      requires_grad=not cfg.fixed)
+
+    @classmethod
+    def check(cls, model) -> list[str]:
+        reasons = super().check(model)
+        cfg = model.attention
+        if cfg.max_span < 1:
+            reasons.append("model.attention.max_span must be at least 1")
+        if cfg.ramp < 1:
+            reasons.append("model.attention.ramp must be at least 1")
+        if not 0 <= cfg.init_span <= cfg.max_span:
+            reasons.append(f"model.attention.init_span must be in [0, max_span={cfg.max_span}]")
+        if cfg.loss_coef < 0:
+            reasons.append("model.attention.loss_coef must be 0 or positive")
+        if cfg.block < 1:
+            reasons.append("model.attention.block must be at least 1")
+        if cfg.backend not in BACKENDS:
+            reasons.append(f"model.attention.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if cfg.backend == "flex" and model.dropout > 0:
+            reasons.append("model.attention.backend=flex does not support dropout; set model.dropout=0 or backend=chunked")
+        return reasons
+
+    # -- the span ---------------------------------------------------------------------
+    def spans(self) -> Tensor:
+        """z_h in positions, H."""
+        return self.span_frac * self.max_span
+
+    def window(self) -> int:
+        """Distances that can have a non-zero weight for some head: max z + R, rounded up to a block."""
+        reach = float(self.spans().detach().max()) + self.ramp
+        return int(math.ceil(reach / self.cfg.block) * self.cfg.block)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Keep z_h / S in [0, 1]."""
+        self.span_frac.clamp_(0.0, 1.0)
+
+    def _account(self, aux) -> None:
+        """The span loss of this layer (training only)."""
+        z = self.spans()
+        if self.cfg.loss_coef and self.training and not self.cfg.fixed:
+            aux.add_loss("span", self.cfg.loss_coef * z.mean())
+
+    def head_stats(self) -> dict[str, Tensor]:
+        return {"span": self.spans().detach()}
+
+    def head_stat_limits(self) -> dict[str, float]:
+        return {"span": float(self.max_span)}
+
+    # -- paths ----------------------------------------------------------------------
+    def fast(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
+        self._account(aux)
+        path = self.cfg.backend
+        if path == "auto":
+            aligned = q_BHLD.shape[2] == k_BHSD.shape[2]
+            dropout = self.dropout if self.training else 0.0
+            path = "flex" if q_BHLD.is_cuda and aligned and dropout == 0.0 else "chunked"
+        self.path_counts[path] += 1
+        if path == "reference":
+            return self._dense(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+        if path == "flex":
+            return self._flex(q_BHLD, k_BHSD, v_BHSD, position)
+        return self._chunked(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+
+    def _chunked(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+        # Training and full-sequence evaluation: positions are consecutive and queries align
+        # with keys. If the bias depends on distance only, every block of queries sees the
+        # same distances, and the banded path runs all blocks in two SDPA calls.
+        relative = not position.has_score_bias or position.relative_bias
+        if (L == S and relative and self._banded_is_cheaper(L) and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
+                and torch.equal(q_pos_L, k_pos_S)):
+            return self._banded(q_BHLD, k_BHSD, v_BHSD, position)
+        return self._blockwise(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+
+    def _banded_is_cheaper(self, L: int) -> bool:
+        """Cost model, in query-key pairs. The banded path computes blk + W - 1 keys for every
+        block (plus copying the windows). The block loop computes at most each block's causal
+        prefix, but the backward pass of each block's slices writes full-length gradients of
+        q, k and v: 3 L D elements, and one element write costs about as much as 1 / (0.2 D)
+        pairs (measured on CPU), so about 15 L pairs per block."""
+        W, blk = self.window(), self.cfg.block
+        nb = -(-L // blk)
+        band = nb * blk * (blk + W - 1) * 1.3
+        loop = sum(blk * min((b + 1) * blk, blk + W - 1) for b in range(nb)) + nb * 15 * L
+        return band < loop
+
+    def _banded(self, q_BHLD, k_BHSD, v_BHSD, position):
+        """Queries in blocks of `blk`; block b attends to the W - 1 + blk keys ending at its last
+        query, taken as overlapping windows (unfold) of the keys padded with W - 1 zeros in
+        front. The windows are copies, O(L x (W + blk)) like the scores themselves, and their
+        gradients are folded back in one operation."""
+        dropout = self.dropout if self.training else 0.0
+        B, H, L, D = q_BHLD.shape
+        W, blk = self.window(), self.cfg.block
+        nb = -(-L // blk)
+        pad_end = nb * blk - L
+        z_H = self.spans().to(q_BHLD.dtype)
+        K = blk + W - 1
+
+        def windows(t_BHSD):  # B H nb K D
+            padded = F.pad(t_BHSD, (0, 0, W - 1, pad_end))
+            return padded.unfold(2, K, blk).transpose(-1, -2)
+
+        # Blocks become batch entries (4-D inputs, so that SDPA may pick its fused CPU kernel).
+        q = F.pad(q_BHLD, (0, 0, 0, pad_end)).view(B, H, nb, blk, D).transpose(1, 2)  # B nb H blk D
+        k, v = windows(k_BHSD).transpose(1, 2), windows(v_BHSD).transpose(1, 2)  # B nb H K D
+        # Within a window, query i (0-based in its block) and key j are W - 1 + i - j apart.
+        i = torch.arange(blk, device=q_BHLD.device)
+        j = torch.arange(K, device=q_BHLD.device)
+        steady = self._mask(z_H, position, i + W - 1, j, W)  # H blk K
+        # The first blocks' windows reach into the padding (keys before position 0).
+        n_head = min(nb, -(-(W - 1) // blk))
+        outs = []
+        if n_head:
+            first_key = torch.arange(n_head, device=q_BHLD.device)[:, None] * blk + j[None, :] - (W - 1)  # n_head K
+            head = steady[None].masked_fill((first_key < 0)[:, None, None, :], float("-inf"))  # n_head H blk K
+            head = head[None].expand(B, -1, -1, -1, -1).reshape(B * n_head, H, blk, K)
+            outs.append(F.scaled_dot_product_attention(
+                *(t[:, :n_head].reshape(B * n_head, H, -1, D) for t in (q, k, v)),
+                attn_mask=head, dropout_p=dropout).view(B, n_head, H, blk, D))
+        if nb > n_head:
+            rest = nb - n_head
+            outs.append(F.scaled_dot_product_attention(
+                *(t[:, n_head:].reshape(B * rest, H, -1, D) for t in (q, k, v)),
+                # 4-D mask: without a gradient (evaluation, generation) SDPA takes its fused CPU kernel
+                attn_mask=steady[None], dropout_p=dropout).view(B, rest, H, blk, D))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # B nb H blk D
+        return out.transpose(1, 2).reshape(B, H, nb * blk, D)[:, :, :L]
+
+    def _blockwise(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+        """Any positions (decoding with a KV cache), or a window as long as the sequence: a
+        loop over blocks of queries, each with the keys of its own window (at most its causal
+        prefix)."""
+        dropout = self.dropout if self.training else 0.0
+        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+        W, blk = self.window(), self.cfg.block
+        z_H = self.spans().to(q_BHLD.dtype)
+        outs = []
+        for start in range(0, L, blk):
+            q_pos = q_pos_L[start : start + blk]
+            # The queries are the last L of the S keys: this block needs keys from W - 1 before
+            # its first query up to its last query, no more.
+            end = S - L + start + q_pos.shape[0]
+            first = max(0, S - L + start - W + 1)
+            mask = self._mask(z_H, position, q_pos, k_pos_S[first:end], W)
+            outs.append(F.scaled_dot_product_attention(
+                q_BHLD[:, :, start : start + blk], k_BHSD[:, :, first:end], v_BHSD[:, :, first:end],
+                attn_mask=mask, dropout_p=dropout))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _mask(self, z_H, position, q_pos, k_pos, W):
+        """The additive mask of one block of queries: log m_z, causal, the window, any bias. H l K."""
+        dist = q_pos[:, None] - k_pos[None, :]
+        mask = log_span_mask(z_H, dist, self.ramp).masked_fill(dist >= W, float("-inf"))
+        if position.has_score_bias:
+            mask = mask + position.score_bias(q_pos, k_pos).to(mask.dtype)
+        return mask
+
+    def _flex(self, q_BHLD, k_BHSD, v_BHSD, position):
+        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+        if L != S:
+            raise ValueError("the flex path needs aligned queries and keys (no KV cache)")
+        W = self.window()
+        block_mask = _band_block_mask(L, S, W, str(q_BHLD.device))
+        z_H, ramp = self.spans().to(q_BHLD.dtype), float(self.ramp)
+        bias = position.score_mod() if position.has_score_bias else None
+
+        def span_mod(score, b, h, q_idx, kv_idx):
+            m = ((ramp + z_H[h] - (q_idx - kv_idx)) / ramp).clamp(max=1.0)
+            s = torch.where(m > 0, score + torch.log(m.clamp(min=1e-30)), float("-inf"))
+            return s if bias is None else bias(s, b, h, q_idx, kv_idx)
+
+        return _flex_fn(q_BHLD.is_cuda)(q_BHLD, k_BHSD, v_BHSD, score_mod=span_mod, block_mask=block_mask)
+
+    def _dense(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+        """The paper's form over all keys: softmax, multiply by m_z, renormalise."""
+        dtype = q_BHLD.dtype
+        q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q_BHLD, k_BHSD, v_BHSD))
+        scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if position.has_score_bias:
+            scores_BHLS = scores_BHLS + position.score_bias(q_pos_L, k_pos_S).to(scores_BHLS.dtype)
+        dist_LS = q_pos_L[:, None] - k_pos_S[None, :]
+        scores_BHLS = scores_BHLS.masked_fill(dist_LS < 0, float("-inf"))
+        z_H = self.spans().to(scores_BHLS.dtype)
+        raw = (self.ramp + z_H[:, None, None] - dist_LS.to(z_H.dtype)) / self.ramp
+        # clamp to [0, 1]; exactly at m = 0 the derivative is taken from below (0), as in the
+        # log form of the fast paths (it matters only at ties, such as z = 0 at initialisation).
+        m_HLS = torch.where(raw > 0, raw.clamp(max=1.0), torch.zeros_like(raw))
+        probs = scores_BHLS.softmax(dim=-1) * m_HLS
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = F.dropout(probs, p=self.dropout, training=self.training)
+        return (probs @ v).to(dtype)
+
+    def reference(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
+        self._account(aux)
+        return self._dense(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)

@@ -1,0 +1,99 @@
+"""Per-head statistics of the attention kernels (`AttentionKernel.head_stats`), such as the
+spans that adaptive-span heads learn.
+
+On logging steps: `NAME/layerI/headH` scalars, `NAME/mean` and `NAME/max` over all heads
+(TensorBoard), and a line in metrics.jsonl with the per-layer values. At each validation
+and at the end of training: a histogram per layer (`NAME/layerI`) and a heatmap image of
+layers x heads (`NAME/heatmap`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+
+def collect(model) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]]:
+    """name -> one H-vector per layer (in layer order), and name -> the stat's upper limit."""
+    stats: dict[str, list[torch.Tensor]] = {}
+    limits: dict[str, float] = {}
+    for kernel in sorted(model.attention_kernels(), key=lambda k: k.layer_index):
+        for name, values in kernel.head_stats().items():
+            stats.setdefault(name, []).append(values.float().cpu())
+        limits.update(kernel.head_stat_limits())
+    return stats, limits
+
+
+def heatmap_figure(name: str, rows: list[torch.Tensor], limit: float | None, step: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = torch.stack(rows).numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * data.shape[1], 1.0 + 0.4 * data.shape[0]), dpi=100)
+    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=limit or float(data.max()), aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(data.shape[1]))
+    ax.set_yticks(range(data.shape[0]))
+    top = limit or float(data.max())
+    for (i, j), v in np.ndenumerate(data):
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < top / 2 else "black")
+    ax.set_title(f"{name} per layer and head, step {step}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+class HeadStats(pl.Callback):
+    def __init__(self, every: int, metrics_path: Path | None = None):
+        self.every, self.metrics_path = every, metrics_path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every or (batch_idx + 1) % trainer.accumulate_grad_batches or not trainer.is_global_zero:
+            return
+        stats, _ = collect(pl_module.model)
+        if not stats:
+            return
+        scalars, record = {}, {"step": step}
+        for name, rows in stats.items():
+            if any(r.numel() == 0 for r in rows):  # parameters sharded away (ZeRO-3): nothing to show here
+                continue
+            for i, r in enumerate(rows):
+                scalars.update({f"{name}/layer{i}/head{h}": float(v) for h, v in enumerate(r)})
+                record[f"{name}/layer{i}"] = [round(float(v), 3) for v in r]
+            flat = torch.cat(rows)
+            scalars[f"{name}/mean"] = record[f"{name}/mean"] = float(flat.mean())
+            scalars[f"{name}/max"] = record[f"{name}/max"] = float(flat.max())
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(scalars, step=step)
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _pictures(self, trainer, pl_module):
+        if not trainer.is_global_zero or trainer.sanity_checking or trainer.logger is None:
+            return
+        writer = getattr(trainer.logger, "experiment", None)
+        if writer is None or not hasattr(writer, "add_histogram"):
+            return
+        stats, limits = collect(pl_module.model)
+        step = trainer.global_step
+        for name, rows in stats.items():
+            if any(r.numel() == 0 for r in rows):
+                continue
+            for i, r in enumerate(rows):
+                writer.add_histogram(f"{name}/layer{i}", r, global_step=step)
+            writer.add_figure(f"{name}/heatmap", heatmap_figure(name, rows, limits.get(name), step), global_step=step)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._pictures(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._pictures(trainer, pl_module)
