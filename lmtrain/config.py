@@ -41,6 +41,9 @@ class RunConfig:
     name: str = "default"
     root: str = "runs"
     seed: int = 1234
+    # A fresh start takes its weights from this export, checkpoint or run dir (same model and
+    # tokenizer; optimizer state starts anew). Ignored when the run dir resumes.
+    init_from: str = ""
 
 
 @dataclass

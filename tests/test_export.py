@@ -49,3 +49,22 @@ def test_export_refuses_to_overwrite_a_foreign_directory(run, tmp_path):
     proc = run_cli("export", str(run), "--out", str(tmp_path))
     assert proc.returncode == 2 and "not an lmtrain export" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_a_new_run_starts_from_an_export(run, tiny_data, tmp_path):
+    """run.init_from: a fresh run takes the exported weights (the multi-node guide's answer to a
+    changed GPU count); a different model or a resume ignores or refuses it."""
+    out = tmp_path / "exp"
+    run_cli("export", str(run), "--out", str(out), check=True)
+    source_val = json.loads((run / "summary.json").read_text())["val_loss"]
+    args = [str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", f"run.init_from={out}",
+            "trainer.val_every_n_steps=1", "trainer.progress_bar=false"]
+    # One step at a negligible learning rate: the validation loss is the source model's.
+    proc = run_cli("train", *args, "run.name=warm", "trainer.max_steps=1", "optim.lr=1e-12", "optim.min_lr=0",
+                   "optim.warmup_steps=0", check=True)
+    assert "weights initialised from" in proc.stdout
+    warm_val = json.loads((tmp_path / "warm" / "summary.json").read_text())["val_loss"]
+    assert warm_val == pytest.approx(source_val, rel=1e-4)
+    bad = run_cli("train", *args, "run.name=other", "model.n_layers=1")
+    assert bad.returncode == 2 and "run.init_from" in bad.stderr and "model.n_layers" in bad.stderr
+    assert not (tmp_path / "other").exists()

@@ -24,7 +24,8 @@ import torch
 from lmtrain.config import Config, flatten, to_dict, to_yaml
 
 # Keys that may differ between the checkpoint's config and the config of a resume.
-RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "slurm.", "run.root", "run.name", "data.num_workers", "data.num_proc", "data.val_batches")
+RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "slurm.", "run.root", "run.name", "run.init_from",
+                     "data.num_workers", "data.num_proc", "data.val_batches")
 
 
 class ResumeError(ValueError):
@@ -73,6 +74,30 @@ def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool) -> Optio
     if path is not None:
         check_checkpoint_format(path, cfg)
     return path
+
+
+def init_weights(cfg: Config, log=print) -> dict:
+    """The weights of `run.init_from` (an export, checkpoint or run dir, ZeRO shards included)
+    for a fresh model: the same architecture and the same tokenizer, or refused."""
+    from lmtrain.train.checkpoint import load_trained, tokenizer_path
+
+    src = Path(cfg.run.init_from).expanduser()
+    try:
+        t = load_trained(src, device="cpu")
+    except FileNotFoundError as e:
+        raise ResumeError(f"run.init_from: {e}") from None
+    a, b = flatten({"model": to_dict(t.cfg)["model"]}), flatten({"model": to_dict(cfg)["model"]})
+    a["data.vocab_size"], b["data.vocab_size"] = t.cfg.data.vocab_size, cfg.data.vocab_size
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            raise ResumeError(f"run.init_from: {src} has {key}={a.get(key)!r}, this config {b.get(key)!r}; "
+                              "the weights only fit the same model")
+    theirs, ours = tokenizer_path(t), Path(cfg.data.dir) / "tokenizer.json"
+    if theirs.is_file() and ours.is_file() and theirs.read_bytes() != ours.read_bytes():
+        raise ResumeError(f"run.init_from: {src} was trained with another tokenizer than {ours}; "
+                          "prepare the data with that tokenizer, or train from scratch")
+    log(f"run: weights initialised from {t.checkpoint} (step {t.step}); optimizer and schedule start fresh")
+    return t.model.state_dict()
 
 
 def check_checkpoint_format(path: Path, cfg: Config) -> None:
@@ -219,6 +244,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     else:
         wait_for_data(cfg.data)
     datamodule = TokenDataModule(cfg)  # checks data against the config before the run dir is touched
+    init_state = None
+    if ckpt_path is None and cfg.run.init_from:  # checked before the run dir is touched, too
+        init_state = init_weights(cfg, log=log if is_rank_zero() else (lambda _: None))
 
     run_dir = cfg.run_dir
     if is_rank_zero():
@@ -233,6 +261,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
 
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = LMModule(cfg)
+    if init_state is not None:
+        module.model.load_state_dict(init_state)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     from lmtrain.train.callbacks.preemption import Preemption
