@@ -28,6 +28,26 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env_extra
     return proc
 
 
+def train_and_signal(args: list[str], metrics: Path, after_step: int, timeout: float = 300) -> tuple[int, str]:
+    """Start `lmtrain train ARGS`, send SIGUSR1 once metrics.jsonl shows `after_step`, and wait:
+    (exit code, stdout + stderr)."""
+    import signal
+    import time
+
+    from lmtrain.train.callbacks.metrics_file import read_metrics
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmtrain", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and max(read_metrics(metrics), default=0) >= after_step:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> list[str]:
     """Overrides pointing at a prepared tiny data dir (prepared once per session)."""

@@ -122,31 +122,17 @@ def test_usr1_under_zero3_saves_shards_and_resumes_exactly(base_args):
     """SLURM's warning signal under ZeRO-3: rank 0 gets USR1 (the other rank learns of it in
     the agreement), every rank writes its shard of last.ckpt, the run exits 0, and the same
     command continues with the losses of the uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from lmtrain.train.checkpoint import checkpoint_step
-    from tests.conftest import ROOT
+    from tests.conftest import train_and_signal
 
     root = Path(next(a for a in base_args if a.startswith("run.root=")).split("=", 1)[1])
     if not (root / "zero3" / "metrics.jsonl").exists():
         pytest.skip("needs the ZeRO-3 run of the test above")
     args = [*base_args, *STAGES[3], "run.name=zero3-usr1"]
     run = root / "zero3-usr1"
-    proc = subprocess.Popen([sys.executable, "-m", "lmtrain", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.exists() and max(read_metrics(metrics), default=0) >= 1:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    returncode, out = train_and_signal(args, metrics, after_step=1)
+    assert returncode == 0, out[-3000:]
     assert "preemption: signal received" in out, out[-3000:]
     stopped = checkpoint_step(run / "checkpoints" / "last.ckpt")
     assert 1 <= stopped < 6, "the signal came too late to test a mid-run stop"

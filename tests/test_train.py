@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmtrain.train.callbacks.metrics_file import read_metrics
-from tests.conftest import CONFIGS, ROOT, TINY_DATA, run_cli
+from tests.conftest import CONFIGS, ROOT, TINY_DATA, run_cli, train_and_signal
 
 DEBUG = str(CONFIGS / "debug.yaml")
 # Dropout on, so that exact resume also covers the RNG.
@@ -129,18 +129,9 @@ def test_usr1_saves_at_the_step_stops_and_resumes_exactly(workdir, base_args, ba
     from lmtrain.train.checkpoint import checkpoint_step
 
     run = workdir / "runs" / "usr1"
-    cmd = [sys.executable, "-m", "lmtrain", "train", *base_args, "run.name=usr1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.exists() and max(read_metrics(metrics), default=0) >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    returncode, out = train_and_signal([*base_args, "run.name=usr1"], metrics, after_step=5)
+    assert returncode == 0, out[-3000:]
     assert "preemption: signal received" in out and "not a SLURM job" in out, out[-3000:]
     stopped = checkpoint_step(run / "checkpoints" / "last.ckpt")
     assert 5 <= stopped < 30, "the signal came too late to test a mid-run stop"

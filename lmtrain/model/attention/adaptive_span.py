@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+from lmtrain.model.attention.flex import causal_block_mask, flex_fn
 
 BACKENDS = ("auto", "chunked", "flex", "reference")
 
@@ -66,23 +66,6 @@ def log_span_mask(z_H: Tensor, dist: Tensor, ramp: int) -> Tensor:
     tiny = torch.finfo(m.dtype).tiny
     logm = torch.where(m > 0, torch.log(m.clamp(min=tiny)), float("-inf"))
     return logm.masked_fill(dist < 0, float("-inf"))
-
-
-@lru_cache(maxsize=16)
-def _band_block_mask(q_len: int, kv_len: int, window: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def band(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-
-    return create_block_mask(band, None, None, q_len, kv_len, device=device)
-
-
-@lru_cache(maxsize=1)
-def _flex_fn(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 @ATTENTION.register("adaptive_span")
@@ -168,32 +151,33 @@ class AdaptiveSpanAttention(AttentionKernel):
         # Training and full-sequence evaluation: positions are consecutive and queries align
         # with keys. If the bias depends on distance only, every block of queries sees the
         # same distances, and the banded path runs all blocks in two SDPA calls.
+        W = self.window()  # read once per call (a host sync)
         relative = not position.has_score_bias or position.relative_bias
-        if (L == S and relative and self._banded_is_cheaper(L) and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
+        if (L == S and relative and self._banded_is_cheaper(L, W) and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
                 and torch.equal(q_pos_L, k_pos_S)):
-            return self._banded(q_BHLD, k_BHSD, v_BHSD, position)
-        return self._blockwise(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+            return self._banded(q_BHLD, k_BHSD, v_BHSD, position, W)
+        return self._blockwise(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S, W)
 
-    def _banded_is_cheaper(self, L: int) -> bool:
+    def _banded_is_cheaper(self, L: int, W: int) -> bool:
         """Cost model, in query-key pairs. The banded path computes blk + W - 1 keys for every
         block (plus copying the windows). The block loop computes at most each block's causal
         prefix, but the backward pass of each block's slices writes full-length gradients of
         q, k and v: 3 L D elements, and one element write costs about as much as 1 / (0.2 D)
         pairs (measured on CPU), so about 15 L pairs per block."""
-        W, blk = self.window(), self.cfg.block
+        blk = self.cfg.block
         nb = -(-L // blk)
         band = nb * blk * (blk + W - 1) * 1.3
         loop = sum(blk * min((b + 1) * blk, blk + W - 1) for b in range(nb)) + nb * 15 * L
         return band < loop
 
-    def _banded(self, q_BHLD, k_BHSD, v_BHSD, position):
+    def _banded(self, q_BHLD, k_BHSD, v_BHSD, position, W: int):
         """Queries in blocks of `blk`; block b attends to the W - 1 + blk keys ending at its last
         query, taken as overlapping windows (unfold) of the keys padded with W - 1 zeros in
         front. The windows are copies, O(L x (W + blk)) like the scores themselves, and their
         gradients are folded back in one operation."""
         dropout = self.dropout if self.training else 0.0
         B, H, L, D = q_BHLD.shape
-        W, blk = self.window(), self.cfg.block
+        blk = self.cfg.block
         nb = -(-L // blk)
         pad_end = nb * blk - L
         z_H = self.spans().to(q_BHLD.dtype)
@@ -229,13 +213,13 @@ class AdaptiveSpanAttention(AttentionKernel):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # B nb H blk D
         return out.transpose(1, 2).reshape(B, H, nb * blk, D)[:, :, :L]
 
-    def _blockwise(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+    def _blockwise(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S, W: int):
         """Any positions (decoding with a KV cache), or a window as long as the sequence: a
         loop over blocks of queries, each with the keys of its own window (at most its causal
         prefix)."""
         dropout = self.dropout if self.training else 0.0
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        W, blk = self.window(), self.cfg.block
+        blk = self.cfg.block
         z_H = self.spans().to(q_BHLD.dtype)
         outs = []
         for start in range(0, L, blk):
@@ -263,7 +247,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         if L != S:
             raise ValueError("the flex path needs aligned queries and keys (no KV cache)")
         W = self.window()
-        block_mask = _band_block_mask(L, S, W, str(q_BHLD.device))
+        block_mask = causal_block_mask(L, S, str(q_BHLD.device), W)
         z_H, ramp = self.spans().to(q_BHLD.dtype), float(self.ramp)
         bias = position.score_mod() if position.has_score_bias else None
 
@@ -272,7 +256,7 @@ class AdaptiveSpanAttention(AttentionKernel):
             s = torch.where(m > 0, score + torch.log(m.clamp(min=1e-30)), float("-inf"))
             return s if bias is None else bias(s, b, h, q_idx, kv_idx)
 
-        return _flex_fn(q_BHLD.is_cuda)(q_BHLD, k_BHSD, v_BHSD, score_mod=span_mod, block_mask=block_mask)
+        return flex_fn(q_BHLD.is_cuda)(q_BHLD, k_BHSD, v_BHSD, score_mod=span_mod, block_mask=block_mask)
 
     def _dense(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
         """The paper's form over all keys: softmax, multiply by m_z, renormalise."""

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+from lmtrain.model.attention.flex import causal_block_mask, flex_fn
 
 BACKENDS = ("auto", "sdpa", "flex", "reference")
 
@@ -33,23 +33,6 @@ class SoftmaxConfig(AttentionConfig):
     backend: str = "auto"
     # Most bytes a materialised mask block may take; queries are chunked to fit.
     mask_budget_mb: int = 64
-
-
-@lru_cache(maxsize=32)
-def _causal_block_mask(q_len: int, kv_len: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx
-
-    return create_block_mask(causal, None, None, q_len, kv_len, device=device)
-
-
-@lru_cache(maxsize=1)
-def _flex_fn(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 @ATTENTION.register("softmax")
@@ -127,9 +110,9 @@ class SoftmaxAttention(AttentionKernel):
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
         if L != S:
             raise ValueError("the flex path needs aligned queries and keys (no KV cache)")
-        block_mask = _causal_block_mask(L, S, str(q_BHLD.device))
+        block_mask = causal_block_mask(L, S, str(q_BHLD.device))
         # Compile on GPU; on CPU only the eager forward exists (used by tests).
-        fn = _flex_fn(q_BHLD.is_cuda)
+        fn = flex_fn(q_BHLD.is_cuda)
         return fn(q_BHLD, k_BHSD, v_BHSD, score_mod=position.score_mod(), block_mask=block_mask)
 
     def reference(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
