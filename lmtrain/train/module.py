@@ -86,8 +86,8 @@ class LMModule(pl.LightningModule):
         engine = self._deepspeed_engine()
         if engine is not None:  # the norm DeepSpeed clipped with, before clipping
             norm = engine.get_global_grad_norm()
-            if norm is not None:
-                self.log("train/grad_norm", float(norm))
+            if norm is not None:  # kept a tensor where it is one: no host sync per step
+                self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32))
 
     def _deepspeed_engine(self):
         return getattr(self.trainer.strategy, "deepspeed_engine", None)

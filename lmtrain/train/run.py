@@ -32,12 +32,18 @@ class ResumeError(ValueError):
     """A checkpoint that cannot continue this config."""
 
 
+def config_differences(a: dict, b: dict, allowed: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+    """(key, a's value, b's value) for every flattened key on which two config dicts differ,
+    except keys starting with one of `allowed`."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and not (allowed and k.startswith(allowed))]
+
+
 def check_resume_compatible(saved: Config, current: Config) -> None:
-    a, b = flatten(to_dict(saved)), flatten(to_dict(current))
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
-            raise ResumeError(
-                f"{key}: the checkpoint was trained with {a.get(key)!r}, this config says {b.get(key)!r}; "
+    for key, was, now in config_differences(to_dict(saved), to_dict(current), RESUMABLE_CHANGES):
+        raise ResumeError(
+                f"{key}: the checkpoint was trained with {was!r}, this config says {now!r}; "
                 "resume with the same value, or start a new run (run.name=... or --no-resume)"
             )
 
@@ -86,12 +92,12 @@ def init_weights(cfg: Config, log=print) -> dict:
         t = load_trained(src, device="cpu")
     except FileNotFoundError as e:
         raise ResumeError(f"run.init_from: {e}") from None
-    a, b = flatten({"model": to_dict(t.cfg)["model"]}), flatten({"model": to_dict(cfg)["model"]})
-    a["data.vocab_size"], b["data.vocab_size"] = t.cfg.data.vocab_size, cfg.data.vocab_size
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            raise ResumeError(f"run.init_from: {src} has {key}={a.get(key)!r}, this config {b.get(key)!r}; "
-                              "the weights only fit the same model")
+    def shape(c: Config) -> dict:  # what the weights depend on
+        return {"model": to_dict(c)["model"], "data": {"vocab_size": c.data.vocab_size}}
+
+    for key, theirs_v, ours_v in config_differences(shape(t.cfg), shape(cfg)):
+        raise ResumeError(f"run.init_from: {src} has {key}={theirs_v!r}, this config {ours_v!r}; "
+                          "the weights only fit the same model")
     theirs, ours = tokenizer_path(t), Path(cfg.data.dir) / "tokenizer.json"
     if theirs.is_file() and ours.is_file() and theirs.read_bytes() != ours.read_bytes():
         raise ResumeError(f"run.init_from: {src} was trained with another tokenizer than {ours}; "
