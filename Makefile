@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-slow test-all env clean-runs extrapolation adaptive-span
+.PHONY: train test test-slow test-all env clean-runs extrapolation adaptive-span act
 
 env: $(STAMP)
 
@@ -52,6 +52,15 @@ adaptive-span: $(STAMP)
 	$(VENV)/bin/lmtrain train configs/experiments/adaptive_span/fixed_span.yaml $(ARGS)
 	$(VENV)/bin/lmtrain inspect runs/adaptive-span
 	@echo "validation: runs/adaptive-span/summary.json vs runs/fixed-span/summary.json"
+
+# Universal Transformer with ACT halting and its all-steps control (same model and data);
+# then the steps-per-token distribution and what halting saves in step time.
+act: $(STAMP)
+	$(VENV)/bin/lmtrain train configs/experiments/act.yaml $(ARGS)
+	$(VENV)/bin/lmtrain train configs/experiments/act_all_steps.yaml $(ARGS)
+	$(VENV)/bin/lmtrain inspect runs/act
+	$(VENV)/bin/lmtrain bench act runs/act
+	@echo "validation: runs/act/summary.json vs runs/act-all-steps/summary.json"
 
 clean-runs:
 	rm -rf runs

@@ -54,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     from lmtrain.bench.attention import add_arguments as bench_attention_args
 
     bench_attention_args(bench.add_parser("attention", help="forward+backward time and peak memory of an attention kernel"))
+    from lmtrain.bench.act import add_arguments as bench_act_args
 
-    p = sub.add_parser("inspect", help="the model of a run, checkpoint or export, and its learned per-head statistics (spans)")
+    bench_act_args(bench.add_parser("act", help="what ACT halting saves: a trained ACT model's step time, "
+                                                "running positions only vs every position vs all steps"))
+
+    p = sub.add_parser("inspect", help="the model of a run, checkpoint or export, its learned per-head statistics "
+                                       "(spans) and per-token statistics (ACT steps)")
     p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("--windows", type=int, default=16,
+                   help="validation windows to measure per-token statistics on (default 16)")
 
     p = sub.add_parser("generate", help="sample text from a run dir, checkpoint or export")
     p.add_argument("source", metavar="RUN_OR_CKPT")
@@ -68,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
+    p.add_argument("--show-ponder", action="store_true",
+                   help="mark each new token with the ACT steps of the position that predicted it (depth kind act)")
 
     p = sub.add_parser("eval-length", help="perplexity against context length, for one or more runs",
                        description="Score the same tokens at every length; write JSON, CSV, markdown and plots "
@@ -157,15 +166,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lmtrain.bench import attention
+    from lmtrain.bench import act, attention
 
-    return {"attention": attention.main}[args.bench](args)
+    return {"attention": attention.main, "act": act.main}[args.bench](args)
 
 
 def cmd_inspect(args) -> int:
     from lmtrain.inspect import inspect
 
-    print(inspect(args.source))
+    if args.windows < 1:
+        return _fail("--windows: must be at least 1")
+    print(inspect(args.source, windows=args.windows))
     return 0
 
 
@@ -189,15 +200,32 @@ def cmd_generate(args) -> int:
     if model.max_len is not None and len(ids) + args.max_new_tokens > model.max_len:
         return _fail(f"--max-new-tokens: this model's {cfg.model.position} positions end at {model.max_len}; "
                      f"the prompt has {len(ids)} tokens, so at most {model.max_len - len(ids)} new ones fit")
+    if args.show_ponder and cfg.model.depth.kind != "act":
+        return _fail(f"--show-ponder: this model's depth is {cfg.model.depth.kind}; only model.depth.kind=act ponders")
     prompt = torch.tensor([ids] * args.num_samples, device=args.device)
+    stats: list = []
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                   seed=args.seed, use_cache=not args.no_cache)
+                   seed=args.seed, use_cache=not args.no_cache, token_stats=stats if args.show_ponder else None)
     for i, row in enumerate(out.tolist()):
-        text = tok.decode([t for t in row if t != eot]) if not args.prompt else tok.decode(row[len(ids):])
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
+        if args.show_ponder:
+            print(ponder_marked(tok, row[len(ids):], [int(s["act_steps"][i]) for s in stats], args.prompt, eot))
+            continue
+        text = tok.decode([t for t in row if t != eot]) if not args.prompt else tok.decode(row[len(ids):])
         print(args.prompt + text)
     return 0
+
+
+def ponder_marked(tok, new_ids: list[int], steps: list[int], prompt: str, eot: int) -> str:
+    """The prompt, then each new token followed by its ACT steps in brackets, then a summary."""
+    parts = [prompt]
+    for t, n in zip(new_ids, steps):
+        parts.append(("<eot>" if t == eot else tok.decode([t])) + f"[{n}]")
+    hist = {k: steps.count(k) for k in sorted(set(steps))}
+    mean = sum(steps) / max(1, len(steps))
+    return "".join(parts) + f"\n(ACT steps per new token: mean {mean:.2f}; " + \
+        ", ".join(f"{k}: {v}" for k, v in hist.items()) + ")"
 
 
 def cmd_eval_length(args) -> int:

@@ -23,9 +23,13 @@ def sample_next(logits_BV: Tensor, *, temperature: float, top_k: Optional[int], 
 
 @torch.no_grad()
 def generate(model: Decoder, prompt_BL: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True, stop_token: Optional[int] = None) -> Tensor:
+             top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True, stop_token: Optional[int] = None,
+             token_stats: Optional[list] = None) -> Tensor:
     """Continue `prompt_BL` by `max_new_tokens` tokens. With a cache each step feeds one token;
-    without, the whole sequence is re-run (the reference the cache is tested against)."""
+    without, the whole sequence is re-run (the reference the cache is tested against).
+
+    `token_stats`, a list, receives for each new token the per-token statistics (`Aux.tokens`,
+    such as ACT steps) of the position that predicted it: {name: B values}."""
     gen = torch.Generator(device=prompt_BL.device).manual_seed(seed)
     limit = model.max_len
     if limit is not None and prompt_BL.shape[1] + max_new_tokens > limit:
@@ -34,7 +38,10 @@ def generate(model: Decoder, prompt_BL: Tensor, max_new_tokens: int, *, temperat
     cache = KVCache() if use_cache else None
     seq, step_input = prompt_BL, prompt_BL
     for _ in range(max_new_tokens):
-        logits = model(step_input if use_cache else seq, cache=cache).logits_BLV[:, -1]
+        out = model(step_input if use_cache else seq, cache=cache)
+        logits = out.logits_BLV[:, -1]
+        if token_stats is not None:
+            token_stats.append({name: v[:, -1] for name, v in out.aux.tokens.items()})
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=gen)
         seq = torch.cat((seq, nxt), dim=1)
         step_input = nxt

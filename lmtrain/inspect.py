@@ -2,7 +2,9 @@
 
 Prints the checkpoint, step and model, then one table per head statistic of the attention
 kernels (`AttentionKernel.head_stats`: the spans of adaptive-span heads, for example),
-layers by heads, with a summary line per statistic.
+layers by heads, with a summary line per statistic. For models that report per-token
+statistics (`Aux.tokens`: ACT's steps per token) it measures them on windows of the run's
+validation split and prints their distribution and the tokens at either end.
 """
 
 from __future__ import annotations
@@ -28,7 +30,52 @@ def stat_table(name: str, rows, limit: float | None) -> list[str]:
     return lines
 
 
-def inspect(source) -> str:
+def token_sections(t, windows: int) -> list[str]:
+    """The distribution of each per-token statistic over `windows` validation windows."""
+    import torch
+
+    from data_pipelines.shards import DataDirError
+    from lmtrain.evaluate.runner import prepared_text
+    from lmtrain.evaluate.tokens import distribution_lines, extremes_lines, measure
+    from lmtrain.train.checkpoint import tokenizer_path
+    from lmtrain.train.data import val_windows
+
+    L = t.cfg.data.seq_len
+    try:
+        text = prepared_text(t.cfg.data.dir)
+    except (DataDirError, FileNotFoundError, OSError):
+        return ["", f"per-token statistics need the run's validation split; {t.cfg.data.dir} is not a prepared "
+                    "data dir here (run from the directory the model was trained in)"]
+    n = (len(text.tokens) - 1) // L
+    if n < 1:
+        return ["", f"the validation split of {t.cfg.data.dir} is shorter than one window of {L} tokens"]
+    ids = torch.stack([torch.from_numpy(text.tokens[w * L : (w + 1) * L].astype("int64")) for w in val_windows(n, windows)])
+    stats = measure(t.model, ids)
+    if not stats:
+        return []
+    limits = t.model.depth.token_stat_limits()
+    decode = None
+    tok_path = tokenizer_path(t)
+    if tok_path.is_file():
+        from data_pipelines.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+        decode = lambda i: tok.decode([i])  # noqa: E731
+    out = []
+    for name, values in stats.items():
+        if values.dtype.is_floating_point:  # a continuous statistic: a summary line
+            out += ["", f"{name}: mean {float(values.mean()):.3f}, max {float(values.max()):.3f} "
+                        f"over {values.numel():,} tokens"]
+            continue
+        limit = limits.get(name)
+        out += ["", f"{name} per token, {ids.shape[0]} validation windows of {L} tokens ({text.description}):", ""]
+        out += distribution_lines(name, values, int(limit) if limit else None)
+        if decode is not None:
+            out += extremes_lines(name, ids, values, decode)
+    return out
+
+
+def inspect(source, windows: int = 16) -> str:
     t = load_trained(source, device="cpu")
     m = t.cfg.model
     params = sum(p.numel() for p in t.model.parameters())
@@ -37,9 +84,13 @@ def inspect(source) -> str:
            f"model        {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, d_ff {m.d_ff}, "
            f"position {m.position}, {params:,} parameters",
            f"attention    {m.attention.kind}" + (f" ({attn})" if attn else "")]
+    depth = ", ".join(f"{k}={v}" for k, v in vars(m.depth).items() if k != "kind")
+    if m.depth.kind != "fixed":
+        out.append(f"depth        {m.depth.kind} ({depth})")
     stats, limits = collect(t.model)
     if not stats:
         out += ["", f"attention kind {m.attention.kind} has no learned per-head statistics"]
     for name, rows in stats.items():
         out += [""] + stat_table(name, rows, limits.get(name))
+    out += token_sections(t, windows)
     return "\n".join(out)

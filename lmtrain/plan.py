@@ -88,10 +88,13 @@ def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> di
     psi = count_params(cfg)
     b = bytes_per_param(cfg.trainer.precision)
     act_bytes = 4 if b.p >= 4 else 2
+    from lmtrain.model.depth import DEPTH
+
+    applications = DEPTH.get(m.depth.kind).layer_applications(m)  # a shared block keeps activations per step
 
     def act(mb: int, ckpt: bool) -> float:
         return activation_bytes(seq_len=d.seq_len, micro_batch=mb, d_model=m.d_model, n_heads=m.n_heads, d_ff=m.d_ff,
-                                n_layers=m.n_layers, vocab=d.vocab_size, checkpointing=ckpt, act_bytes=act_bytes)
+                                n_layers=applications, vocab=d.vocab_size, checkpointing=ckpt, act_bytes=act_bytes)
 
     budget = (gpu_mem_gb - headroom_gb) * GB
     rows = []

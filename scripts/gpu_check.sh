@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates lmtrain's GPU paths on a machine with one CUDA GPU and prints a short table:
 # compiled FlexAttention (ALiBi score_mod) forward+backward against the reference, bf16
-# SDPA, bf16-mixed training, and DeepSpeed ZeRO-2 / ZeRO-3 in bf16 on one GPU (train,
+# SDPA, bf16-mixed training, ACT in bf16, and DeepSpeed ZeRO-2 / ZeRO-3 in bf16 on one GPU (train,
 # resume from a sharded checkpoint, export). Results go into docs/benchmarks.md.
 #
 #   scripts/gpu_check.sh          run the checks (needs CUDA)

@@ -110,23 +110,34 @@ def test_sinusoidal_uses_vaswanis_embedding_recipe():
 
 @pytest.mark.parametrize("kind, position", COMBOS, ids=IDS)
 def test_causality(kind, position):
-    model = make_model(position, kind)
-    x = torch.randint(0, V, (2, 40))
-    t = 23
+    assert_causal(make_model(position, kind))
+
+
+def assert_causal(model, t: int = 23, L: int = 40):
+    """Changing the tokens after position t leaves the logits up to t unchanged (and changes
+    later ones). Returns both outputs."""
+    x = torch.randint(0, V, (2, L))
     y = x.clone()
-    y[:, t + 1 :] = torch.randint(0, V, (2, 40 - t - 1))
-    a, b = model(x).logits_BLV, model(y).logits_BLV
+    y[:, t + 1 :] = torch.randint(0, V, (2, L - t - 1))
+    out_x, out_y = model(x), model(y)
+    a, b = out_x.logits_BLV, out_y.logits_BLV
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-12)
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+    return out_x, out_y
 
 
 @pytest.mark.parametrize("kind, position", COMBOS, ids=IDS)
 def test_batch_equals_samples_one_by_one(kind, position):
-    model = make_model(position, kind)
-    x = torch.randint(0, V, (3, 33))
+    assert_batch_equals_one_by_one(make_model(position, kind))
+
+
+def assert_batch_equals_one_by_one(model, x=None):
+    """A batch's logits equal those of its samples run one by one; returns the batch's."""
+    x = torch.randint(0, V, (3, 33)) if x is None else x
     batched = model(x).logits_BLV
-    single = torch.cat([model(x[i : i + 1]).logits_BLV for i in range(3)])
+    single = torch.cat([model(x[i : i + 1]).logits_BLV for i in range(x.shape[0])])
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+    return batched
 
 
 def _fast_vs_reference(model, x):

@@ -43,17 +43,20 @@ class Decoder(nn.Module):
         return self.position.max_len
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        """GPT-2 initialisation: N(0, std), residual output projections scaled by 1/sqrt(2 depth),
+        where depth counts layer applications (a shared block applied T times counts T times)."""
         std = self.cfg.init_std
+        depth = DEPTH.get(self.cfg.depth.kind).layer_applications(self.cfg)
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 if name.endswith("bias"):
                     nn.init.zeros_(p)
                 continue
-            scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight")) else 1.0
+            scale = 1.0 / math.sqrt(2 * depth) if name.endswith(("proj.weight", "down.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
         if self.position.scales_tokens:
             nn.init.normal_(self.embed.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
+        self.depth.init_parameters()
 
     def forward(self, idx_BL: Tensor, *, cache: Optional[KVCache] = None) -> ModelOutput:
         x_BLM, aux = self.features(idx_BL, cache=cache)

@@ -1,8 +1,12 @@
 """Depth control: one axis of the decoder, keyed by `model.depth.kind`.
 
 A depth module owns the layers and decides how often and in which order they run;
-the residual wiring decides how each run combines with the stream. `fixed` is the
-ordinary stack of `model.n_layers` distinct layers.
+the residual wiring decides how each run combines with the stream.
+
+  * fixed     - the ordinary stack of `model.n_layers` distinct layers.
+  * universal - those layers as one shared block, applied `steps` times
+                (lmtrain/model/universal.py).
+  * act       - the shared block with per-position ACT halting, up to `max_steps`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,19 @@ class DepthConfig(KindConfig):
 class Depth(Variant, nn.Module):
     Config = DepthConfig
 
+    @classmethod
+    def layer_applications(cls, model_cfg) -> int:
+        """How many layer applications one forward pass runs at most: the model's effective
+        depth (FLOPs, activation memory, the 1/sqrt(2 depth) init of residual projections)."""
+        return model_cfg.n_layers
+
+    def token_stat_limits(self) -> dict[str, float]:
+        """The largest value each per-token statistic (`Aux.tokens`) can take."""
+        return {}
+
+    def init_parameters(self) -> None:
+        """Called after the decoder's generic initialisation, for parameters that need their own."""
+
 
 @DEPTH.register("fixed")
 class FixedDepth(Depth):
@@ -36,3 +53,7 @@ class FixedDepth(Depth):
 
     def forward(self, x_BLM: Tensor, ctx: Context) -> Tensor:
         return self.residual.run(self.layers, x_BLM, ctx)
+
+
+# The other kinds register themselves on import.
+from lmtrain.model import universal  # noqa: E402,F401

@@ -26,5 +26,13 @@ def matmul_params(model: nn.Module) -> int:
 
 
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """A shared block applied T times (Universal Transformer) counts T times. For ACT that is
+    the all-steps model's count, so its MFU reads as speed relative to running every step."""
+    from lmtrain.model.depth import DEPTH
+
     cfg = model.cfg
-    return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+    applications = DEPTH.get(cfg.depth.kind).layer_applications(cfg)
+    layers = getattr(model, "depth", None)
+    block = sum(p.numel() for p in layers.layers.parameters()) if layers is not None else 0
+    repeats = applications // cfg.n_layers - 1  # further applications of the same layer weights
+    return 6.0 * (matmul_params(model) + repeats * block) + 12.0 * applications * cfg.d_model * seq_len

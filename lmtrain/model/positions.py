@@ -86,8 +86,9 @@ class ALiBi(Position):
         self.register_buffer("slopes", torch.tensor(alibi_slopes(n_heads)), persistent=False)
 
     def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
-        dist_LS = (k_pos_S[None, :] - q_pos_L[:, None]).to(self.slopes.dtype)
-        return self.slopes[:, None, None] * dist_LS  # H L S
+        """H L S for query positions L; B H L S for per-row query positions B L."""
+        dist_LS = (k_pos_S - q_pos_L[..., None]).to(self.slopes.dtype)  # ([B] L S)
+        return self.slopes[:, None, None] * dist_LS.unsqueeze(-3)
 
     def score_mod(self) -> Callable:
         # One function per module, reading the slopes at call time: torch.compile sees the same
@@ -117,7 +118,9 @@ class RoPE(Position):
         # buffer that model.to(bf16) would have cast: at long positions bf16 angles are useless.
         dt = _angle_dtype(x_BHLD)
         inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=dt, device=x_BHLD.device) / self.head_dim)
-        angles_LD2 = pos_L.to(dt)[:, None] * inv_freq[None, :]
+        angles_LD2 = pos_L.to(dt)[..., None] * inv_freq  # L D/2, or B L D/2 for per-row positions
+        if angles_LD2.dim() == 3:
+            angles_LD2 = angles_LD2[:, None]  # B 1 L D/2: the same angles for every head
         cos, sin = angles_LD2.cos().to(x_BHLD.dtype), angles_LD2.sin().to(x_BHLD.dtype)
         x1, x2 = x_BHLD.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -143,12 +146,7 @@ class Sinusoidal(Position):
         self.d_model = d_model
 
     def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
-        dt = _angle_dtype(x_BLM)
-        inv_freq = torch.exp(torch.arange(0, self.d_model, 2, dtype=dt, device=x_BLM.device)
-                             * (-math.log(10000.0) / self.d_model))
-        angles = pos_L.to(dt)[:, None] * inv_freq[None, :]
-        pe_LM = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, : self.d_model]
-        return x_BLM + pe_LM.to(x_BLM.dtype)
+        return x_BLM + sinusoids(pos_L, self.d_model, _angle_dtype(x_BLM)).to(x_BLM.dtype)
 
 
 @POSITIONS.register("learned")
@@ -166,6 +164,14 @@ class Learned(Position):
                 f"learned positions end at {self.max_len}; position {int(pos_L.max())} was asked for"
             )
         return x_BLM + self.table(pos_L)
+
+
+def sinusoids(pos_L: Tensor, d_model: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """L x M: sin(p / 10000^(2i/M)) at dimension 2i and cos at 2i + 1 (Vaswani et al. 2017, Sec. 3.5).
+    The Universal Transformer's timestep signal is the same function of the step number."""
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=dtype, device=pos_L.device) * (-math.log(10000.0) / d_model))
+    angles = pos_L.to(dtype)[:, None] * inv_freq[None, :]
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d_model]
 
 
 def _angle_dtype(x: Tensor) -> torch.dtype:

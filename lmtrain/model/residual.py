@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lmtrain.model.layer import Context, Layer
+from lmtrain.model.layer import Context, Layer, gather_rows
 from lmtrain.registry import Registry, Variant
 
 RESIDUAL: Registry[type["Residual"]] = Registry("model.residual")
@@ -23,14 +23,23 @@ class Residual(Variant):
     # Recompute each layer in the backward pass instead of keeping its activations
     # (trainer.activation_checkpointing). Wirings that never keep activations ignore it.
     checkpoint_layers: bool = False
+    # run_rows is implemented: one layer's output at a subset of positions (ACT's running ones).
+    supports_rows: bool = False
 
     def run(self, layers: Sequence[Layer], x_BLM: Tensor, ctx: Context) -> Tensor:
+        raise NotImplementedError
+
+    def run_rows(self, layer: Layer, x_BLM: Tensor, rows_BQ: Tensor, ctx: Context) -> Tensor:
+        """The layer's output at the positions `rows_BQ` (B x Q x M); the other positions
+        still serve as keys and values."""
         raise NotImplementedError
 
 
 @RESIDUAL.register("prenorm")
 class PreNorm(Residual):
     """x <- x + F(x); x <- x + G(x), with each sublayer normalising its own input."""
+
+    supports_rows = True
 
     def run(self, layers, x_BLM, ctx):
         for layer in layers:
@@ -46,3 +55,13 @@ class PreNorm(Residual):
     def block(layer, x_BLM, ctx):
         x_BLM = x_BLM + layer.f(x_BLM, ctx)
         return x_BLM + layer.g(x_BLM, ctx)
+
+    def run_rows(self, layer, x_BLM, rows_BQ, ctx):
+        if self.checkpoint_layers and torch.is_grad_enabled():
+            return checkpoint(self.block_rows, layer, x_BLM, rows_BQ, ctx, use_reentrant=False)
+        return self.block_rows(layer, x_BLM, rows_BQ, ctx)
+
+    @staticmethod
+    def block_rows(layer, x_BLM, rows_BQ, ctx):
+        y_BQM = gather_rows(x_BLM, rows_BQ) + layer.f(x_BLM, ctx, rows_BQ=rows_BQ)
+        return y_BQM + layer.g(y_BQM, ctx)

@@ -49,9 +49,12 @@ class LMModule(pl.LightningModule):
         aux = out.aux.total_loss()
         for name, value in out.aux.losses.items():
             self.log(f"train/{name}", value, batch_size=x_BL.shape[0])
+        scalars = {f"train/{k}": v.detach() for k, v in out.aux.losses.items()}
         for name, value in out.aux.stats.items():
             if value.numel() == 1:
                 self.log(f"stats/{name}", value.float(), batch_size=x_BL.shape[0])
+                scalars[f"stats/{name}"] = value.detach()
+        self.last_aux = scalars  # this rank's auxiliary losses and scalar stats (metrics.jsonl)
         self.last_lm_loss = loss.detach()
         self.last_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)

@@ -159,6 +159,9 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
     from lmtrain.train.callbacks.head_stats import HeadStats
 
     callbacks.append(HeadStats(every=t.log_every_n_steps, metrics_path=run_dir / "metrics.jsonl"))
+    from lmtrain.train.callbacks.token_stats import TokenStats
+
+    callbacks.append(TokenStats(Path(cfg.data.dir) / "tokenizer.json", metrics_path=run_dir / "metrics.jsonl"))
     callbacks.append(Preemption(run_dir / "checkpoints", every=t.log_every_n_steps))
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

@@ -123,7 +123,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         """The span loss of this layer (training only)."""
         z = self.spans()
         if self.cfg.loss_coef and self.training and not self.cfg.fixed:
-            aux.add_loss("span", self.cfg.loss_coef * z.mean())
+            aux.add_loss_once("span", self, self.cfg.loss_coef * z.mean())
 
     def head_stats(self) -> dict[str, Tensor]:
         return {"span": self.spans().detach()}

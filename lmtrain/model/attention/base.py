@@ -4,7 +4,9 @@ A kernel gets queries, keys and values that the attention block has already proj
 and (for RoPE) rotated, plus the absolute positions of the queries and keys, and returns
 the attended values. It is always causal: key j is visible to query i iff k_pos[j] <= q_pos[i].
 That rule covers training (q_pos == k_pos) and decoding with a KV cache (q_pos are the
-new positions, k_pos all cached ones) with no special cases.
+new positions, k_pos all cached ones) with no special cases. Kernels that declare
+`supports_query_rows` also accept per-row query positions (q_pos of shape B x L): a
+different subset of the positions in each row, as ACT asks for its running positions.
 
 Kernels declare what they support; `check` turns a config into a list of reasons to
 refuse it, which the config loader reports before anything is built.
@@ -41,6 +43,7 @@ class AttentionKernel(Variant, nn.Module):
     # Declared capabilities, asked before anything is built.
     supports_score_bias: bool = False  # additive biases such as ALiBi
     supports_kv_cache: bool = False  # incremental decoding in `generate`
+    supports_query_rows: bool = False  # q_pos_L may be B x L (a subset of queries per row)
     deterministic_recompute: bool = True  # same output when rerun with the same RNG state
 
     def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float):

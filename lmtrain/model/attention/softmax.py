@@ -40,6 +40,7 @@ class SoftmaxAttention(AttentionKernel):
     Config = SoftmaxConfig
     supports_score_bias = True
     supports_kv_cache = True
+    supports_query_rows = True
     deterministic_recompute = True
 
     cfg: SoftmaxConfig
@@ -56,10 +57,12 @@ class SoftmaxAttention(AttentionKernel):
             reasons.append("model.attention.mask_budget_mb must be positive")
         return reasons
 
-    def _backend(self, q_BHLD: Tensor, k_BHSD: Tensor, has_bias: bool) -> str:
+    def _backend(self, q_BHLD: Tensor, k_BHSD: Tensor, has_bias: bool, q_pos_dim: int) -> str:
+        if q_pos_dim == 2 and self.cfg.backend == "flex":
+            return "sdpa"  # a subset of queries per row (ACT's running positions): block masks don't apply
         if self.cfg.backend != "auto":
             return self.cfg.backend
-        aligned = q_BHLD.shape[2] == k_BHSD.shape[2]
+        aligned = q_BHLD.shape[2] == k_BHSD.shape[2] and q_pos_dim == 1
         dropout = self.dropout if self.training else 0.0
         if q_BHLD.is_cuda and has_bias and aligned and dropout == 0.0:
             return "flex"
@@ -67,7 +70,7 @@ class SoftmaxAttention(AttentionKernel):
 
     def fast(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
         has_bias = position.has_score_bias
-        path = self._backend(q_BHLD, k_BHSD, has_bias)
+        path = self._backend(q_BHLD, k_BHSD, has_bias, q_pos_L.dim())
         self.path_counts[path] += 1
         if path == "reference":
             return self.reference(q_BHLD, k_BHSD, v_BHSD, position=position, q_pos_L=q_pos_L, k_pos_S=k_pos_S, aux=aux)
@@ -78,27 +81,29 @@ class SoftmaxAttention(AttentionKernel):
     def _sdpa(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
         dropout = self.dropout if self.training else 0.0
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        if not position.has_score_bias and L == S:
+        rows = q_pos_L.dim() == 2  # per-row query positions (B L): a subset of the positions
+        if not position.has_score_bias and L == S and not rows:
             # Aligned positions without a bias: the kernel's own causal mask, no buffer.
             return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=True)
+        batch = q_pos_L.shape[0] if rows else 1
         if position.has_score_bias:
-            bytes_per_row = self.n_heads * S * q_BHLD.element_size()
+            bytes_per_row = batch * self.n_heads * S * q_BHLD.element_size()
         else:
-            bytes_per_row = S  # a boolean mask, shared by the heads
+            bytes_per_row = batch * S  # a boolean mask, shared by the heads
         chunk = max(1, (self.cfg.mask_budget_mb << 20) // bytes_per_row)
         outs = []
         for start in range(0, L, chunk):
-            q_pos = q_pos_L[start : start + chunk]
-            # The queries are the last L of the S key positions (aligned, or after a KV cache),
-            # so this chunk sees only the first S - L + end keys: the rest is never computed.
-            end = S - L + start + q_pos.shape[0]
+            q_pos = q_pos_L[..., start : start + chunk]
+            # Contiguous queries are the last L of the S key positions (aligned, or after a KV
+            # cache), so this chunk sees only the first S - L + end keys: the rest is never computed.
+            end = S if rows else S - L + start + q_pos.shape[-1]
             k_pos, k, v = k_pos_S[:end], k_BHSD[:, :, :end], v_BHSD[:, :, :end]
-            visible_LS = k_pos[None, :] <= q_pos[:, None]
+            visible_LS = k_pos <= q_pos[..., None]  # ([B] l S)
             if position.has_score_bias:
-                bias = position.score_bias(q_pos, k_pos).to(q_BHLD.dtype)
-                mask = bias.masked_fill(~visible_LS, float("-inf"))  # H l S
+                bias = position.score_bias(q_pos, k_pos).to(q_BHLD.dtype)  # ([B] H l S)
+                mask = bias.masked_fill(~visible_LS.unsqueeze(-3), float("-inf"))
             else:
-                mask = visible_LS
+                mask = visible_LS.unsqueeze(-3) if rows else visible_LS
             outs.append(
                 F.scaled_dot_product_attention(
                     q_BHLD[:, :, start : start + chunk], k, v, attn_mask=mask, dropout_p=dropout
@@ -121,7 +126,7 @@ class SoftmaxAttention(AttentionKernel):
         scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if position.has_score_bias:
             scores_BHLS = scores_BHLS + position.score_bias(q_pos_L, k_pos_S).to(scores_BHLS.dtype)
-        visible_LS = k_pos_S[None, :] <= q_pos_L[:, None]
-        scores_BHLS = scores_BHLS.masked_fill(~visible_LS, float("-inf"))
+        visible_LS = k_pos_S <= q_pos_L[..., None]  # L S, or B L S for per-row query positions
+        scores_BHLS = scores_BHLS.masked_fill(~visible_LS.unsqueeze(-3), float("-inf"))
         probs = F.dropout(scores_BHLS.softmax(dim=-1), p=self.dropout, training=self.training)
         return (probs @ v).to(dtype)
