@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_attention_args(bench.add_parser("attention", help="forward+backward time and peak memory of an attention kernel"))
     from lmtrain.bench.act import add_arguments as bench_act_args
+    from lmtrain.bench.memory import add_arguments as bench_memory_args
+
+    bench_memory_args(bench.add_parser("memory", help="activation memory and time of a training step against depth, "
+                                                      "per residual wiring (prenorm, two_stream, reversible)"))
 
     bench_act_args(bench.add_parser("act", help="what ACT halting saves: a trained ACT model's step time, "
                                                 "running positions only vs every position vs all steps"))
@@ -166,9 +170,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lmtrain.bench import act, attention
+    from lmtrain.bench import act, attention, memory
 
-    return {"attention": attention.main, "act": act.main}[args.bench](args)
+    return {"attention": attention.main, "act": act.main, "memory": memory.main}[args.bench](args)
 
 
 def cmd_inspect(args) -> int:

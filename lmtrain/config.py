@@ -377,6 +377,9 @@ def _check_deepspeed(cfg: Config) -> list[str]:
         errs.append(f"deepspeed.zero_stage: {ds.zero_stage} is not 1, 2 or 3 (for no sharding use trainer.strategy=ddp)")
     if ds.offload_params and ds.zero_stage != 3:
         errs.append("deepspeed.offload_params: needs deepspeed.zero_stage=3 (only stage 3 partitions parameters)")
+    if ds.zero_stage == 3 and cfg.model.residual == "reversible":
+        errs.append("model.residual=reversible: its backward takes gradients for whole parameters, which ZeRO-3 "
+                    "partitions outside their module's forward; use deepspeed.zero_stage 1 or 2")
     if t.precision not in DEEPSPEED_PRECISIONS:
         errs.append(f"trainer.precision: {t.precision!r} is not supported by DeepSpeed; use one of "
                     f"{', '.join(DEEPSPEED_PRECISIONS)}")

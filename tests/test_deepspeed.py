@@ -141,3 +141,18 @@ def test_usr1_under_zero3_saves_shards_and_resumes_exactly(base_args):
     run_cli("train", *args, check=True)
     want, got = read_metrics(root / "zero3" / "metrics.jsonl"), read_metrics(metrics)
     assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]
+
+
+def test_reversible_wiring_under_zero2_matches_plain_autograd(base_args, tmp_path):
+    """Reversible layers hand each parameter's gradient to autograd, so ZeRO-2's gradient hooks
+    (reduce-scatter into the shards) see them: the losses equal the two-stream model's under
+    plain autograd (float32, 6 steps, dropout on)."""
+    losses = {}
+    for wiring in ("two_stream", "reversible"):
+        args = [*base_args, "deepspeed.zero_stage=2", f"model.residual={wiring}", f"run.root={tmp_path}",
+                f"run.name={wiring}"]
+        run_cli("train", *args, check=True)
+        losses[wiring] = read_metrics(tmp_path / wiring / "metrics.jsonl")
+    assert sorted(losses["reversible"]) == list(range(1, 7))
+    for step, plain in losses["two_stream"].items():
+        assert losses["reversible"][step] == pytest.approx(plain, rel=1e-5), step

@@ -20,6 +20,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from lmtrain.bench.process import reset_peak as _reset_peak
+from lmtrain.bench.process import rss_kb as _rss_kb
+from lmtrain.bench.process import trim as _trim
+
 
 @dataclass
 class Case:
@@ -52,30 +56,6 @@ CASES = {"adaptive_span": adaptive_span_cases}
 
 
 # -- the child: one configuration, one process ---------------------------------------------
-def _rss_kb(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def measure(case: Case) -> dict:

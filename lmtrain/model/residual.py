@@ -65,3 +65,7 @@ class PreNorm(Residual):
     def block_rows(layer, x_BLM, rows_BQ, ctx):
         y_BQM = gather_rows(x_BLM, rows_BQ) + layer.f(x_BLM, ctx, rows_BQ=rows_BQ)
         return y_BQM + layer.g(y_BQM, ctx)
+
+
+# The other wirings register themselves on import.
+from lmtrain.model import reversible  # noqa: E402,F401

@@ -16,7 +16,9 @@ CKPT_KEY = "lmtrain"
 
 
 def lm_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten())
+    """Cross-entropy in float32 at least (bf16 logits are upcast; float64 stays float64)."""
+    logits_BLV = logits_BLV.to(torch.promote_types(logits_BLV.dtype, torch.float32))
+    return F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten())
 
 
 def step_seed(seed: int, sample: int, rank: int) -> int:

@@ -119,11 +119,15 @@ class AdaptiveSpanAttention(AttentionKernel):
         """Keep z_h / S in [0, 1]."""
         self.span_frac.clamp_(0.0, 1.0)
 
-    def _account(self, aux) -> None:
+    def parameter_losses(self) -> dict[str, Tensor]:
         """The span loss of this layer (training only)."""
-        z = self.spans()
         if self.cfg.loss_coef and self.training and not self.cfg.fixed:
-            aux.add_loss_once("span", self, self.cfg.loss_coef * z.mean())
+            return {"span": self.cfg.loss_coef * self.spans().mean()}
+        return {}
+
+    def _account(self, aux) -> None:
+        for name, value in self.parameter_losses().items():
+            aux.add_loss_once(name, self, value)
 
     def head_stats(self) -> dict[str, Tensor]:
         return {"span": self.spans().detach()}

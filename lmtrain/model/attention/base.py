@@ -61,6 +61,12 @@ class AttentionKernel(Variant, nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every optimizer step (projections, clamps)."""
 
+    def parameter_losses(self) -> dict[str, Tensor]:
+        """Loss terms of this kernel's own parameters alone (adaptive span's span loss), added
+        once per forward pass. Kernels add them from `forward`; wirings that run the forward
+        without a graph (reversible) add them again, with one."""
+        return {}
+
     def head_stats(self) -> dict[str, Tensor]:
         """Learned per-head quantities worth watching (name -> H values), e.g. adaptive spans.
         Logged to TensorBoard per layer and head, and printed by `lmtrain inspect`."""
