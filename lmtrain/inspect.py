@@ -35,21 +35,19 @@ def token_sections(t, windows: int) -> list[str]:
     import torch
 
     from data_pipelines.shards import DataDirError
-    from lmtrain.evaluate.runner import prepared_text
     from lmtrain.evaluate.tokens import distribution_lines, extremes_lines, measure
     from lmtrain.train.checkpoint import tokenizer_path
-    from lmtrain.train.data import val_windows
+    from lmtrain.train.data import WindowDataset, validation_sample
 
     L = t.cfg.data.seq_len
     try:
-        text = prepared_text(t.cfg.data.dir)
+        val_set = WindowDataset(t.cfg.data.dir, "val", L)
     except (DataDirError, FileNotFoundError, OSError):
         return ["", f"per-token statistics need the run's validation split; {t.cfg.data.dir} is not a prepared "
                     "data dir here (run from the directory the model was trained in)"]
-    n = (len(text.tokens) - 1) // L
-    if n < 1:
+    if len(val_set) < 1:
         return ["", f"the validation split of {t.cfg.data.dir} is shorter than one window of {L} tokens"]
-    ids = torch.stack([torch.from_numpy(text.tokens[w * L : (w + 1) * L].astype("int64")) for w in val_windows(n, windows)])
+    ids = validation_sample(val_set, windows)[:, :-1]
     stats = measure(t.model, ids)
     if not stats:
         return []
@@ -68,7 +66,7 @@ def token_sections(t, windows: int) -> list[str]:
                         f"over {values.numel():,} tokens"]
             continue
         limit = limits.get(name)
-        out += ["", f"{name} per token, {ids.shape[0]} validation windows of {L} tokens ({text.description}):", ""]
+        out += ["", f"{name} per token, {ids.shape[0]} validation windows of {L} tokens ({t.cfg.data.dir}):", ""]
         out += distribution_lines(name, values, int(limit) if limit else None)
         if decode is not None:
             out += extremes_lines(name, ids, values, decode)

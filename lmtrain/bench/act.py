@@ -46,9 +46,8 @@ def main(args) -> int:
     import torch.nn.functional as F
 
     from lmtrain.config import ConfigError
-    from lmtrain.evaluate.runner import prepared_text
     from lmtrain.train.checkpoint import load_trained
-    from lmtrain.train.data import val_windows
+    from lmtrain.train.data import WindowDataset, validation_sample
 
     if args.rounds < 1 or args.batch < 0:
         raise ConfigError("bench act: --rounds must be at least 1 and --batch 0 or more")
@@ -59,10 +58,7 @@ def main(args) -> int:
     if cfg.model.depth.kind != "act":
         raise ConfigError(f"bench act: {args.source} has model.depth.kind={cfg.model.depth.kind}; it needs act")
     L, B = cfg.data.seq_len, args.batch or cfg.data.batch_size
-    tokens = prepared_text(cfg.data.dir).tokens
-    n = (len(tokens) - 1) // (L + 1)
-    windows = torch.stack([torch.from_numpy(tokens[w * (L + 1):(w + 1) * (L + 1)].astype("int64"))
-                           for w in val_windows(n, B)])
+    windows = validation_sample(WindowDataset(cfg.data.dir, "val", L), B)
     x, y = windows[:, :-1], windows[:, 1:]
     model.train()
     depth = model.depth

@@ -92,6 +92,12 @@ def val_windows(n_windows: int, count: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n_windows - 1, num=count).round()] if count else []
 
 
+def validation_sample(val_set: "WindowDataset", count: int) -> torch.Tensor:
+    """`count` windows of L + 1 tokens spread evenly over the validation split (the same ones
+    every time): count x (L + 1)."""
+    return torch.stack([val_set[w] for w in val_windows(len(val_set), count)])
+
+
 def _loader_generator(seed: int) -> torch.Generator:
     # An explicit generator keeps the DataLoader from drawing on the global RNG.
     return torch.Generator().manual_seed(seed)

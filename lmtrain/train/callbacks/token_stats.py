@@ -31,14 +31,12 @@ class TokenStats(pl.Callback):
 
     def _sample(self, trainer) -> torch.Tensor | None:
         if self.sample_NL is None:
-            from lmtrain.train.data import val_windows
+            from lmtrain.train.data import validation_sample
 
-            dm = trainer.datamodule
-            val_set = getattr(dm, "val_set", None)
+            val_set = getattr(trainer.datamodule, "val_set", None)
             if val_set is None or len(val_set) == 0:
                 return None
-            rows = [val_set[w][:-1] for w in val_windows(len(val_set), SAMPLE_WINDOWS)]
-            self.sample_NL = torch.stack(rows)
+            self.sample_NL = validation_sample(val_set, SAMPLE_WINDOWS)[:, :-1]
         return self.sample_NL
 
     def _report(self, trainer, pl_module):
