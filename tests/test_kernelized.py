@@ -48,13 +48,18 @@ def attend(k, q, key, v, path):
 # ---- chunked == quadratic ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["one-segment", "segments"])
 @pytest.mark.parametrize("chunk", [1, 7, 16, 50, 64], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("kind, options", [("performer", {}), ("rfa", {}), ("rfa", {"gate": True}), ("linear", {})],
                          ids=["performer", "rfa", "rfa-gate", "linear"])
-def test_chunked_equals_quadratic_in_float64(kind, options, chunk):
+def test_chunked_equals_quadratic_in_float64(kind, options, chunk, segments, monkeypatch):
     """L = 50: chunk sizes that divide it (1, 50) and that do not (7, 16, 64 > L). Outputs within
     1e-10; gradients of the inputs and of the kind's parameters within 1e-10 of their largest
-    magnitude (RFA's signed denominator can be small, which scales its gradients up)."""
+    magnitude (RFA's signed denominator can be small, which scales its gradients up).
+    `segments`: one chunk per segment, so the features' carries (FAVOR+'s running maximum,
+    RFA's decay offset) and the state cross every segment boundary."""
+    if segments:
+        monkeypatch.setattr(causal_linear, "SEGMENT_ELEMENTS", 1)
     k = kernel(kind, chunk=chunk, **options).double()
     q, key, v = (t.requires_grad_() for t in qkv())
     results = []
@@ -72,19 +77,22 @@ def test_chunked_equals_quadratic_in_float64(kind, options, chunk):
 
 def test_chunked_core_with_a_decay_equals_quadratic():
     """The shared computation itself, with a strong decay (G falls by up to 3 per position, so
-    exp(-G) would overflow float64 within 250 positions if it were ever formed)."""
+    exp(-G) would overflow float64 within 250 positions if it were ever formed) and without,
+    in one segment and in several."""
     g = torch.Generator().manual_seed(3)
     B, H, L, M, D = 2, 2, 300, 12, 8
     fq, fk = (torch.rand(B, H, L, M, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
     G = -3 * torch.rand(B, H, L, generator=g, dtype=torch.float64).cumsum(-1)
     pos = torch.arange(L)
-    num_q, den_q = causal_linear.quadratic(fq, fk, v, G, G, pos[None, :] <= pos[:, None])
-    for chunk in (13, 64):
-        num, den = causal_linear.chunked(fq, fk, v, G, chunk)
-        assert torch.isfinite(num).all()
-        torch.testing.assert_close(num, num_q, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(den, den_q, rtol=1e-10, atol=1e-12)
+    for decay in (G, None):
+        num_q, den_q = causal_linear.quadratic(fq, fk, v, decay, decay, pos[None, :] <= pos[:, None])
+        # Long sequences run in segments of whole chunks with the state carried between them.
+        for chunk, segment in ((13, None), (64, None), (13, 39), (16, 64)):
+            num, den = causal_linear.chunked(fq, fk, v, decay, chunk, segment)
+            assert torch.isfinite(num).all()
+            torch.testing.assert_close(num, num_q, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(den, den_q, rtol=1e-10, atol=1e-12)
 
 
 def test_stabilizer_keeps_large_exponents_finite():
@@ -338,3 +346,28 @@ def test_parameter_count_matches_the_built_module():
     assert sum(p.numel() for p in make_model("rfa").parameters()) == base + layers * H * D
     gated = make_model("rfa", "model.attention.gate=true")
     assert sum(p.numel() for p in gated.parameters()) == base + layers * (2 * H * D + H)
+
+
+def test_flops_count_the_kernels_own_work():
+    """Per token and layer: softmax 12 L d (PaLM); performer 3 H (4 M D + 2 C (M + D + 1) +
+    4 M (D + 1)), which does not grow with L."""
+    cfg = load_config(CONFIGS / "debug.yaml", ["model.attention.kind=performer", "model.position=rope",
+                                               "model.d_model=256", "model.n_heads=4", "model.attention.features=256",
+                                               "model.attention.chunk=64"]).model
+    D, M, C, H = 64, 256, 64, 4
+    expected = 3 * H * (4 * M * D + 2 * C * (M + D + 1) + 4 * M * (D + 1))
+    assert ATTENTION.get("performer").attention_flops(cfg, 4096) == expected
+    assert ATTENTION.get("performer").attention_flops(cfg, 32768) == expected
+    assert ATTENTION.get("softmax").attention_flops(cfg, 4096) == 12 * 256 * 4096
+
+
+def test_the_preset_and_its_control_differ_only_in_attention():
+    from lmtrain.config import to_dict
+
+    perf = to_dict(load_config(CONFIGS / "experiments" / "performer.yaml"))
+    ctl = to_dict(load_config(CONFIGS / "experiments" / "performer_softmax.yaml"))
+    assert perf["model"]["attention"]["kind"] == "performer" and ctl["model"]["attention"]["kind"] == "softmax"
+    for cfg in (perf, ctl):
+        cfg["model"].pop("attention")
+        cfg["run"].pop("name")
+    assert perf == ctl

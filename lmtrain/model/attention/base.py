@@ -92,6 +92,13 @@ class AttentionKernel(Variant, nn.Module):
                 )
         return reasons
 
+    @classmethod
+    def attention_flops(cls, model: "ModelConfig", seq_len: int) -> float:
+        """Training FLOPs per token of one layer's kernel (forward + backward = 3 x forward),
+        beyond the projections. Softmax: 2 L d for the scores and 2 L d for the values of a
+        full L x L product (PaLM's convention), so 12 L d."""
+        return 12.0 * model.d_model * seq_len
+
     def forward(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *, position: "Position", q_pos_L: Tensor,
                 k_pos_S: Tensor, aux: "Aux") -> Tensor:
         kw = dict(position=position, q_pos_L=q_pos_L, k_pos_S=k_pos_S, aux=aux)

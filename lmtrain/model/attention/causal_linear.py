@@ -43,40 +43,88 @@ def quadratic(fq_BHLM: Tensor, fk_BHSM: Tensor, v_BHSD: Tensor, g_BHL: Optional[
     return w_BHLS @ v_BHSD, w_BHLS.sum(-1)
 
 
-def chunked(fq_BHLM: Tensor, fk_BHLM: Tensor, v_BHLD: Tensor, g_BHL: Optional[Tensor], chunk: int
-            ) -> tuple[Tensor, Tensor]:
-    """Aligned causal attention (query i and key i are the same position), in chunks."""
+# Positions per segment: the sequence is processed in segments of whole chunks, carrying the
+# state between them, so that each operation's working set (B x H x segment x M floats) stays
+# near this many elements, in cache, whatever L is; time then grows linearly in L.
+SEGMENT_ELEMENTS = 1 << 20
+
+
+def segment_length(B: int, H: int, M: int, D: int, chunk: int) -> int:
+    """Positions per segment (whole chunks) that keep B x H x segment x max(M, D + 1) near
+    SEGMENT_ELEMENTS."""
+    return max(1, SEGMENT_ELEMENTS // (B * H * max(M, D + 1) * chunk)) * chunk
+
+
+def with_ones(v_BHLD: Tensor) -> Tensor:
+    """v with a column of ones: the denominator is the numerator of that column, so one matmul
+    computes both."""
+    return torch.cat((v_BHLD, v_BHLD.new_ones(*v_BHLD.shape[:-1], 1)), dim=-1)
+
+
+def chunked(fq_BHLM: Tensor, fk_BHLM: Tensor, v_BHLD: Tensor, g_BHL: Optional[Tensor], chunk: int,
+            segment: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Aligned causal attention (query i and key i are the same position), in chunks, in
+    segments of whole chunks (default `segment_length`) with the state carried between them."""
     B, H, L, M = fq_BHLM.shape
-    D = v_BHLD.shape[-1]
     C = min(chunk, L)
+    segment = max(C, (segment or segment_length(B, H, M, v_BHLD.shape[-1], C)) // C * C)
+    # split, not slices: backward then assembles each input's gradient once, instead of a
+    # zero-filled full-length tensor per segment.
+    pieces = [t.split(segment, dim=2) for t in (fq_BHLM, fk_BHLM, with_ones(v_BHLD))]
+    gs = [None] * len(pieces[0]) if g_BHL is None else g_BHL.split(segment, dim=-1)
+    state, g_prev, outs = None, None, []
+    for q, k, v, g in zip(*pieces, gs):
+        out, state, g_prev = segment_forward(q, k, v, g, C, state, g_prev)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out[..., :-1], out[..., -1]
+
+
+def segment_forward(fq_BHLM: Tensor, fk_BHLM: Tensor, v_BHLE: Tensor, g_BHL: Optional[Tensor], C: int,
+             state_BHME: Optional[Tensor], g_prev_BH: Optional[Tensor]):
+    """One segment of whole chunks (v with its column of ones, `with_ones`), given the state
+    carried in (None: the sequence starts here), referenced to G at the position before the
+    segment (`g_prev_BH`). Returns (the output, with the denominator as its last column, the
+    state after the segment, and G at its last position)."""
+    B, H, L, M = fq_BHLM.shape
+    E = v_BHLE.shape[-1]
+    C = min(C, L)
     n = -(-L // C)
     pad = n * C - L
-    # The denominator is the numerator of a column of ones: one matmul computes both.
-    v1_BHLE = torch.cat((v_BHLD, v_BHLD.new_ones(B, H, L, 1)), dim=-1)
-    q = F.pad(fq_BHLM, (0, 0, 0, pad)).view(B, H, n, C, M)
-    k = F.pad(fk_BHLM, (0, 0, 0, pad)).view(B, H, n, C, M)  # padded keys are 0: they add nothing
-    v = F.pad(v1_BHLE, (0, 0, 0, pad)).view(B, H, n, C, D + 1)
+
+    def blocks(t):  # B H L X -> B H n C X, padding with zeros (padded keys add nothing)
+        return (F.pad(t, (0, 0, 0, pad)) if pad else t).reshape(B, H, n, C, t.shape[-1])
+
+    q, k, v = blocks(fq_BHLM), blocks(fk_BHLM), blocks(v_BHLE)
     causal_CC = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     scores = q @ k.transpose(-1, -2)  # B H n C C
     if g_BHL is None:
         intra = scores.masked_fill(~causal_CC, 0.0) @ v
         T = k.transpose(-1, -2) @ v  # per-chunk states, B H n M E
-        prefix = T.cumsum(2) - T  # state before each chunk (exclusive prefix sum)
-        inter = q @ prefix
-    else:
-        g = F.pad(g_BHL, (0, pad), mode="replicate").view(B, H, n, C)
-        g_end = g[..., -1]  # B H n: G at each chunk's last position
-        g_before = F.pad(g_end[..., :-1], (1, 0), value=0.0)  # G at the end of the previous chunk
-        g_before[..., 0] = g[..., 0, 0]  # chunk 0 has no prefix; any finite reference does
-        expo = (g[..., :, None] - g[..., None, :]).masked_fill(~causal_CC, float("-inf"))
-        intra = (scores * expo.exp()) @ v
-        T = (k * (g_end[..., None] - g).exp()[..., None]).transpose(-1, -2) @ v  # referenced to g_end
-        decay = (g_end - g_before).exp()  # B H n: how the carried state fades across chunk c
-        states, state = [], torch.zeros_like(T[:, :, 0])
-        for c in range(n):
-            states.append(state)
-            state = state * decay[..., c, None, None] + T[:, :, c]
-        prefix = torch.stack(states, dim=2)  # B H n M E, referenced to g_before
-        inter = (q * (g - g_before[..., None]).exp()[..., None]) @ prefix
-    out = (intra + inter).view(B, H, n * C, D + 1)[:, :, :L]
-    return out[..., :D], out[..., D]
+        cum = T.cumsum(2)
+        prefix = cum - T  # state before each chunk (exclusive prefix sum)
+        final = cum[:, :, -1]
+        if state_BHME is not None:
+            prefix = prefix + state_BHME[:, :, None]
+            final = final + state_BHME
+        return (intra + q @ prefix).reshape(B, H, n * C, E)[:, :, :L], final, None
+    g = (F.pad(g_BHL, (0, pad), mode="replicate") if pad else g_BHL).reshape(B, H, n, C)
+    g_end = g[..., -1]  # B H n: G at each chunk's last position
+    # G at the end of the previous chunk; chunk 0 of the sequence has no prefix, and any finite
+    # reference does (its own first position).
+    first = g[..., 0, 0] if g_prev_BH is None else g_prev_BH
+    g_before = torch.cat((first[..., None], g_end[..., :-1]), dim=-1)
+    expo = (g[..., :, None] - g[..., None, :]).masked_fill(~causal_CC, float("-inf"))
+    intra = (scores * expo.exp()) @ v
+    T = (k * (g_end[..., None] - g).exp()[..., None]).transpose(-1, -2) @ v  # referenced to g_end
+    decay = (g_end - g_before).exp()  # B H n: how the carried state fades across chunk c
+    # A scan over chunks. unbind (not T[:, :, c]) so that backward assembles the gradient of T
+    # once, instead of a zero-filled full-size tensor per chunk.
+    states = []
+    state = torch.zeros_like(T[:, :, 0]) if state_BHME is None else state_BHME
+    for T_c, decay_c in zip(T.unbind(2), decay.unbind(-1)):
+        states.append(state)
+        state = state * decay_c[..., None, None] + T_c
+    prefix = torch.stack(states, dim=2)  # B H n M E, referenced to g_before
+    inter = (q * (g - g_before[..., None]).exp()[..., None]) @ prefix
+    return (intra + inter).reshape(B, H, n * C, E)[:, :, :L], state, g_end[..., -1]

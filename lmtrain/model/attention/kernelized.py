@@ -60,9 +60,35 @@ class KernelizedAttention(AttentionKernel):
             reasons.append(f"model.attention.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
         return reasons
 
-    def feature_maps(self, q_BHLD: Tensor, k_BHSD: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query features B H L M, key features B H S M, and the cumulative log-decay of the
-        keys B H S (or None). Computed in the inputs' dtype promoted to at least float32."""
+    @classmethod
+    def feature_count(cls, model) -> int:
+        """M, the features per head."""
+        return model.d_model // model.n_heads
+
+    @property
+    def n_features(self) -> int:
+        return self.head_dim
+
+    @classmethod
+    def projection_flops(cls, model) -> float:
+        """Forward FLOPs per token and head of the feature maps of one query and one key."""
+        return 0.0
+
+    @classmethod
+    def attention_flops(cls, model, seq_len: int) -> float:
+        """Per token and head, forward: the features, the chunk's C x C block of scores over M
+        features and its values (D + 1 columns with the denominator), and reading and updating
+        the carried M x (D + 1) state; training is 3x that."""
+        D, M = model.d_model // model.n_heads, cls.feature_count(model)
+        C = min(model.attention.chunk, seq_len)
+        forward = cls.projection_flops(model) + 2 * C * (M + D + 1) + 4 * M * (D + 1)
+        return 3.0 * model.n_heads * forward
+
+    def feature_maps(self, q_BHLD: Tensor, k_BHSD: Tensor, carry=None):
+        """Query features B H L M, key features B H S M, the cumulative log-decay of the keys
+        B H S (or None), and what the next segment of the same sequence needs to continue
+        (running maxima, decay offsets; None when nothing). `carry` is that of the previous
+        segment, None at the start of the sequence. Inputs are at least float32."""
         raise NotImplementedError
 
     def _divide(self, num_BHLD: Tensor, den_BHL: Tensor) -> Tensor:
@@ -79,21 +105,38 @@ class KernelizedAttention(AttentionKernel):
         dtype = q_BHLD.dtype
         work = torch.promote_types(dtype, torch.float32)
         q, k, v = (t.to(work) for t in (q_BHLD, k_BHSD, v_BHSD))
-        fq, fk, g_S = self.feature_maps(q, k)
-        L, S = q.shape[2], k.shape[2]
-        # Queries are the last L of the S key positions (aligned in training, after the cached
-        # ones in decoding): their decay is the keys' at the same positions.
-        g_L = None if g_S is None else g_S[..., S - L:]
         if path == "chunked":
-            num, den = causal_linear.chunked(fq, fk, v, g_S, self.cfg.chunk)
-        elif path == "triton":
+            return self._divide(*self._chunked(q, k, v)).to(dtype)
+        fq, fk, g_S, _ = self.feature_maps(q, k)
+        if path == "triton":
             from lmtrain.model.attention.triton_linear import causal_linear_triton
 
             num, den = causal_linear_triton(fq, fk, v, g_S, self.cfg.chunk)
         else:  # reference, cache
+            # Queries are the last L of the S key positions (aligned in training, after the
+            # cached ones in decoding): their decay is the keys' at the same positions.
+            L, S = q.shape[2], k.shape[2]
+            g_L = None if g_S is None else g_S[..., S - L:]
             visible_LS = k_pos_S <= q_pos_L[:, None]
             num, den = causal_linear.quadratic(fq, fk, v, g_L, g_S, visible_LS)
         return self._divide(num, den).to(dtype)
+
+    def _chunked(self, q_BHLD, k_BHLD, v_BHLD) -> tuple[Tensor, Tensor]:
+        """The CPU path, segment by segment: features too are computed per segment, so every
+        operation's working set stays in cache and time grows linearly with L."""
+        B, H, L, D = q_BHLD.shape
+        C = min(self.cfg.chunk, L)
+        seg = causal_linear.segment_length(B, H, self.n_features, D, C)
+        # split, not slices: backward assembles each input's gradient once.
+        pieces = [t.split(seg, dim=2) for t in (q_BHLD, k_BHLD, causal_linear.with_ones(v_BHLD))]
+        carry = state = g_prev = None
+        outs = []
+        for q, k, v in zip(*pieces):
+            fq, fk, g, carry = self.feature_maps(q, k, carry)
+            out, state, g_prev = causal_linear.segment_forward(fq, fk, v, g, C, state, g_prev)
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out[..., :-1], out[..., -1]
 
     def _path(self, q_BHLD: Tensor, k_BHSD: Tensor, q_pos_L: Tensor, k_pos_S: Tensor) -> str:
         aligned = q_BHLD.shape[2] == k_BHSD.shape[2] and q_pos_L.dim() == 1

@@ -22,5 +22,5 @@ class LinearAttention(KernelizedAttention):
     Config = LinearConfig
     cfg: LinearConfig
 
-    def feature_maps(self, q_BHLD, k_BHSD):
-        return F.elu(q_BHLD) + 1, F.elu(k_BHSD) + 1, None
+    def feature_maps(self, q_BHLD, k_BHSD, carry=None):
+        return F.elu(q_BHLD) + 1, F.elu(k_BHSD) + 1, None, None

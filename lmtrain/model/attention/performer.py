@@ -18,6 +18,7 @@ cancels between numerator and denominator, so no gradient flows through them):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,15 +61,29 @@ class PerformerAttention(KernelizedAttention):
             reasons.append("model.attention.redraw_interval must be 0 (never) or positive")
         return reasons
 
+    @classmethod
+    def feature_count(cls, model) -> int:
+        return model.attention.features
+
+    @classmethod
+    def projection_flops(cls, model) -> float:
+        return 2 * 2 * model.attention.features * (model.d_model // model.n_heads)  # w . x for q and k
+
     def after_optimizer_step(self) -> None:
         self.features.step()
 
-    def feature_maps(self, q_BHLD, k_BHSD):
+    @property
+    def n_features(self) -> int:
+        return self.features.m
+
+    def feature_maps(self, q_BHLD, k_BHSD, carry=None):
         w = self.features.weight
-        scale = self.features.m ** -0.5
+        log_scale = -0.5 * math.log(self.features.m)  # the 1 / sqrt(M), inside the exp
         a_q = favor_features(q_BHLD, w)
-        fq = (a_q - a_q.amax(-1, keepdim=True).detach()).exp() * scale
+        fq = (a_q - (a_q.amax(-1, keepdim=True).detach() - log_scale)).exp()
         a_k = favor_features(k_BHSD, w)
         r_BHS = a_k.detach().amax(-1).cummax(-1).values  # running max over keys and features
-        fk = (a_k - r_BHS[..., None]).exp() * scale
-        return fq, fk, -r_BHS
+        if carry is not None:  # and over the earlier segments of the sequence
+            r_BHS = torch.maximum(r_BHS, carry[..., None])
+        fk = (a_k - (r_BHS[..., None] - log_scale)).exp()
+        return fq, fk, -r_BHS, r_BHS[..., -1]

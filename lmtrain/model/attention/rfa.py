@@ -78,6 +78,14 @@ class RFAAttention(KernelizedAttention):
             reasons.append("model.attention.eps must be positive")
         return reasons
 
+    @classmethod
+    def feature_count(cls, model) -> int:
+        return 2 * model.attention.features  # sin and cos
+
+    @classmethod
+    def projection_flops(cls, model) -> float:
+        return 2 * 2 * model.attention.features * (model.d_model // model.n_heads)
+
     def after_optimizer_step(self) -> None:
         self.features.step()
 
@@ -86,11 +94,17 @@ class RFAAttention(KernelizedAttention):
         arg = x @ self.features.weight.T.to(x.dtype)  # B H L M
         return torch.cat((arg.sin(), arg.cos()), dim=-1) * self.features.m ** -0.5
 
-    def feature_maps(self, q_BHLD, k_BHSD):
+    @property
+    def n_features(self) -> int:
+        return 2 * self.features.m
+
+    def feature_maps(self, q_BHLD, k_BHSD, carry=None):
         fq, fk = self._phi(q_BHLD), self._phi(k_BHSD)
         if not self.cfg.gate:
-            return fq, fk, None
+            return fq, fk, None, None
         logit_BHS = (k_BHSD * self.gate_weight.to(k_BHSD.dtype)[:, None, :]).sum(-1) + self.gate_bias[:, None]
-        log_g = F.logsigmoid(logit_BHS)
+        g_BHS = F.logsigmoid(logit_BHS).cumsum(-1)
+        if carry is not None:  # G continues from the earlier segments of the sequence
+            g_BHS = g_BHS + carry[..., None]
         fk = fk * torch.sigmoid(-logit_BHS)[..., None]  # 1 - g_t
-        return fq, fk, log_g.cumsum(-1)
+        return fq, fk, g_BHS, g_BHS[..., -1]
