@@ -371,3 +371,13 @@ def test_the_preset_and_its_control_differ_only_in_attention():
         cfg["model"].pop("attention")
         cfg["run"].pop("name")
     assert perf == ctl
+
+
+def test_triton_kernels_compile_for_an_h100():
+    """The kernels compile ahead of time for sm_90 (no GPU needed: Triton's own frontend and
+    ptxas), which the interpreter alone would not prove, and fit an H100's shared memory."""
+    pytest.importorskip("triton")
+    from lmtrain.model.attention.triton_linear import compile_for
+
+    for name, shared in compile_for(capability=90).items():
+        assert shared <= 160 * 1024, (name, shared)

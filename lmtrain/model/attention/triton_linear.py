@@ -33,7 +33,8 @@ from torch import Tensor
 @triton.jit
 def _fwd_kernel(Q, K, V, G, NUM, DEN, L, M, D, BH,
                 BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
-    im, idd, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    im, idd = tl.program_id(0), tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)  # offsets below can pass 2^31 elements
     offs_t = tl.arange(0, BT)
     offs_m = im * BM + tl.arange(0, BM)
     offs_d = idd * BD + tl.arange(0, BD)
@@ -43,7 +44,9 @@ def _fwd_kernel(Q, K, V, G, NUM, DEN, L, M, D, BH,
     den_base = DEN + (im * BH + bh) * L
     state = tl.zeros((BM, BD), dtype=tl.float32)
     zstate = tl.zeros((BM,), dtype=tl.float32)
-    g_prev = tl.load(g_base).to(tl.float32) if HAS_G else 0.0
+    g_prev = 0.0
+    if HAS_G:
+        g_prev = tl.load(g_base).to(tl.float32)
     for t0 in range(0, L, BT):
         rows = t0 + offs_t
         mask_t = rows < L
@@ -77,7 +80,8 @@ def _fwd_kernel(Q, K, V, G, NUM, DEN, L, M, D, BH,
 def _bwd_dq_kernel(K, V, G, DO, DZ, DQ, L, M, D, BH,
                    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
     """dq, forward walk; partial over the value-column blocks (the denominator's term in block 0)."""
-    im, idd, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    im, idd = tl.program_id(0), tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)  # offsets below can pass 2^31 elements
     offs_t = tl.arange(0, BT)
     offs_m = im * BM + tl.arange(0, BM)
     offs_d = idd * BD + tl.arange(0, BD)
@@ -87,7 +91,9 @@ def _bwd_dq_kernel(K, V, G, DO, DZ, DQ, L, M, D, BH,
     dq_base = DQ + (idd * BH + bh) * L * M
     state = tl.zeros((BM, BD), dtype=tl.float32)
     zstate = tl.zeros((BM,), dtype=tl.float32)
-    g_prev = tl.load(g_base).to(tl.float32) if HAS_G else 0.0
+    g_prev = 0.0
+    if HAS_G:
+        g_prev = tl.load(g_base).to(tl.float32)
     for t0 in range(0, L, BT):
         rows = t0 + offs_t
         mask_t = rows < L
@@ -123,7 +129,8 @@ def _bwd_dkv_kernel(Q, K, V, G, DO, DZ, DK, DV, L, M, D, BH,
                     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
     """dk (partial over value-column blocks) and dv (partial over feature blocks), reverse walk.
     The carried state is R = sum over later positions i of e^{G_i - G_start} q_i do_i^T."""
-    im, idd, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    im, idd = tl.program_id(0), tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)  # offsets below can pass 2^31 elements
     offs_t = tl.arange(0, BT)
     offs_m = im * BM + tl.arange(0, BM)
     offs_d = idd * BD + tl.arange(0, BD)
@@ -134,7 +141,9 @@ def _bwd_dkv_kernel(Q, K, V, G, DO, DZ, DK, DV, L, M, D, BH,
     dv_base = DV + (im * BH + bh) * L * D
     state = tl.zeros((BM, BD), dtype=tl.float32)
     zstate = tl.zeros((BM,), dtype=tl.float32)
-    g_next = tl.load(g_base + L - 1).to(tl.float32) if HAS_G else 0.0
+    g_next = 0.0
+    if HAS_G:
+        g_next = tl.load(g_base + L - 1).to(tl.float32)
     n_chunks = tl.cdiv(L, BT)
     for c in range(0, n_chunks):
         t0 = (n_chunks - 1 - c) * BT
@@ -178,7 +187,14 @@ def _blocks(chunk: int, M: int, D: int) -> tuple[int, int, int]:
     def pow2(n: int, lo: int = 16, hi: int = 64) -> int:
         return max(lo, min(hi, triton.next_power_of_2(n)))
 
-    return pow2(chunk, hi=128), pow2(M), pow2(D)
+    return pow2(chunk), pow2(M), pow2(D)
+
+
+def _launch(BT: int) -> dict:
+    """Warps and pipeline stages. One stage: the chunks depend on each other through the state
+    anyway, and it keeps shared memory at 64-112 KB for 64 x 64 x 64 blocks (sm_90, fp32
+    operands; two stages need up to 129 KB), within an A100's and an H100's limit."""
+    return {"num_warps": 8 if BT >= 64 else 4, "num_stages": 1}
 
 
 def _precision(x: Tensor) -> str:
@@ -199,7 +215,7 @@ class _CausalLinear(torch.autograd.Function):
         den = fq.new_empty(nm, B, H, L)
         prec = _precision(fq)
         _fwd_kernel[(nm, nd, B * H)](fq, fk, v, g_, num, den, L, M, D, B * H,
-                                     BT=BT, BM=BM, BD=BD, HAS_G=has_g, PREC=prec)
+                                     BT=BT, BM=BM, BD=BD, HAS_G=has_g, PREC=prec, **_launch(BT))
         ctx.save_for_backward(fq, fk, v, g_)
         ctx.meta = (has_g, BT, BM, BD, prec)
         return num.sum(0), den.sum(0)
@@ -217,9 +233,9 @@ class _CausalLinear(torch.autograd.Function):
         dk = fq.new_empty(nd, B, H, L, M)
         dv = fq.new_empty(nm, B, H, L, D)
         grid = (nm, nd, B * H)
-        _bwd_dq_kernel[grid](fk, v, g, do, dz, dq, L, M, D, B * H, BT=BT, BM=BM, BD=BD, HAS_G=has_g, PREC=prec)
-        _bwd_dkv_kernel[grid](fq, fk, v, g, do, dz, dk, dv, L, M, D, B * H,
-                              BT=BT, BM=BM, BD=BD, HAS_G=has_g, PREC=prec)
+        meta = dict(BT=BT, BM=BM, BD=BD, HAS_G=has_g, PREC=prec, **_launch(BT))
+        _bwd_dq_kernel[grid](fk, v, g, do, dz, dq, L, M, D, B * H, **meta)
+        _bwd_dkv_kernel[grid](fq, fk, v, g, do, dz, dk, dv, L, M, D, B * H, **meta)
         dq, dk, dv = dq.sum(0), dk.sum(0), dv.sum(0)
         dg = (fq * dq - fk * dk).sum(-1) if has_g and ctx.needs_input_grad[3] else None
         return dq, dk, dv, dg, None
@@ -229,3 +245,24 @@ def causal_linear_triton(fq_BHLM: Tensor, fk_BHLM: Tensor, v_BHLD: Tensor, g_BHL
                          ) -> tuple[Tensor, Tensor]:
     """Numerator B H L D and denominator B H L, as causal_linear.chunked (float32 inputs)."""
     return _CausalLinear.apply(fq_BHLM, fk_BHLM, v_BHLD, g_BHL, chunk)
+
+
+def compile_for(capability: int = 90, chunk: int = 64, M: int = 256, D: int = 64) -> dict[str, int]:
+    """Compile every kernel ahead of time for a CUDA target (no GPU needed) with the blocks and
+    launch options `causal_linear_triton` would use; returns each one's shared memory in bytes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    BT, BM, BD = _blocks(chunk, M, D)
+    shared = {}
+    for kernel in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkv_kernel):
+        for has_g in (False, True):
+            consts = dict(BT=BT, BM=BM, BD=BD, HAS_G=has_g, PREC="tf32")
+            signature = {n: "i32" if n in ("L", "M", "D", "BH") else "*fp32" for n in kernel.arg_names
+                         if n not in consts}
+            signature.update({n: "constexpr" for n in consts})
+            src = ASTSource(fn=kernel, signature=signature,
+                            constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
+            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=_launch(BT))
+            shared[f"{kernel.fn.__name__}{'_decay' if has_g else ''}"] = compiled.metadata.shared
+    return shared
