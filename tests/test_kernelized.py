@@ -7,6 +7,7 @@ these kinds in tests/test_model.py, which covers every registered kind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -381,3 +382,17 @@ def test_triton_kernels_compile_for_an_h100():
 
     for name, shared in compile_for(capability=90).items():
         assert shared <= 160 * 1024, (name, shared)
+
+
+def test_bench_attention_sweeps_lengths_against_softmax(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "attention", "--kind", "performer", "--lengths", "128,256", "--features", "32",
+                   "--heads", "2", "--head-dim", "16", "--rounds", "1", "--repeats", "1", "--threads", "1",
+                   "--out", str(out), check=True)
+    assert "| 128 |" in proc.stdout and "| 256 |" in proc.stdout and "crossover:" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert sorted((r["case"]["kind"], r["case"]["length"]) for r in results) == [
+        ("performer", 128), ("performer", 256), ("softmax", 128), ("softmax", 256)]
+    assert all(r["paths"].get("chunked") for r in results if r["case"]["kind"] == "performer")
+    bad = run_cli("bench", "attention", "--kind", "performer", "--lengths", "1k")
+    assert bad.returncode == 2 and "--lengths" in bad.stderr
