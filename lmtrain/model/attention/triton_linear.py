@@ -263,6 +263,7 @@ def compile_for(capability: int = 90, chunk: int = 64, M: int = 256, D: int = 64
             signature.update({n: "constexpr" for n in consts})
             src = ASTSource(fn=kernel, signature=signature,
                             constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
-            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=_launch(BT))
+            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                      options={**_launch(BT), "enable_fp_fusion": True})
             shared[f"{kernel.fn.__name__}{'_decay' if has_g else ''}"] = compiled.metadata.shared
     return shared
