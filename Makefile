@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-slow test-all env clean-runs extrapolation adaptive-span act
+.PHONY: train test test-slow test-all env clean-runs extrapolation adaptive-span act kernelized
 
 env: $(STAMP)
 
@@ -61,6 +61,14 @@ act: $(STAMP)
 	$(VENV)/bin/lmtrain inspect runs/act
 	$(VENV)/bin/lmtrain bench act runs/act
 	@echo "validation: runs/act/summary.json vs runs/act-all-steps/summary.json"
+
+# Kernelized attention: Performer FAVOR+ against exact softmax attention, same model, data and
+# steps (auto-resumes); then time and memory of both from L = 1k to 32k.
+kernelized: $(STAMP)
+	$(VENV)/bin/lmtrain train configs/experiments/performer.yaml $(ARGS)
+	$(VENV)/bin/lmtrain train configs/experiments/performer_softmax.yaml $(ARGS)
+	$(VENV)/bin/lmtrain bench attention --kind performer --rounds 1 --repeats 2
+	@echo "validation: runs/performer/summary.json vs runs/performer-softmax/summary.json"
 
 clean-runs:
 	rm -rf runs

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Validates lmtrain's GPU paths on a machine with one CUDA GPU and prints a short table:
 # compiled FlexAttention (ALiBi score_mod) forward+backward against the reference, bf16
-# SDPA, bf16-mixed training, ACT in bf16, and DeepSpeed ZeRO-2 / ZeRO-3 in bf16 on one GPU (train,
-# resume from a sharded checkpoint, export). Results go into docs/benchmarks.md.
+# SDPA, bf16-mixed training, ACT in bf16, the Triton kernels of kernelized attention
+# (performer, rfa, linear) against their PyTorch reference, and DeepSpeed ZeRO-2 / ZeRO-3 in
+# bf16 on one GPU (train, resume from a sharded checkpoint, export). Results go into
+# docs/benchmarks.md.
 #
 #   scripts/gpu_check.sh          run the checks (needs CUDA)
 #   scripts/gpu_check.sh --dry    run the same script on a CPU machine: installs, collects
@@ -34,11 +36,11 @@ if [ $DRY = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_avai
 fi
 
 log=$(mktemp)
-$PY -m pytest tests/test_gpu.py -m gpu -rA -q -p no:cacheprovider 2>&1 | tee "$log" | tail -n 3
+$PY -m pytest tests/test_gpu.py tests/test_kernelized.py -m gpu -rA -q -p no:cacheprovider 2>&1 | tee "$log" | tail -n 3
 rc=${PIPESTATUS[0]}
 echo
 echo "| check | result |"
 echo "|---|---|"
-grep -E "^(PASSED|FAILED|SKIPPED|ERROR)" "$log" | sed -E 's/^(PASSED|FAILED|ERROR) (tests\/test_gpu.py::)?([^ ]*).*/| \3 | \1 |/; s/^SKIPPED \[[0-9]+\] ([^:]*):[0-9]+: (.*)/| \1 | SKIPPED (\2) |/'
+grep -E "^(PASSED|FAILED|SKIPPED|ERROR)" "$log" | sed -E 's/^(PASSED|FAILED|ERROR) (tests\/test_[a-z_]*.py::)?([^ ]*).*/| \3 | \1 |/; s/^SKIPPED \[[0-9]+\] ([^:]*):[0-9]+: (.*)/| \1 | SKIPPED (\2) |/'
 [ $DRY = 1 ] && [ $rc = 5 ] && rc=0
 exit $rc

@@ -34,7 +34,7 @@ def make_model(position: str, kind: str = "softmax", *extra: str, dtype=torch.fl
 def combos():
     for kind in ATTENTION_KINDS:
         for pos in POSITION_KINDS:
-            cfg = load_config(CONFIGS / "debug.yaml", [f"model.attention.kind={kind}"])
+            cfg = load_config(CONFIGS / "debug.yaml", [f"model.attention.kind={kind}", "model.position=none"])
             cfg.model.position = pos
             cfg_errors = ATTENTION.get(kind).check(cfg.model)
             if not cfg_errors:

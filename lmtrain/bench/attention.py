@@ -1,6 +1,12 @@
 """`lmtrain bench attention`: forward+backward time and peak memory of one attention kernel
 call, for several configurations side by side.
 
+`--kind performer|rfa|linear` sweeps the length (`--lengths`, default 1k to 32k): at each L
+the kernelized kind and causal softmax attention through SDPA (no bias: its fused causal
+kernel), each in its own process. The table gives both times and memories, their ratio,
+time(L) / time(first L) for each, and the crossover: the shortest L at which the kernelized
+kind is faster.
+
 `--kind adaptive_span` compares every head's span at S (`--max-span`, default the kind's
 default S = 1024) with every span at S/8, at length `--length` (default 4096), and shows
 dense causal softmax attention over all keys beside them for context. Memory is the process's peak resident memory
@@ -52,7 +58,21 @@ def adaptive_span_cases(args) -> list[Case]:
             Case(label="softmax, all keys", **plain)]
 
 
-CASES = {"adaptive_span": adaptive_span_cases}
+def kernelized_cases(args) -> list[Case]:
+    opts = {"chunk": args.chunk}
+    if args.kind in ("performer", "rfa"):
+        opts["features"] = args.features
+    cases = []
+    for L in args.length_list:
+        common = dict(length=L, batch=args.batch, heads=args.heads, head_dim=args.head_dim, position="none",
+                      threads=args.threads, repeats=args.repeats)
+        cases.append(Case(label=f"{args.kind} L={L}", kind=args.kind, options=opts, **common))
+        cases.append(Case(label=f"softmax L={L}", kind="softmax", options={"backend": "sdpa"}, **common))
+    return cases
+
+
+CASES = {"adaptive_span": adaptive_span_cases, "performer": kernelized_cases, "rfa": kernelized_cases,
+         "linear": kernelized_cases}
 
 
 # -- the child: one configuration, one process ---------------------------------------------
@@ -140,9 +160,38 @@ def format_results(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(results: list[dict], kind: str) -> str:
+    """One row per length: the kernelized kind beside softmax, and the crossover."""
+    by_len: dict[int, dict[str, dict]] = {}
+    for r in results:
+        by_len.setdefault(r["case"]["length"], {})[r["case"]["kind"]] = r
+    lengths = sorted(by_len)
+    first = by_len[lengths[0]]
+    lines = [f"| L | {kind} fwd+bwd (ms) | softmax fwd+bwd (ms) | softmax / {kind} time | {kind} peak (MB) | "
+             f"softmax peak (MB) | {kind} time / at L={lengths[0]} | softmax time / at L={lengths[0]} |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    crossover = None
+    for L in lengths:
+        k, s = by_len[L][kind], by_len[L]["softmax"]
+        if crossover is None and k["time_s"] < s["time_s"]:
+            crossover = L
+        mem = [f"{x['peak_mb']:.0f}" if x["peak_mb"] is not None else "n/a" for x in (k, s)]
+        lines.append(f"| {L} | {k['time_s'] * 1e3:.1f} | {s['time_s'] * 1e3:.1f} | {s['time_s'] / k['time_s']:.2f} | "
+                     f"{mem[0]} | {mem[1]} | {k['time_s'] / first[kind]['time_s']:.1f} | "
+                     f"{s['time_s'] / first['softmax']['time_s']:.1f} |")
+    lines.append("")
+    lines.append(f"crossover: {kind} is faster than softmax from L = {crossover}" if crossover else
+                 f"crossover: {kind} is not faster than softmax at any measured length")
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="adaptive_span", choices=sorted(CASES), help="attention kind to benchmark")
-    p.add_argument("--length", type=int, default=4096, help="sequence length L")
+    p.add_argument("--length", type=int, default=4096, help="adaptive_span: sequence length L")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
+                   help="performer, rfa, linear: the lengths to sweep, comma-separated")
+    p.add_argument("--features", type=int, default=256, help="performer, rfa: random features M")
+    p.add_argument("--chunk", type=int, default=64, help="performer, rfa, linear: chunk size")
     p.add_argument("--max-span", type=int, default=1024, help="adaptive_span: S (compared with S/8)")
     p.add_argument("--ramp", type=int, default=32, help="adaptive_span: R")
     p.add_argument("--block", type=int, default=64, help="adaptive_span: block")
@@ -159,17 +208,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from lmtrain.config import ConfigError
 
-    if args.length < 2 or args.max_span < 8 or args.rounds < 1 or args.repeats < 1:
-        raise ConfigError("bench attention: --length >= 2, --max-span >= 8, --rounds and --repeats >= 1")
+    try:
+        args.length_list = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        raise ConfigError(f"bench attention: --lengths must be integers separated by commas, got {args.lengths!r}")
+    if args.length < 2 or args.max_span < 8 or args.rounds < 1 or args.repeats < 1 or min(args.length_list) < 2:
+        raise ConfigError("bench attention: --length and --lengths >= 2, --max-span >= 8, --rounds and --repeats >= 1")
     cases = CASES[args.kind](args)
     import torch
 
-    print(f"bench attention: {args.kind}, L={args.length}, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
+    sweep = args.kind != "adaptive_span"
+    lengths = args.lengths if sweep else args.length
+    print(f"bench attention: {args.kind}, L={lengths}, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
           f"position {args.position}, fp32, forward+backward; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; {args.rounds} rounds x {args.repeats} steps", flush=True)
     results = run_cases(cases, args.rounds)
     print()
-    print(format_results(results))
+    print(format_sweep(results, args.kind) if sweep else format_results(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=2)

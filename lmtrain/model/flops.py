@@ -3,8 +3,10 @@
 Training FLOPs per token = 6 * N_matmul + 12 * n_layers * d_model * L   (Kaplan et al. 2020;
 PaLM appendix B). N_matmul counts the parameters that take part in matrix multiplies:
 all parameters except embedding lookups, plus the LM head even when it is tied to the
-input embedding. The attention term counts the full L x L score and value products, as
-PaLM does, although a causal kernel may skip half of them.
+input embedding. The attention term is the kernel's own (`AttentionKernel.attention_flops`):
+for softmax it counts the full L x L score and value products, as PaLM does, although a
+causal kernel may skip half of them; kernelized kinds count their feature maps, chunks and
+carried state instead, which do not grow with L.
 """
 
 from __future__ import annotations
@@ -35,4 +37,7 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
     layers = getattr(model, "depth", None)
     block = sum(p.numel() for p in layers.layers.parameters()) if layers is not None else 0
     repeats = applications // cfg.n_layers - 1  # further applications of the same layer weights
-    return 6.0 * (matmul_params(model) + repeats * block) + 12.0 * applications * cfg.d_model * seq_len
+    from lmtrain.model.attention import ATTENTION
+
+    attention = ATTENTION.get(cfg.attention.kind).attention_flops(cfg, seq_len)
+    return 6.0 * (matmul_params(model) + repeats * block) + applications * attention

@@ -45,6 +45,7 @@ class AttentionKernel(Variant, nn.Module):
     supports_kv_cache: bool = False  # incremental decoding in `generate`
     supports_query_rows: bool = False  # q_pos_L may be B x L (a subset of queries per row)
     deterministic_recompute: bool = True  # same output when rerun with the same RNG state
+    score_bias_refusal: str = ""  # why a kind without supports_score_bias refuses one, for the error
 
     def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -84,11 +85,19 @@ class AttentionKernel(Variant, nn.Module):
         reasons = []
         if model.position in POSITIONS and POSITIONS.get(model.position).has_score_bias:
             if not cls.supports_score_bias:
+                why = f" ({cls.score_bias_refusal})" if cls.score_bias_refusal else ""
                 reasons.append(
                     f"model.attention.kind={model.attention.kind} cannot apply the additive score "
-                    f"bias of model.position={model.position}; use position rope or none"
+                    f"bias of model.position={model.position}{why}; use position rope or none"
                 )
         return reasons
+
+    @classmethod
+    def attention_flops(cls, model: "ModelConfig", seq_len: int) -> float:
+        """Training FLOPs per token of one layer's kernel (forward + backward = 3 x forward),
+        beyond the projections. Softmax: 2 L d for the scores and 2 L d for the values of a
+        full L x L product (PaLM's convention), so 12 L d."""
+        return 12.0 * model.d_model * seq_len
 
     def forward(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *, position: "Position", q_pos_L: Tensor,
                 k_pos_S: Tensor, aux: "Aux") -> Tensor:

@@ -1,0 +1,110 @@
+"""Random Feature Attention (Peng et al., ICLR 2021): random Fourier features, optionally gated.
+
+Queries and keys are l2-normalised per head; with w ~ N(0, diag(s^2)),
+
+    phi(x) = [sin(w_1 . x), ..., sin(w_M . x), cos(w_1 . x), ..., cos(w_M . x)] / sqrt(M)
+    E[phi(x) . phi(y)] = exp(-|s * (x - y)|^2 / 2) = exp(-s^2) exp(s^2 x . y)   (|x| = |y| = 1, scalar s)
+
+(their Eq. 2-4; Rahimi and Recht 2007), so attention follows a softmax with inverse
+temperature s^2, learned per head and dimension (`learn_scale`; RFA learns the variance of
+the features the same way). The projection is drawn as for the Performer (orthogonal blocks,
+seeded, redrawn every `redraw_interval` steps; RFA redraws every step in training).
+
+Gate (their Eq. 7, `gate: true`): a per-head scalar g_t = sigmoid(w_h . k_t + b_h) from the
+head's key, with the causal state updated as S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T
+(and the denominator's state alike), a learned recency bias. As a decay: key features
+times (1 - g_t), cumulative log-decay G = cumsum log g. (The paper computes g_t from the
+layer input x_t; the head's key is a linear function of x_t, which keeps the gate inside the
+kernel interface.)
+
+The features can be negative, so the estimated denominator can approach 0 or change sign:
+its magnitude is kept at least `eps`, with its sign.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmtrain.model.attention.base import ATTENTION
+from lmtrain.model.attention.kernelized import KernelizedAttention, KernelizedConfig, RandomFeatures
+
+
+@dataclass
+class RFAConfig(KernelizedConfig):
+    kind: str = "rfa"
+    features: int = 128  # M frequencies per head (2M features: sin and cos)
+    redraw_interval: int = 1000  # optimizer steps between redraws; 0 keeps the first draw
+    orthogonal: bool = True
+    # s at initialisation (softmax inverse temperature s^2 on unit q, k). Larger s sharpens attention
+    # but raises the variance of the estimate, whose denominator can then approach 0.
+    init_scale: float = 1.0
+    learn_scale: bool = True
+    gate: bool = False
+    gate_bias_init: float = 2.0  # b_h: g = sigmoid(2) = 0.88 at initialisation
+    eps: float = 1e-4  # smallest magnitude of the denominator
+
+
+@ATTENTION.register("rfa")
+class RFAAttention(KernelizedAttention):
+    Config = RFAConfig
+    signed_features = True
+    cfg: RFAConfig
+
+    def __init__(self, cfg: RFAConfig, *, d_model: int, n_heads: int, dropout: float):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+        H, D = n_heads, self.head_dim
+        self.features = RandomFeatures(cfg.features, D, cfg.redraw_interval, cfg.orthogonal)
+        self.log_scale = nn.Parameter(torch.full((H, D), math.log(cfg.init_scale)), requires_grad=cfg.learn_scale)
+        if cfg.gate:
+            self.gate_weight = nn.Parameter(torch.zeros(H, D))
+            self.gate_bias = nn.Parameter(torch.full((H,), cfg.gate_bias_init))
+
+    @classmethod
+    def check(cls, model) -> list[str]:
+        reasons = super().check(model)
+        cfg = model.attention
+        if cfg.features < 1:
+            reasons.append(f"model.attention.features={cfg.features}: must be at least 1")
+        if cfg.redraw_interval < 0:
+            reasons.append("model.attention.redraw_interval must be 0 (never) or positive")
+        if cfg.init_scale <= 0:
+            reasons.append("model.attention.init_scale must be positive")
+        if cfg.eps <= 0:
+            reasons.append("model.attention.eps must be positive")
+        return reasons
+
+    @classmethod
+    def feature_count(cls, model) -> int:
+        return 2 * model.attention.features  # sin and cos
+
+    @classmethod
+    def projection_flops(cls, model) -> float:
+        return 2 * 2 * model.attention.features * (model.d_model // model.n_heads)
+
+    def after_optimizer_step(self) -> None:
+        self.features.step()
+
+    def _phi(self, x_BHLD):
+        x = F.normalize(x_BHLD, dim=-1) * self.log_scale.exp().to(x_BHLD.dtype)[:, None, :]
+        arg = x @ self.features.weight.T.to(x.dtype)  # B H L M
+        return torch.cat((arg.sin(), arg.cos()), dim=-1) * self.features.m ** -0.5
+
+    @property
+    def n_features(self) -> int:
+        return 2 * self.features.m
+
+    def feature_maps(self, q_BHLD, k_BHSD, carry=None):
+        fq, fk = self._phi(q_BHLD), self._phi(k_BHSD)
+        if not self.cfg.gate:
+            return fq, fk, None, None
+        logit_BHS = (k_BHSD * self.gate_weight.to(k_BHSD.dtype)[:, None, :]).sum(-1) + self.gate_bias[:, None]
+        g_BHS = F.logsigmoid(logit_BHS).cumsum(-1)
+        if carry is not None:  # G continues from the earlier segments of the sequence
+            g_BHS = g_BHS + carry[..., None]
+        fk = fk * torch.sigmoid(-logit_BHS)[..., None]  # 1 - g_t
+        return fq, fk, g_BHS, g_BHS[..., -1]
