@@ -156,7 +156,7 @@ def measure(spec: dict) -> dict:
             "peak_flops": peak, "peak_source": source, "matmul_flops": matmul,
             "data_wait": sum(res["waits"]) / (sum(res["waits"]) + sum(res["times"])),
             "peak_mb": (peak_kb - res["rss0"]) / 1024 if res["peak_ok"] and res["rss0"] else None,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "step_times_s": res["times"]}
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'model.position=none' for the cost of ALiBi; repeatable")
     p.add_argument("--steps", type=int, default=10, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=2, help="processes per implementation, alternating (median)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per implementation, alternating (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="also write the results as JSON here")
 
