@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_act_args(bench.add_parser("act", help="what ACT halting saves: a trained ACT model's step time, "
                                                 "running positions only vs every position vs all steps"))
+    from lmtrain.bench.train import add_arguments as bench_train_args
+
+    bench_train_args(bench.add_parser("train", help="training tokens/s, MFU, memory and data wait of a config, "
+                                                    "optionally against peer implementations (--vs mpt,xtransformers)"))
 
     p = sub.add_parser("inspect", help="the model of a run, checkpoint or export, its learned per-head statistics "
                                        "(spans) and per-token statistics (ACT steps)")
@@ -170,9 +174,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lmtrain.bench import act, attention, memory
+    from lmtrain.bench import act, attention, memory, train
 
-    return {"attention": attention.main, "act": act.main, "memory": memory.main}[args.bench](args)
+    return {"attention": attention.main, "act": act.main, "memory": memory.main, "train": train.main}[args.bench](args)
 
 
 def cmd_inspect(args) -> int:

@@ -106,6 +106,10 @@ class TrainerConfig:
     deterministic: bool = False
     log_every_n_steps: int = 10
     peak_tflops: Optional[float] = None  # MFU denominator; None: datasheet on GPU, measured on CPU
+    # Tokens per chunk of the fused LM head + cross-entropy (no full float32 logits): -1 auto
+    # (chunks only when the logits of a micro-batch would pass 64 MB), 0 never, N tokens.
+    loss_chunk_tokens: int = -1
+    compile: bool = False  # torch.compile the model (inductor; on CPU it needs a C++ compiler)
     progress_bar: bool = True
     # Recompute each layer's activations in the backward pass instead of keeping them
     # (torch.utils.checkpoint; any strategy, ZeRO-3 included): less memory, ~1/3 more compute.
@@ -333,6 +337,7 @@ def validate(cfg: Config) -> list[str]:
     need(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches: must be at least 1")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps: must be at least 1")
     need(t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops: must be positive (or null)")
+    need(t.loss_chunk_tokens >= -1, "trainer.loss_chunk_tokens: -1 (auto), 0 (off) or a number of tokens")
     if t.accelerator == "cpu" and t.precision in ("16-mixed",):
         errs.append("trainer.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on trainer.accelerator=cpu")
 
@@ -377,6 +382,9 @@ def _check_deepspeed(cfg: Config) -> list[str]:
         errs.append(f"deepspeed.zero_stage: {ds.zero_stage} is not 1, 2 or 3 (for no sharding use trainer.strategy=ddp)")
     if ds.offload_params and ds.zero_stage != 3:
         errs.append("deepspeed.offload_params: needs deepspeed.zero_stage=3 (only stage 3 partitions parameters)")
+    if ds.zero_stage == 3 and t.loss_chunk_tokens > 0:
+        errs.append("trainer.loss_chunk_tokens: the fused head + loss reads the head weight outside the model's "
+                    "forward, which ZeRO-3 partitions; use -1 (auto: off under ZeRO-3) or 0")
     if ds.zero_stage == 3 and cfg.model.residual == "reversible":
         errs.append("model.residual=reversible: its backward takes gradients for whole parameters, which ZeRO-3 "
                     "partitions outside their module's forward; use deepspeed.zero_stage 1 or 2")

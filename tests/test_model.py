@@ -183,7 +183,8 @@ def test_fast_path_matches_reference(kind, position, dtype):
 
 def test_softmax_masks_are_chunked_to_the_budget(monkeypatch):
     """At long lengths no L x S x H mask exists at once: queries are chunked to fit the budget."""
-    model = make_model("alibi", "softmax", "model.attention.mask_budget_mb=1", dtype=torch.float32)
+    model = make_model("alibi", "softmax", "model.attention.mask_budget_mb=1", "model.attention.fold_linear_bias=false",
+                       dtype=torch.float32)
     seen = []
     real = F.scaled_dot_product_attention
 
@@ -207,6 +208,28 @@ def test_softmax_masks_are_chunked_to_the_budget(monkeypatch):
     per_layer = keys[: len(keys) // model.cfg.n_layers]  # the reference path does not call SDPA
     assert per_layer == sorted(per_layer) and per_layer[0] < L and per_layer[-1] == L
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["f32", "f64"])
+def test_alibi_is_folded_into_the_dot_product_at_long_lengths(monkeypatch, dtype, tol):
+    """ALiBi in training (aligned positions, fp32/fp64): SDPA runs with is_causal=True and no
+    mask at all, and the outputs and gradients match the reference at L = 1024."""
+    model = make_model("alibi", "softmax", dtype=dtype).train()
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal, q.shape[-1]))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    x = torch.randint(0, V, (2, 1024))
+    (fast, fast_grads), (ref, ref_grads) = _fast_vs_reference(model, x)
+    assert calls and all(no_mask and causal and dim % 8 == 0 for no_mask, causal, dim in calls), calls
+    assert all(k.path_counts["folded"] >= 1 for k in model.attention_kernels())
+    torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=tol, atol=tol, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, on purpose

@@ -50,6 +50,12 @@ class Position(nn.Module):
         """The bias as a FlexAttention score_mod, or None."""
         return None
 
+    def linear_bias_slopes(self) -> Optional[Tensor]:
+        """H slopes m_h when the score bias is exactly m_h * (k_pos - q_pos), else None.
+        Such a bias is, per query, a constant plus m_h * k_pos, which kernels can fold into
+        the dot product (one extra dimension) instead of materialising it."""
+        return None
+
 
 POSITIONS.register("none")(Position)
 
@@ -101,6 +107,9 @@ class ALiBi(Position):
 
             self._score_mod = alibi
         return self._score_mod
+
+    def linear_bias_slopes(self) -> Tensor:
+        return self.slopes
 
 
 @POSITIONS.register("rope")

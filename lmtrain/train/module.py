@@ -6,19 +6,16 @@ import math
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
 from lmtrain.config import Config, to_dict
 from lmtrain.model import build_model
+from lmtrain.train.loss import chunked_lm_loss, lm_loss, loss_chunk
 from lmtrain.train.optim import build_optimizer
 
 CKPT_KEY = "lmtrain"
 
 
-def lm_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in float32 at least (bf16 logits are upcast; float64 stays float64)."""
-    logits_BLV = logits_BLV.to(torch.promote_types(logits_BLV.dtype, torch.float32))
-    return F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten())
+__all__ = ["LMModule", "lm_loss", "step_seed"]
 
 
 def step_seed(seed: int, sample: int, rank: int) -> int:
@@ -34,7 +31,23 @@ class LMModule(pl.LightningModule):
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.model = build_model(cfg)
         self.model.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
+        if cfg.trainer.compile:
+            # In place: the module (and its kernels, state dict) stay the same objects.
+            self.model.compile()
+            self.model.features = torch.compile(self.model.features)  # the fused-loss path calls it
         self.consumed_samples = 0  # global samples consumed by training so far
+        zero3 = cfg.trainer.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3
+        self._fused_loss = not zero3 and hasattr(self.model, "head")
+
+    def _loss(self, x_BL, y_BL):
+        """(LM loss, aux). The head and the loss are fused in chunks when the full float32
+        logits would be large (trainer.loss_chunk_tokens)."""
+        chunk = loss_chunk(self.cfg.trainer.loss_chunk_tokens, x_BL.numel(), self.cfg.data.vocab_size)
+        if chunk and self._fused_loss:
+            h_BLM, aux = self.model.features(x_BL)
+            return chunked_lm_loss(h_BLM, self.model.head.weight, y_BL, chunk), aux
+        out = self.model(x_BL)
+        return lm_loss(out.logits_BLV, y_BL), out.aux
 
     def forward(self, idx_BL):
         return self.model(idx_BL)
@@ -44,15 +57,14 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
-        out = self.model(x_BL)
-        loss = lm_loss(out.logits_BLV, y_BL)
+        loss, out_aux = self._loss(x_BL, y_BL)
         self.log("train/loss", loss, prog_bar=True, batch_size=x_BL.shape[0])
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=30)), batch_size=x_BL.shape[0])
-        aux = out.aux.total_loss()
-        for name, value in out.aux.losses.items():
+        aux = out_aux.total_loss()
+        for name, value in out_aux.losses.items():
             self.log(f"train/{name}", value, batch_size=x_BL.shape[0])
-        scalars = {f"train/{k}": v.detach() for k, v in out.aux.losses.items()}
-        for name, value in out.aux.stats.items():
+        scalars = {f"train/{k}": v.detach() for k, v in out_aux.losses.items()}
+        for name, value in out_aux.stats.items():
             if value.numel() == 1:
                 self.log(f"stats/{name}", value.float(), batch_size=x_BL.shape[0])
                 scalars[f"stats/{name}"] = value.detach()
@@ -66,7 +78,7 @@ class LMModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
-        loss = lm_loss(self.model(x_BL).logits_BLV, y_BL)
+        loss, _ = self._loss(x_BL, y_BL)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=x_BL.shape[0], prog_bar=True)
         return loss
 

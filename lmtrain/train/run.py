@@ -170,7 +170,9 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
     tty = sys.stderr.isatty()
     on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
     if t.progress_bar and tty:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
+        # Refreshing reads the logged tensors back to the host: once per log interval, not
+        # every step (a device sync per step on GPU).
+        callbacks.append(TQDMProgressBar(refresh_rate=t.log_every_n_steps))
     elif t.progress_bar:
         callbacks.append(ProgressLines(every=t.log_every_n_steps))
     return pl.Trainer(

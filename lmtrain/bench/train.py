@@ -1,0 +1,280 @@
+"""`lmtrain bench train CONFIG [overrides] [--vs mpt,xtransformers]`: training throughput
+against the machine's limit and against peer implementations, side by side in one run.
+
+Each case runs in its own process, `--rounds` times, alternating, on the same batches from
+lmtrain's data pipeline, with the same thread count, precision, AdamW settings and gradient
+clipping; after `--warmup` steps, `--steps` steps are timed.
+
+  * lmtrain: the real training path: LMModule, the data module and a Lightning Trainer
+    (no logger, checkpoints or validation).
+  * a peer (lmtrain/bench/peers.py): its model in a plain PyTorch loop (forward, float32
+    cross-entropy, backward, clipping, AdamW), which gives the peer no framework overhead.
+
+Reported per case: tokens/s, model FLOPs per token (the same formula for all, see below),
+MFU, peak memory, and the share of step time spent waiting for the next batch.
+
+FLOPs per token = 6 N + attention, N the parameters in matrix multiplies (the LM head
+included), attention = 12 n_layers d_model L for softmax (PaLM: both halves of the causal
+L x L products). MFU's denominator on CPU is measured on the spot: fp32 matmul throughput
+of 1024^2 matrices at the same thread count (best of 7 trials); on CUDA the datasheet bf16
+peak, with the measured matmul peak printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from lmtrain.bench.process import reset_peak, rss_kb
+
+IMPLEMENTATIONS = ("lmtrain", "mpt", "xtransformers")
+
+
+# -- the child: one implementation, one process ------------------------------------------------
+
+
+def _batches(cfg, n: int):
+    """The first n training batches of lmtrain's data pipeline (the same for every case)."""
+    from lmtrain.train.data import TokenDataModule
+
+    dm = TokenDataModule(cfg)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return dm, [next(it) for _ in range(n)]
+
+
+def _measure_lmtrain(cfg, warmup: int, steps: int) -> dict:
+    import lightning.pytorch as pl
+    import torch
+
+    from lmtrain.train.data import TokenDataModule
+    from lmtrain.train.module import LMModule
+    from lmtrain.train.strategy import build_strategy
+
+    times, waits, marks = [], [], {}
+
+    class Timer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            now = time.perf_counter()
+            if "end" in marks and batch_idx >= warmup:
+                waits.append(now - marks["end"])
+            if batch_idx == warmup:
+                marks["peak"] = reset_peak()
+                marks["rss0"] = rss_kb("VmRSS")
+            marks["start"] = now
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if batch_idx >= warmup:
+                times.append(now - marks["start"])
+            marks["end"] = now
+
+    t = cfg.trainer
+    module = LMModule(cfg)
+    trainer = pl.Trainer(accelerator="gpu" if t.accelerator == "cuda" else t.accelerator, devices=1,
+                         strategy=build_strategy(cfg, on_cpu=t.accelerator == "cpu"), precision=t.precision,
+                         max_steps=warmup + steps, limit_val_batches=0, num_sanity_val_steps=0,
+                         gradient_clip_val=cfg.optim.grad_clip or None, gradient_clip_algorithm="norm",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Timer()], use_distributed_sampler=False)
+    trainer.fit(module, datamodule=TokenDataModule(cfg))
+    return {"model": module.model, "times": times, "waits": waits, "peak_ok": marks.get("peak", False),
+            "rss0": marks.get("rss0"), "version": f"lmtrain (Lightning {pl.__version__})"}
+
+
+def _measure_peer(cfg, peer: str, warmup: int, steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lmtrain.bench.peers import PEERS
+
+    model, forward, version = PEERS[peer](cfg)
+    model.train()
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    dm, _ = _batches(cfg, 0)
+    it = iter(dm.train_dataloader())
+    times, waits, peak_ok, rss0 = [], [], False, None
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        if i == warmup:
+            peak_ok, rss0 = reset_peak(), rss_kb("VmRSS")
+            t1 = time.perf_counter()
+        x, y = batch[:, :-1], batch[:, 1:]
+        loss = F.cross_entropy(forward(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            waits.append(t1 - t0)
+            times.append(t2 - t1)
+    return {"model": model, "times": times, "waits": waits, "peak_ok": peak_ok, "rss0": rss0, "version": version}
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    from lmtrain.config import load_config
+    from lmtrain.model import build_model
+    from lmtrain.model.flops import training_flops_per_token
+    from lmtrain.train.hardware import measured_matmul_peak, peak_flops
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    cfg = load_config(spec["config"], spec["overrides"])
+    torch.manual_seed(cfg.run.seed)
+    reference = build_model(cfg, device="meta")
+    flops_per_token = training_flops_per_token(reference, cfg.data.seq_len)
+    params_lmtrain = sum(p.numel() for p in reference.parameters())
+    impl = spec["impl"]
+    res = (_measure_lmtrain if impl == "lmtrain" else lambda c, w, s: _measure_peer(c, impl, w, s))(
+        cfg, spec["warmup"], spec["steps"])
+    params = sum(p.numel() for p in res["model"].parameters())
+    peak_kb = rss_kb("VmHWM")
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("cuda", "gpu") else "cpu")
+    peak, source = peak_flops(cfg.trainer.peak_tflops, device)
+    matmul = measured_matmul_peak() if device.type == "cpu" else measured_matmul_peak(torch.bfloat16, 4096,
+                                                                                       device=device)
+    step = statistics.median(res["times"])
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    tps = tokens / step
+    return {"impl": impl, "version": res["version"], "params": params, "params_lmtrain": params_lmtrain,
+            "step_s": step, "tokens_per_s": tps, "flops_per_token": flops_per_token, "mfu": tps * flops_per_token / peak,
+            "peak_flops": peak, "peak_source": source, "matmul_flops": matmul,
+            "data_wait": sum(res["waits"]) / (sum(res["waits"]) + sum(res["times"])),
+            "peak_mb": (peak_kb - res["rss0"]) / 1024 if res["peak_ok"] and res["rss0"] else None,
+            "threads": torch.get_num_threads(), "step_times_s": res["times"]}
+
+
+# -- the parent ---------------------------------------------------------------------------------
+
+
+def run(args, log=print) -> list[dict]:
+    # Cases: lmtrain, lmtrain with each --variant's extra overrides, then the peers.
+    cases = [("lmtrain", "lmtrain", [])]
+    cases += [(f"lmtrain {v}", "lmtrain", v.split()) for v in args.variant]
+    cases += [(p, p, []) for p in args.peers]
+    impls = [label for label, _, _ in cases]
+    results: dict[str, list[dict]] = {i: [] for i in impls}
+    for r in range(args.rounds):
+        for impl, kind, extra in cases:
+            spec = {"impl": kind, "config": args.config, "overrides": [*args.overrides, *extra], "warmup": args.warmup,
+                    "steps": args.steps, "threads": args.threads}
+            proc = subprocess.run([sys.executable, "-m", "lmtrain.bench.train", "--child", json.dumps(spec)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench train: {impl} failed:\n{proc.stderr[-4000:]}")
+            res = {**json.loads(proc.stdout.strip().splitlines()[-1]), "impl": impl}
+            results[impl].append(res)
+            log(f"round {r + 1}/{args.rounds}  {impl:<14} {res['tokens_per_s']:9.0f} tok/s  step {res['step_s']:.3f} s  "
+                f"mfu {res['mfu']:.1%}")
+    out = []
+    for impl in impls:
+        rs = results[impl]
+        best = {**rs[0], "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
+                "step_s": statistics.median(x["step_s"] for x in rs), "mfu": statistics.median(x["mfu"] for x in rs),
+                "data_wait": statistics.median(x["data_wait"] for x in rs), "rounds": len(rs),
+                "peak_flops": statistics.median(x["peak_flops"] for x in rs),
+                "matmul_flops": statistics.median(x["matmul_flops"] for x in rs)}
+        peaks = [x["peak_mb"] for x in rs if x["peak_mb"] is not None]
+        best["peak_mb"] = statistics.median(peaks) if peaks else None
+        out.append(best)
+    return out
+
+
+def format_results(results: list[dict]) -> str:
+    ours = results[0]
+    lines = ["| implementation | version | parameters | tokens/s | step (s) | MFU | peak memory (MB) | data wait | "
+             "lmtrain / this |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
+        lines.append(f"| {r['impl']} | {r['version']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+                     f"{r['mfu']:.1%} | {mem} | {r['data_wait']:.1%} | {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+    lines.append("")
+    lines.append(f"FLOPs per token: {ours['flops_per_token'] / 1e6:.1f} M (6 N + 12 n_layers d_model L); MFU against "
+                 f"{ours['peak_flops'] / 1e12:.3f} TFLOP/s ({ours['peak_source']}); measured matmul peak "
+                 f"{ours['matmul_flops'] / 1e12:.3f} TFLOP/s")
+    peers = [r for r in results if not r["impl"].startswith("lmtrain")]
+    if peers:
+        best_peer = max(peers, key=lambda r: r["tokens_per_s"])
+        lines.append(f"lmtrain is {ours['tokens_per_s'] / best_peer['tokens_per_s']:.2f}x the faster peer "
+                     f"({best_peer['impl']})")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--vs", default="", help=f"comma-separated peers: {', '.join(IMPLEMENTATIONS[1:])}")
+    p.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                   help="also time lmtrain with these extra overrides (space-separated), e.g. "
+                        "'model.position=none' for the cost of ALiBi; repeatable")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=3, help="processes per implementation, alternating (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", help="also write the results as JSON here")
+
+
+def main(args) -> int:
+    import torch
+
+    from lmtrain.bench.peers import PEERS, PeerMismatch, _common_checks
+    from lmtrain.config import ConfigError, load_config
+
+    args.peers = [p for p in args.vs.split(",") if p]
+    unknown = [p for p in args.peers if p not in PEERS]
+    if unknown:
+        raise ConfigError(f"bench train: --vs {','.join(unknown)}: unknown peer; choose from {', '.join(PEERS)}")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        raise ConfigError("bench train: --steps, --warmup and --rounds must be at least 1")
+    cfg = load_config(args.config, args.overrides)  # bad keys fail here, before any process starts
+    for v in args.variant:
+        load_config(args.config, [*args.overrides, *v.split()])
+    for peer in args.peers:
+        try:
+            _common_checks(cfg, peer, needs_no_bias=peer == "mpt")
+        except PeerMismatch as e:
+            raise ConfigError(str(e))
+    print(f"bench train: {args.config} {' '.join(args.overrides)}; {cfg.model.n_layers} layers, d_model "
+          f"{cfg.model.d_model}, {cfg.model.n_heads} heads, d_ff {cfg.model.d_ff}, vocab {cfg.data.vocab_size}, "
+          f"L {cfg.data.seq_len}, batch {cfg.data.batch_size}, {cfg.trainer.precision}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"{args.rounds} rounds x ({args.warmup} + {args.steps}) steps", flush=True)
+    results = run(args)
+    print()
+    print(format_results(results))
+    mismatched = [r for r in results if r["params"] != r["params_lmtrain"]]
+    for r in results[1:]:
+        if r["impl"].startswith("lmtrain "):
+            print(f"{r['impl']}: {r['tokens_per_s'] / results[0]['tokens_per_s']:.3f}x the throughput of lmtrain as "
+                  f"configured")
+    for r in mismatched:
+        print(f"warning: {r['impl']} has {r['params']:,} parameters, lmtrain {r['params_lmtrain']:,}: "
+              f"not the same model", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "date": time.strftime("%Y-%m-%d"),
+                       "results": results}, f, indent=2)
+    return 1 if mismatched else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    print("use `lmtrain bench train ...`", file=sys.stderr)
+    sys.exit(2)
