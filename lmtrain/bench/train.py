@@ -39,14 +39,13 @@ IMPLEMENTATIONS = ("lmtrain", "mpt", "xtransformers")
 # -- the child: one implementation, one process ------------------------------------------------
 
 
-def _batches(cfg, n: int):
-    """The first n training batches of lmtrain's data pipeline (the same for every case)."""
+def _train_loader(cfg):
+    """lmtrain's training batches, in lmtrain's order (the same for every case)."""
     from lmtrain.train.data import TokenDataModule
 
     dm = TokenDataModule(cfg)
     dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    return dm, [next(it) for _ in range(n)]
+    return dm.train_dataloader()
 
 
 def _measure_lmtrain(cfg, warmup: int, steps: int) -> dict:
@@ -100,8 +99,7 @@ def _measure_peer(cfg, peer: str, warmup: int, steps: int) -> dict:
     model.train()
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    dm, _ = _batches(cfg, 0)
-    it = iter(dm.train_dataloader())
+    it = iter(_train_loader(cfg))
     times, waits, peak_ok, rss0 = [], [], False, None
     for i in range(warmup + steps):
         t0 = time.perf_counter()
