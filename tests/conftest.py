@@ -48,6 +48,23 @@ def train_and_signal(args: list[str], metrics: Path, after_step: int, timeout: f
     return proc.returncode, out
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while `fn()` runs (its result is
+    dropped before returning)."""
+    import torch
+
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> list[str]:
     """Overrides pointing at a prepared tiny data dir (prepared once per session)."""

@@ -21,7 +21,7 @@ from lmtrain.model import build_model
 from lmtrain.model.attention import ATTENTION, causal_linear
 from lmtrain.model.attention.kernelized import RandomFeatures, draw_projection
 from lmtrain.model.positions import build_position
-from tests.conftest import CONFIGS, ROOT, TINY_MODEL, run_cli, train_and_signal
+from tests.conftest import CONFIGS, ROOT, TINY_MODEL, run_cli, saved_bytes, train_and_signal
 
 KINDS = ["performer", "rfa", "linear"]
 V = 97
@@ -249,26 +249,13 @@ def test_triton_matches_chunked_in_the_interpreter():
 # ---- memory, decoding, refusals ----------------------------------------------------------------
 
 
-def _saved_bytes(fn) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def test_memory_is_linear_in_length():
     """What the chunked path keeps for backward grows as L (x 2.0 from L to 2L), never as L^2."""
     k = kernel("performer", heads=2, head_dim=32, features=64, chunk=64)
     sizes = {}
     for L in (512, 1024, 2048):
         q, key, v = (t.float().requires_grad_() for t in qkv(B=1, L=L, D=32))
-        sizes[L] = _saved_bytes(lambda: attend(k, q, key, v, "chunked"))
+        sizes[L] = saved_bytes(lambda: attend(k, q, key, v, "chunked"))
     assert sizes[1024] / sizes[512] == pytest.approx(2.0, rel=0.05), sizes
     assert sizes[2048] / sizes[1024] == pytest.approx(2.0, rel=0.05), sizes
     # Versus the L x L scores alone at 2048 (2 heads, float32): 32 MB.

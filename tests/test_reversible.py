@@ -15,7 +15,7 @@ from lmtrain.model import build_model
 from lmtrain.model.layer import Context
 from lmtrain.model.outputs import Aux
 from lmtrain.model.reversible import reconstruction_error
-from tests.conftest import CONFIGS, run_cli, train_and_signal
+from tests.conftest import CONFIGS, run_cli, saved_bytes, train_and_signal
 from tests.test_model import assert_causal
 
 V = 97
@@ -89,17 +89,7 @@ def test_reconstruction_error_is_bounded(dtype, bound):
 
 
 def _saved_bytes(model, x) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x).logits_BLV
-    del out
-    return total
+    return saved_bytes(lambda: model(x).logits_BLV)
 
 
 def test_activations_kept_do_not_grow_with_depth():

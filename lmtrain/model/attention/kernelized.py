@@ -217,3 +217,47 @@ class RandomFeatures(torch.nn.Module):
         self.draw.fill_(draw)
         w = draw_projection(self.m, self.d, int(self.seed), draw, self.orthogonal)
         self.weight.copy_(w.to(self.weight.dtype))
+
+
+@dataclass
+class RandomFeatureConfig(KernelizedConfig):
+    features: int = 256  # M random projections per head
+    redraw_interval: int = 1000  # optimizer steps between redraws; 0 keeps the first draw
+    orthogonal: bool = True  # orthogonal random features (lower variance); False: iid Gaussian
+
+
+class RandomFeatureAttention(KernelizedAttention):
+    """A kernelized kind whose features come from a random projection (performer, rfa): the
+    projection, its redraws after optimizer steps, its options' checks and its FLOPs."""
+
+    features_per_projection = 1  # features each random projection gives (RFA: sin and cos)
+    cfg: RandomFeatureConfig
+
+    def __init__(self, cfg: RandomFeatureConfig, *, d_model: int, n_heads: int, dropout: float):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.features = RandomFeatures(cfg.features, self.head_dim, cfg.redraw_interval, cfg.orthogonal)
+
+    @classmethod
+    def check(cls, model) -> list[str]:
+        reasons = super().check(model)
+        cfg = model.attention
+        if cfg.features < 1:
+            reasons.append(f"model.attention.features={cfg.features}: must be at least 1")
+        if cfg.redraw_interval < 0:
+            reasons.append("model.attention.redraw_interval must be 0 (never) or positive")
+        return reasons
+
+    @classmethod
+    def feature_count(cls, model) -> int:
+        return cls.features_per_projection * model.attention.features
+
+    @classmethod
+    def projection_flops(cls, model) -> float:
+        return 2 * 2 * model.attention.features * (model.d_model // model.n_heads)  # w . x for q and k
+
+    @property
+    def n_features(self) -> int:
+        return self.features_per_projection * self.features.m
+
+    def after_optimizer_step(self) -> None:
+        self.features.step()

@@ -25,15 +25,13 @@ import torch
 from torch import Tensor
 
 from lmtrain.model.attention.base import ATTENTION
-from lmtrain.model.attention.kernelized import KernelizedAttention, KernelizedConfig, RandomFeatures
+from lmtrain.model.attention.kernelized import RandomFeatureAttention, RandomFeatureConfig
 
 
 @dataclass
-class PerformerConfig(KernelizedConfig):
+class PerformerConfig(RandomFeatureConfig):
     kind: str = "performer"
     features: int = 256  # M, random features per head (256 for D = 64, about D ln D)
-    redraw_interval: int = 1000  # optimizer steps between redraws; 0 keeps the first draw
-    orthogonal: bool = True  # orthogonal random features (lower variance); False: iid Gaussian
 
 
 def favor_features(x_BHLD: Tensor, w_MD: Tensor) -> Tensor:
@@ -43,38 +41,9 @@ def favor_features(x_BHLD: Tensor, w_MD: Tensor) -> Tensor:
 
 
 @ATTENTION.register("performer")
-class PerformerAttention(KernelizedAttention):
+class PerformerAttention(RandomFeatureAttention):
     Config = PerformerConfig
     cfg: PerformerConfig
-
-    def __init__(self, cfg: PerformerConfig, *, d_model: int, n_heads: int, dropout: float):
-        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
-        self.features = RandomFeatures(cfg.features, self.head_dim, cfg.redraw_interval, cfg.orthogonal)
-
-    @classmethod
-    def check(cls, model) -> list[str]:
-        reasons = super().check(model)
-        cfg = model.attention
-        if cfg.features < 1:
-            reasons.append(f"model.attention.features={cfg.features}: must be at least 1")
-        if cfg.redraw_interval < 0:
-            reasons.append("model.attention.redraw_interval must be 0 (never) or positive")
-        return reasons
-
-    @classmethod
-    def feature_count(cls, model) -> int:
-        return model.attention.features
-
-    @classmethod
-    def projection_flops(cls, model) -> float:
-        return 2 * 2 * model.attention.features * (model.d_model // model.n_heads)  # w . x for q and k
-
-    def after_optimizer_step(self) -> None:
-        self.features.step()
-
-    @property
-    def n_features(self) -> int:
-        return self.features.m
 
     def feature_maps(self, q_BHLD, k_BHSD, carry=None):
         w = self.features.weight

@@ -31,15 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtrain.model.attention.base import ATTENTION
-from lmtrain.model.attention.kernelized import KernelizedAttention, KernelizedConfig, RandomFeatures
+from lmtrain.model.attention.kernelized import RandomFeatureAttention, RandomFeatureConfig
 
 
 @dataclass
-class RFAConfig(KernelizedConfig):
+class RFAConfig(RandomFeatureConfig):
     kind: str = "rfa"
     features: int = 128  # M frequencies per head (2M features: sin and cos)
-    redraw_interval: int = 1000  # optimizer steps between redraws; 0 keeps the first draw
-    orthogonal: bool = True
     # s at initialisation (softmax inverse temperature s^2 on unit q, k). Larger s sharpens attention
     # but raises the variance of the estimate, whose denominator can then approach 0.
     init_scale: float = 1.0
@@ -50,15 +48,15 @@ class RFAConfig(KernelizedConfig):
 
 
 @ATTENTION.register("rfa")
-class RFAAttention(KernelizedAttention):
+class RFAAttention(RandomFeatureAttention):
     Config = RFAConfig
     signed_features = True
+    features_per_projection = 2  # sin and cos
     cfg: RFAConfig
 
     def __init__(self, cfg: RFAConfig, *, d_model: int, n_heads: int, dropout: float):
         super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
         H, D = n_heads, self.head_dim
-        self.features = RandomFeatures(cfg.features, D, cfg.redraw_interval, cfg.orthogonal)
         self.log_scale = nn.Parameter(torch.full((H, D), math.log(cfg.init_scale)), requires_grad=cfg.learn_scale)
         if cfg.gate:
             self.gate_weight = nn.Parameter(torch.zeros(H, D))
@@ -68,35 +66,16 @@ class RFAAttention(KernelizedAttention):
     def check(cls, model) -> list[str]:
         reasons = super().check(model)
         cfg = model.attention
-        if cfg.features < 1:
-            reasons.append(f"model.attention.features={cfg.features}: must be at least 1")
-        if cfg.redraw_interval < 0:
-            reasons.append("model.attention.redraw_interval must be 0 (never) or positive")
         if cfg.init_scale <= 0:
             reasons.append("model.attention.init_scale must be positive")
         if cfg.eps <= 0:
             reasons.append("model.attention.eps must be positive")
         return reasons
 
-    @classmethod
-    def feature_count(cls, model) -> int:
-        return 2 * model.attention.features  # sin and cos
-
-    @classmethod
-    def projection_flops(cls, model) -> float:
-        return 2 * 2 * model.attention.features * (model.d_model // model.n_heads)
-
-    def after_optimizer_step(self) -> None:
-        self.features.step()
-
     def _phi(self, x_BHLD):
         x = F.normalize(x_BHLD, dim=-1) * self.log_scale.exp().to(x_BHLD.dtype)[:, None, :]
         arg = x @ self.features.weight.T.to(x.dtype)  # B H L M
         return torch.cat((arg.sin(), arg.cos()), dim=-1) * self.features.m ** -0.5
-
-    @property
-    def n_features(self) -> int:
-        return 2 * self.features.m
 
     def feature_maps(self, q_BHLD, k_BHSD, carry=None):
         fq, fk = self._phi(q_BHLD), self._phi(k_BHSD)
