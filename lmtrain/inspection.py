@@ -1,15 +1,17 @@
 """`lmtrain inspect RUN_OR_CKPT`: what a checkpoint holds and what its heads learned.
 
-Prints the checkpoint, step and model, then one table per head statistic of the attention
-kernels (`AttentionKernel.head_stats`: the spans of adaptive-span heads, for example),
-layers by heads, with a summary line per statistic. For models that report per-token
+Prints the checkpoint, step and model (every axis with its options), then one table per
+head statistic (`head_stats` hooks, lmtrain/model/hooks.py: the spans of adaptive-span
+heads, for example), layers by heads, with a summary line per statistic. For models that report per-token
 statistics (`Aux.tokens`: ACT's steps per token) it measures them on windows of the run's
 validation split and prints their distribution and the tokens at either end.
 """
 
 from __future__ import annotations
 
-from lmtrain.train.callbacks.head_stats import collect
+from dataclasses import fields
+
+from lmtrain.model.axes import AXES
 from lmtrain.train.checkpoint import load_trained
 
 
@@ -32,7 +34,6 @@ def stat_table(name: str, rows, limit: float | None) -> list[str]:
 
 def token_sections(t, windows: int) -> list[str]:
     """The distribution of each per-token statistic over `windows` validation windows."""
-    import torch
 
     from data_pipelines.shards import DataDirError
     from lmtrain.evaluate.tokens import distribution_lines, extremes_lines, measure
@@ -73,21 +74,23 @@ def token_sections(t, windows: int) -> list[str]:
     return out
 
 
+def axis_line(node) -> str:
+    """`kind (option=value, ...)` of an axis node."""
+    opts = ", ".join(f"{f.name}={getattr(node, f.name)}" for f in fields(node) if f.name != "kind")
+    return node.kind + (f" ({opts})" if opts else "")
+
+
 def inspect(source, windows: int = 16) -> str:
     t = load_trained(source, device="cpu")
     m = t.cfg.model
     params = sum(p.numel() for p in t.model.parameters())
-    attn = ", ".join(f"{k}={v}" for k, v in vars(m.attention).items() if k != "kind")
     out = [f"checkpoint   {t.checkpoint} (step {t.step})",
            f"model        {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, d_ff {m.d_ff}, "
-           f"position {m.position}, {params:,} parameters",
-           f"attention    {m.attention.kind}" + (f" ({attn})" if attn else "")]
-    depth = ", ".join(f"{k}={v}" for k, v in vars(m.depth).items() if k != "kind")
-    if m.depth.kind != "fixed":
-        out.append(f"depth        {m.depth.kind} ({depth})")
-    stats, limits = collect(t.model)
+           f"{params:,} parameters"]
+    out += [f"{axis:<12} {axis_line(getattr(m, axis))}" for axis in AXES]
+    stats, limits = t.model.head_stats()
     if not stats:
-        out += ["", f"attention kind {m.attention.kind} has no learned per-head statistics"]
+        out += ["", "no module of this model reports learned per-head statistics"]
     for name, rows in stats.items():
         out += [""] + stat_table(name, rows, limits.get(name))
     out += token_sections(t, windows)
