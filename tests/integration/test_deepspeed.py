@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmtrain.train.callbacks.metrics_file import read_metrics
-from tests.conftest import CONFIGS, TINY_DATA, run_cli
+from tests.helpers import CONFIGS, TINY_DATA, run_cli
 
 DEBUG = str(CONFIGS / "debug.yaml")
 MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=256", "model.dropout=0.1"]
@@ -123,7 +123,7 @@ def test_usr1_under_zero3_saves_shards_and_resumes_exactly(base_args):
     the agreement), every rank writes its shard of last.ckpt, the run exits 0, and the same
     command continues with the losses of the uninterrupted run."""
     from lmtrain.train.checkpoint import checkpoint_step
-    from tests.conftest import train_and_signal
+    from tests.helpers import train_and_signal
 
     root = Path(next(a for a in base_args if a.startswith("run.root=")).split("=", 1)[1])
     if not (root / "zero3" / "metrics.jsonl").exists():

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY_MODEL, run_cli
+from tests.helpers import CONFIGS, TINY_MODEL, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def run(tiny_data, tmp_path_factory):
 def test_export_round_trip(run, tmp_path):
     out = tmp_path / "exp"
     run_cli("export", str(run), "--out", str(out), check=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "export.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "export.json", "model.safetensors",
+                                                     "tokenizer.json"]
     assert json.loads((out / "export.json").read_text())["step"] == 4
 
     from safetensors.torch import load_file

@@ -5,7 +5,7 @@ The corpus is generated from a seeded `random.Random`, so it is the same on ever
 and Python version. The tolerance allows for float kernels that differ between CPUs and
 torch releases; a real change (init, data order, schedule, loss) moves losses by far more.
 
-After an intended change of numerics, regenerate: LMTRAIN_UPDATE_GOLDEN=1 pytest tests/test_golden.py
+After an intended change of numerics, regenerate: LMTRAIN_UPDATE_GOLDEN=1 pytest tests/integration/test_golden.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from lmtrain.config import load_config
 from lmtrain.train.callbacks.metrics_file import read_metrics
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_losses.json"
 WORDS = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "while", "x", "y", "value", "name",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lmtrain.config import load_config
 from lmtrain.model import build_model
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -28,10 +28,11 @@ def _model(position: str, backend: str, dtype):
 
 
 def _fwd_bwd(model, x, reference: bool):
-    for k in model.attention_kernels():
-        k.force_reference = reference
+    from lmtrain.model.attention import reference_paths
+
     model.zero_grad()
-    out = model(x).logits_BLV
+    with reference_paths(reference):
+        out = model(x).logits_BLV
     F.cross_entropy(out.float().flatten(0, 1), x.roll(-1, 1).flatten()).backward()
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -69,7 +70,8 @@ def test_bf16_mixed_training_runs_and_learns(tmp_path):
 
     cfg = load_config(CONFIGS / "debug.yaml", [
         f"run.root={tmp_path}", f"data.dir={tmp_path / 'data'}", "trainer.accelerator=gpu",
-        "trainer.precision=bf16-mixed", "trainer.max_steps=40", "trainer.deterministic=false", "trainer.progress_bar=false"])
+        "trainer.precision=bf16-mixed", "trainer.max_steps=40", "trainer.deterministic=false",
+        "trainer.progress_bar=false"])
     summary = train(cfg, log=lambda s: None)
     assert summary["val_ppl"] < summary["unigram_val_ppl"]
 
@@ -83,7 +85,7 @@ def test_zero_bf16_on_one_gpu_trains_resumes_and_exports(stage, tmp_path):
     import shutil
 
     from lmtrain.train.callbacks.metrics_file import read_metrics
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     args = [str(CONFIGS / "debug.yaml"), f"run.root={tmp_path}", f"data.dir={tmp_path / 'data'}",
             "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "trainer.strategy=deepspeed",

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lmtrain.train.callbacks.metrics_file import read_metrics
-from tests.conftest import CONFIGS, ROOT, TINY_MODEL, run_cli
+from tests.helpers import CONFIGS, ROOT, TINY_MODEL, run_cli
 
 START, STOP = ROOT / "slurm" / "local" / "start.sh", ROOT / "slurm" / "local" / "stop.sh"
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 
 DEFAULT = str(CONFIGS / "default.yaml")
 
@@ -19,7 +18,8 @@ def test_dry_run_renders_a_valid_single_node_script_and_writes_nothing(tmp_path)
     proc = run_cli("submit", DEFAULT, f"run.root={tmp_path / 'runs'}", "trainer.devices=2", "slurm.partition=debug",
                    "slurm.qos=normal", "slurm.time=1-02:00:00", "--dry-run", check=True)
     script = proc.stdout
-    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --partition=debug", "#SBATCH --qos=normal",
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --partition=debug",
+                 "#SBATCH --qos=normal",
                  "#SBATCH --time=1-02:00:00", "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@300",
                  "#SBATCH --requeue", f"#SBATCH --output={tmp_path / 'runs' / 'default' / 'slurm'}/%x-%j.out",
                  "export MASTER_PORT=", "srun --kill-on-bad-exit=1"):

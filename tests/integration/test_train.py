@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmtrain.train.callbacks.metrics_file import read_metrics
-from tests.conftest import CONFIGS, ROOT, TINY_DATA, run_cli, train_and_signal
+from tests.helpers import CONFIGS, ROOT, TINY_DATA, run_cli, train_and_signal
 
 DEBUG = str(CONFIGS / "debug.yaml")
 # Dropout on, so that exact resume also covers the RNG.
@@ -79,8 +79,8 @@ def test_tensorboard_has_the_promised_scalars(baseline):
     acc = EventAccumulator(str(baseline / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr/decay", "lr/no_decay", "perf/tokens_per_s", "perf/mfu", "perf/peak_tflops",
-                "train/grad_norm"):
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr/decay", "lr/no_decay", "perf/tokens_per_s",
+                "perf/mfu", "perf/peak_tflops", "train/grad_norm"):
         assert tag in tags, (tag, sorted(tags))
 
 
@@ -97,7 +97,8 @@ def test_resume_from_step_15_is_exact(workdir, base_args, baseline):
     want_lr, got_lr = read_metrics(baseline / "metrics.jsonl", "lr"), read_metrics(run / "metrics.jsonl", "lr")
     assert [got_lr[s] for s in range(16, 31)] == [want_lr[s] for s in range(16, 31)]
     # Validation runs at the same global steps, with the same results.
-    want_val, got_val = read_metrics(baseline / "metrics.jsonl", "val/loss"), read_metrics(run / "metrics.jsonl", "val/loss")
+    want_val = read_metrics(baseline / "metrics.jsonl", "val/loss")
+    got_val = read_metrics(run / "metrics.jsonl", "val/loss")
     assert sorted(want_val) == [10, 20, 30] and sorted(got_val) == [20, 30]
     assert [got_val[s] for s in (20, 30)] == [want_val[s] for s in (20, 30)]
 
@@ -157,7 +158,8 @@ def test_no_resume_starts_fresh_and_keeps_the_old_files(workdir, base_args, base
     assert "fresh start" in proc.stdout
     assert sorted(read_metrics(run / "metrics.jsonl")) == [1, 2, 3, 4]
     # keep_last=2 periodic checkpoints plus last; the old run's files are set aside, not lost.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step000003.ckpt", "step000004.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step000003.ckpt",
+                                                                       "step000004.ckpt"]
     (previous,) = (run / "previous").iterdir()
     assert (previous / "checkpoints" / "step000030.ckpt").is_file() and (previous / "metrics.jsonl").is_file()
     from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint

@@ -1,8 +1,9 @@
-"""Universal Transformer depth and ACT halting (lmtrain/model/universal.py)."""
+"""Universal Transformer depth and ACT halting (lmtrain/model/universal.py). Training through
+the CLI, exact resume, the logged statistics, `inspect` and `generate --show-token-stats` are
+in tests/integration/test_act.py."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -16,8 +17,7 @@ from lmtrain.model.layer import Context, KVCache
 from lmtrain.model.outputs import Aux
 from lmtrain.model.positions import POSITIONS
 from lmtrain.model.universal import Halting
-from tests.conftest import CONFIGS, run_cli
-from tests.test_model import assert_batch_equals_one_by_one, assert_causal
+from tests.helpers import CONFIGS, assert_batch_equals_one_by_one, assert_causal
 
 V = 97
 POSITION_KINDS = sorted(POSITIONS)
@@ -287,43 +287,6 @@ def test_shared_block_parameters_init_and_flops():
         training_flops_per_token(fixed, 48) + 6 * 2 * block + 12 * 4 * 32 * 48)
 
 
-def test_train_resume_is_exact_and_logs_halting(tiny_data, tmp_path):
-    """ACT trains through the CLI, resumes exactly, and logs ponder scalars, the per-token
-    histogram and the sample image; `inspect` prints the distribution."""
-    from lmtrain.train.callbacks.metrics_file import read_metrics
-
-    args = [str(CONFIGS / "debug.yaml"), *tiny_data, "model.n_layers=1", "model.d_model=64",
-            "model.n_heads=4", "model.d_ff=128", "model.depth.kind=act", "model.depth.max_steps=4",
-            "data.seq_len=64", "data.batch_size=4", "trainer.max_steps=8", "trainer.val_every_n_steps=4",
-            "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=4", f"run.root={tmp_path}"]
-    run_cli("train", *args, "run.name=full", check=True)
-    run_cli("train", *args, "run.name=cut", "trainer.max_steps=4", check=True)
-    run_cli("train", *args, "run.name=cut", check=True)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    want, got = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
-    assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]
-    ponder = read_metrics(full / "metrics.jsonl", "stats/ponder/mean")
-    assert sorted(ponder) == list(range(1, 9)) and all(1 <= v <= 5 for v in ponder.values())
-    assert read_metrics(full / "metrics.jsonl", "train/ponder")
-    hist = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if "act_steps/hist" in line]
-    assert hist and sum(hist[-1]["act_steps/hist"].values()) == 4 * 64
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ev = EventAccumulator(str(full / "tb"),
-                          size_guidance={"histograms": 0, "images": 0, "scalars": 0})
-    ev.Reload()
-    tags = ev.Tags()
-    assert {"stats/ponder/mean", "stats/ponder/max", "train/ponder"} <= set(tags["scalars"])
-    assert "act_steps/histogram" in tags["histograms"] and "act_steps/sample" in tags["images"]
-
-    proc = run_cli("inspect", str(full), "--windows", "2", check=True)
-    assert "depth        act" in proc.stdout and "act_steps per token, 2 validation windows" in proc.stdout
-    assert "act_steps: mean" in proc.stdout and "highest mean act_steps" in proc.stdout
-    proc = run_cli("generate", str(full), "--max-new-tokens", "5", "--show-ponder", check=True)
-    assert "ACT steps per new token" in proc.stdout
-
-
 
 def test_the_preset_and_its_control_differ_only_in_depth():
     from lmtrain.config import to_dict
@@ -344,3 +307,10 @@ def test_a_shared_adaptive_span_layer_counts_its_span_loss_once():
                "model.depth.halting_bias_init=-20").train()  # every position runs all 8 steps
     x = torch.randint(0, V, (1, 20))
     assert float(act(x).aux.losses["span"].detach()) == pytest.approx(float(fixed(x).aux.losses["span"].detach()))
+
+
+def test_show_ponder_is_kept_as_an_alias():
+    from lmtrain.cli import build_parser
+
+    for flag in ("--show-token-stats", "--show-ponder"):
+        assert build_parser().parse_args(["generate", "RUN", flag]).show_token_stats is True

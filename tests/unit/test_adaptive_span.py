@@ -1,22 +1,17 @@
 """Adaptive attention span: the mask formula, fast paths against the paper's dense form
-(outputs and gradients, z included), the trimmed window, span loss and clamping, KV cache,
-and a training run with per-head statistics, `lmtrain inspect` and exact resume."""
+(outputs and gradients, z included), the trimmed window, span loss and clamping, KV cache.
+The training run (per-head statistics, `lmtrain inspect`, exact resume) and the benchmark
+are in tests/integration/test_adaptive_span.py."""
 
 from __future__ import annotations
-
-import math
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtrain.config import load_config
-from lmtrain.model import build_model
 from lmtrain.model.attention.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig, log_span_mask
-from lmtrain.model.outputs import Aux
 from lmtrain.model.positions import build_position
-from tests.conftest import CONFIGS, TINY_MODEL, run_cli
+from tests.helpers import call_kernel, make_model
 
 H, D = 4, 8
 
@@ -30,10 +25,9 @@ def kernel(spans, *, ramp=8, block=8, max_span=64, dtype=torch.float64, backend=
 
 
 def run(k, position, q, kk, v, q_pos, k_pos, reference: bool):
-    k.force_reference = reference
     for t in (q, kk, v, k.span_frac):
         t.grad = None
-    out = k(q, kk, v, position=position, q_pos_L=q_pos, k_pos_S=k_pos, aux=Aux())
+    out = call_kernel(k, q, kk, v, position=position, q_pos=q_pos, k_pos=k_pos, reference=reference)
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
     return out.detach().clone(), [t.grad.clone() for t in (q, kk, v, k.span_frac)]
 
@@ -57,7 +51,7 @@ def test_fast_path_matches_dense_reference_with_z_gradients(spans, position, dty
     torch.manual_seed(0)
     L = 45  # not a multiple of the block
     k = kernel(SPANS[spans], dtype=dtype)
-    pos_module = build_position(position, d_model=H * D, n_heads=H, max_len=L, rope_theta=10000.0).to(dtype)
+    pos_module = build_position(position, d_model=H * D, n_heads=H, seq_len=L).to(dtype)
     q, kk, v = (torch.randn(2, H, L, D, dtype=dtype) for _ in range(3))
     pos = torch.arange(L)
     q_rot, k_rot, v = (t.requires_grad_() for t in (pos_module.rotate(q, pos), pos_module.rotate(kk, pos), v))
@@ -75,7 +69,7 @@ def test_decoding_path_matches_reference():
     """With a KV cache the queries are the last few of the keys: the block loop path."""
     torch.manual_seed(1)
     k = kernel(SPANS["mixed"])
-    none = build_position("none", d_model=H * D, n_heads=H, max_len=64, rope_theta=10000.0)
+    none = build_position("none", d_model=H * D, n_heads=H, seq_len=64)
     q = torch.randn(1, H, 5, D, dtype=torch.float64, requires_grad=True)
     kk, v = (torch.randn(1, H, 50, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
     k_pos = torch.arange(50)
@@ -98,9 +92,8 @@ def test_keys_beyond_the_largest_span_are_never_computed(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     L = 200
-    none = build_position("none", d_model=H * D, n_heads=H, max_len=L, rope_theta=10000.0)
     x = torch.randn(1, H, L, D, dtype=torch.float64)
-    k(x, x, x, position=none, q_pos_L=torch.arange(L), k_pos_S=torch.arange(L), aux=Aux())
+    call_kernel(k, x, x, x)
     # Every block of 8 queries sees at most 8 + 24 - 1 keys: O(L x window), not O(L^2).
     assert seen and all(nq == 8 * (nq // 8) and nk == 8 + 24 - 1 for nq, nk in seen)
     total = sum(nq * nk for nq, nk in seen)
@@ -108,12 +101,8 @@ def test_keys_beyond_the_largest_span_are_never_computed(monkeypatch):
 
 
 def _model(*extra, dtype=torch.float64):
-    cfg = load_config(CONFIGS / "debug.yaml", [
-        "model.attention.kind=adaptive_span", "model.attention.max_span=64", "model.attention.ramp=8",
-        "model.attention.block=8", "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.d_ff=64",
-        "data.vocab_size=300", "data.seq_len=48", *extra])
-    torch.manual_seed(0)
-    return build_model(cfg).to(dtype)
+    return make_model("model.attention.kind=adaptive_span", "model.attention.max_span=64", "model.attention.ramp=8",
+                      "model.attention.block=8", "data.vocab_size=300", *extra, dtype=dtype)
 
 
 def test_span_loss_is_coef_times_mean_span_summed_over_layers_and_z_is_clamped():
@@ -129,8 +118,7 @@ def test_span_loss_is_coef_times_mean_span_summed_over_layers_and_z_is_clamped()
     assert kernels[0].span_frac.grad is not None
     with torch.no_grad():
         kernels[0].span_frac.copy_(torch.tensor([-0.5, 0.2, 1.7, 1.0]))
-    for k in kernels:
-        k.after_optimizer_step()
+    model.after_optimizer_step()
     assert kernels[0].span_frac.tolist() == pytest.approx([0.0, 0.2, 1.0, 1.0])
     # Evaluation adds no span loss.
     assert "span" not in model.eval()(torch.randint(0, 300, (1, 20))).aux.losses
@@ -161,67 +149,10 @@ def test_flex_forward_matches_reference_on_cpu(position):
     pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(2)
     k = kernel(SPANS["mixed"], dtype=torch.float32, backend="flex")
-    pos_module = build_position(position, d_model=H * D, n_heads=H, max_len=64, rope_theta=10000.0)
+    pos_module = build_position(position, d_model=H * D, n_heads=H, seq_len=64)
     x = [torch.randn(1, H, 64, D) for _ in range(3)]
-    pos = torch.arange(64)
     with torch.no_grad():
-        flex = k(*x, position=pos_module, q_pos_L=pos, k_pos_S=pos, aux=Aux())
-        k.force_reference = True
-        ref = k(*x, position=pos_module, q_pos_L=pos, k_pos_S=pos, aux=Aux())
+        flex = call_kernel(k, *x, position=pos_module)
+        ref = call_kernel(k, *x, position=pos_module, reference=True)
     torch.testing.assert_close(flex, ref, rtol=1e-4, atol=1e-4)
     assert k.path_counts["flex"] == 1
-
-
-def test_training_logs_spans_per_head_inspect_prints_them_and_resume_is_exact(tiny_data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from lmtrain.train.callbacks.metrics_file import read_metrics
-
-    args = [str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", "model.dropout=0.1",
-            "model.attention.kind=adaptive_span", "model.attention.max_span=64", "model.attention.ramp=8",
-            "model.attention.block=16", "model.attention.init_span=8", "model.attention.loss_coef=1e-3",
-            "trainer.max_steps=12", "checkpoint.every_n_steps=6", "trainer.val_every_n_steps=6",
-            "trainer.log_every_n_steps=2"]
-    run_cli("train", *args, "run.name=a", check=True)
-    run = tmp_path / "a"
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"histograms": 0, "images": 0, "scalars": 0})
-    acc.Reload()
-    scalars = set(acc.Tags()["scalars"])
-    assert {"span/layer0/head0", "span/layer1/head3", "span/mean", "span/max", "train/span"} <= scalars, scalars
-    assert {"span/layer0", "span/layer1"} <= set(acc.Tags()["histograms"])
-    assert "span/heatmap" in acc.Tags()["images"]
-    spans = read_metrics(run / "metrics.jsonl", "span/layer0")
-    assert sorted(spans) == [2, 4, 6, 8, 10, 12] and all(len(v) == 4 and all(0 <= z <= 64 for z in v) for v in spans.values())
-
-    out = run_cli("inspect", str(run), check=True).stdout
-    assert "span per layer and head (max 64)" in out and "| 1 |" in out and "head 3" in out and "% of 64" in out
-
-    # Exact resume with this kind (z in the checkpoint, its optimizer state, the clamp).
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "checkpoints" / "step000006.ckpt", tmp_path / "b" / "checkpoints" / "step000006.ckpt")
-    run_cli("train", *args, "run.name=b", check=True)
-    want, got = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
-    assert [got[s] for s in (8, 10, 12)] == [want[s] for s in (8, 10, 12)]
-    assert read_metrics(tmp_path / "b" / "metrics.jsonl", "span/layer1")[12] == spans_at(run, 12)
-
-
-def spans_at(run, step):
-    from lmtrain.train.callbacks.metrics_file import read_metrics
-
-    return read_metrics(run / "metrics.jsonl", "span/layer1")[step]
-
-
-def test_bench_attention_compares_spans_side_by_side(tmp_path):
-    import json
-
-    out = tmp_path / "bench.json"
-    proc = run_cli("bench", "attention", "--kind", "adaptive_span", "--length", "512", "--max-span", "256",
-                   "--heads", "2", "--head-dim", "16", "--rounds", "1", "--repeats", "1", "--out", str(out), check=True)
-    assert "| span S=256 | 320 |" in proc.stdout and "| span S/8=32 | 64 |" in proc.stdout, proc.stdout
-    assert "softmax, all keys" in proc.stdout and "x faster" in proc.stdout
-    results = json.loads(out.read_text())["results"]
-    assert [r["label"] for r in results] == ["span S=256", "span S/8=32", "softmax, all keys"]
-    assert all(r["time_s"] > 0 for r in results)
-    assert set(results[0]["paths"]) == {"chunked"} and set(results[2]["paths"]) == {"sdpa"}
-    bad = run_cli("bench", "attention", "--length", "1")
-    assert bad.returncode == 2 and "--length" in bad.stderr

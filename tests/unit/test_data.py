@@ -14,7 +14,7 @@ from data_pipelines.sources import SourceError, resolve_source, stdlib_source
 from data_pipelines.tokenizer import EOT, load_tokenizer, train_tokenizer
 from lmtrain.config import load_config
 from lmtrain.train.data import GlobalSampler, WindowDataset, val_windows
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 
 def _cfg(*overrides):

@@ -1,13 +1,13 @@
 """Kernelized attention (performer, rfa, linear): the chunked causal computation against its
-quadratic form, FAVOR+ against exact softmax, redraws and exact resume, the Triton kernel
-(on GPU, and on CPU through Triton's interpreter), memory, decoding and refusals.
+quadratic form, FAVOR+ against exact softmax, redraws, the Triton kernel (on GPU, and on CPU
+through Triton's interpreter), memory, decoding and refusals. Exact resume across a redraw
+and the benchmark are in tests/integration/test_kernelized.py.
 
 Causality, batch-equals-one-by-one and fast-vs-reference (outputs and gradients) run for
-these kinds in tests/test_model.py, which covers every registered kind."""
+these kinds in tests/unit/test_axes.py, which covers every registered kind."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from lmtrain.config import ConfigError, load_config
-from lmtrain.model import build_model
 from lmtrain.model.attention import ATTENTION, causal_linear
 from lmtrain.model.attention.kernelized import RandomFeatures, draw_projection
-from lmtrain.model.positions import build_position
-from tests.conftest import CONFIGS, ROOT, TINY_MODEL, run_cli, saved_bytes, train_and_signal
+from tests.helpers import CONFIGS, ROOT, call_kernel, saved_bytes
+from tests.helpers import make_model as _make_model
 
 KINDS = ["performer", "rfa", "linear"]
 V = 97
@@ -38,12 +37,9 @@ def qkv(B=2, H=2, L=50, D=16, dtype=torch.float64, seed=0):
 
 
 def attend(k, q, key, v, path):
-    pos = torch.arange(q.shape[2])
-    none = build_position("none", d_model=q.shape[1] * q.shape[3], n_heads=q.shape[1], max_len=0, rope_theta=1e4)
-    k.force_reference = path == "reference"
     if path not in ("reference", "fast"):
         k.cfg.backend = path
-    return k(q, key, v, position=none, q_pos_L=pos, k_pos_S=pos, aux=None)
+    return call_kernel(k, q, key, v, reference=path == "reference")
 
 
 # ---- chunked == quadratic ----------------------------------------------------------------------
@@ -175,30 +171,6 @@ def test_redraws_are_deterministic_and_follow_the_schedule():
     assert int(c.draw) == 3
 
 
-def test_resume_is_exact_across_a_redraw(tiny_data, tmp_path):
-    """Features redrawn every 4 steps; a run stopped by SIGUSR1 after step 5 and resumed gives
-    the uninterrupted run's 16 losses bit for bit, and both end at draw 4."""
-    from lmtrain.train.callbacks.metrics_file import read_metrics
-
-    args = [str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, "model.attention.kind=performer",
-            "model.position=rope", "model.attention.redraw_interval=4", "model.attention.features=32",
-            "trainer.max_steps=16", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=8",
-            "checkpoint.every_n_steps=100", f"run.root={tmp_path}"]
-    run_cli("train", *args, "run.name=whole", check=True)
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    code, out = train_and_signal([*args, "run.name=cut"], metrics, after_step=5)
-    assert code == 0, out[-2000:]
-    stopped_at = max(read_metrics(metrics))
-    assert 4 <= stopped_at < 16, f"stopped at step {stopped_at}: not across a redraw"
-    run_cli("train", *args, "run.name=cut", check=True)
-    cut, whole = read_metrics(metrics), read_metrics(tmp_path / "whole" / "metrics.jsonl")
-    assert [cut[s] for s in range(1, 17)] == [whole[s] for s in range(1, 17)]
-    for run in ("whole", "cut"):
-        ckpt = torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        draws = {k: int(v) for k, v in ckpt["state_dict"].items() if k.endswith("features.draw")}
-        assert draws and set(draws.values()) == {4}, draws
-
-
 # ---- Triton ---------------------------------------------------------------------------------------
 
 
@@ -239,7 +211,7 @@ def test_triton_matches_chunked_in_the_interpreter():
     """The same kernels, run by Triton's interpreter on CPU tensors (in a fresh process: the
     interpreter is chosen when the kernels are defined)."""
     pytest.importorskip("triton")
-    code = "from tests.test_kernelized import _triton_check; print(_triton_check('cpu', 'ieee'))"
+    code = "from tests.unit.test_kernelized import _triton_check; print(_triton_check('cpu', 'ieee'))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -255,7 +227,7 @@ def test_memory_is_linear_in_length():
     sizes = {}
     for L in (512, 1024, 2048):
         q, key, v = (t.float().requires_grad_() for t in qkv(B=1, L=L, D=32))
-        sizes[L] = saved_bytes(lambda: attend(k, q, key, v, "chunked"))
+        sizes[L] = saved_bytes(lambda q=q, key=key, v=v: attend(k, q, key, v, "chunked"))
     assert sizes[1024] / sizes[512] == pytest.approx(2.0, rel=0.05), sizes
     assert sizes[2048] / sizes[1024] == pytest.approx(2.0, rel=0.05), sizes
     # Versus the L x L scores alone at 2048 (2 heads, float32): 32 MB.
@@ -263,11 +235,7 @@ def test_memory_is_linear_in_length():
 
 
 def make_model(kind: str, *extra: str, position: str = "rope"):
-    cfg = load_config(CONFIGS / "debug.yaml", [
-        f"model.attention.kind={kind}", f"model.position={position}", "model.n_layers=2", "model.d_model=32",
-        "model.n_heads=4", "model.d_ff=64", "data.vocab_size=257", "data.seq_len=48", *extra])
-    torch.manual_seed(0)
-    return build_model(cfg).double().eval()
+    return _make_model(f"model.attention.kind={kind}", f"model.position={position}", *extra)
 
 
 @pytest.mark.parametrize("kind, extra", [("performer", ()), ("rfa", ("model.attention.gate=true",)), ("linear", ())],
@@ -288,7 +256,7 @@ def test_kv_cache_decoding_equals_the_full_forward(kind, extra):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_reversible_wiring_gives_the_gradients_of_plain_autograd(kind):
-    from tests.test_reversible import loss_and_grads, make
+    from tests.unit.test_reversible import loss_and_grads, make
 
     extra = [f"model.attention.kind={kind}", "model.position=rope"]
     x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -301,17 +269,10 @@ def test_reversible_wiring_gives_the_gradients_of_plain_autograd(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_additive_biases_are_refused_with_the_reason(kind):
-    with pytest.raises(ConfigError, match=r"model.attention.kind=.*never forms the query-key scores.*rope or none"):
+    with pytest.raises(ConfigError, match=r"model.attention.kind=.*never forms the query-key scores.*without one "
+                                          r"\(.*rope.*\)"):
         load_config(CONFIGS / "debug.yaml", [f"model.attention.kind={kind}", "model.position=alibi"])
     load_config(CONFIGS / "debug.yaml", [f"model.attention.kind={kind}", "model.position=rope"])
-
-
-def test_cli_refuses_alibi_with_exit_code_2(tmp_path):
-    proc = run_cli("train", str(CONFIGS / "debug.yaml"), "model.attention.kind=performer", "model.position=alibi",
-                   f"run.root={tmp_path}")
-    assert proc.returncode == 2
-    assert "never forms the query-key scores" in proc.stderr
-    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("override, key", [
@@ -371,15 +332,3 @@ def test_triton_kernels_compile_for_an_h100():
         assert shared <= 160 * 1024, (name, shared)
 
 
-def test_bench_attention_sweeps_lengths_against_softmax(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = run_cli("bench", "attention", "--kind", "performer", "--lengths", "128,256", "--features", "32",
-                   "--heads", "2", "--head-dim", "16", "--rounds", "1", "--repeats", "1", "--threads", "1",
-                   "--out", str(out), check=True)
-    assert "| 128 |" in proc.stdout and "| 256 |" in proc.stdout and "crossover:" in proc.stdout
-    results = json.loads(out.read_text())["results"]
-    assert sorted((r["case"]["kind"], r["case"]["length"]) for r in results) == [
-        ("performer", 128), ("performer", 256), ("softmax", 128), ("softmax", 256)]
-    assert all(r["paths"].get("chunked") for r in results if r["case"]["kind"] == "performer")
-    bad = run_cli("bench", "attention", "--kind", "performer", "--lengths", "1k")
-    assert bad.returncode == 2 and "--lengths" in bad.stderr

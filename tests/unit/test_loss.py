@@ -1,16 +1,17 @@
-"""The fast dense path: the fused chunked LM loss, the folded ALiBi bias (see also
-tests/test_model.py), torch.compile, and `lmtrain bench train` against peers."""
+"""The loss: the fused chunked LM head + cross-entropy against the plain loss, its memory, its
+rule, its refusal under ZeRO-3, and perplexity. Training speed (`lmtrain bench train`,
+torch.compile) is tested in tests/integration/test_speed.py."""
 
 from __future__ import annotations
 
-import json
+import math
 
 import pytest
 import torch
 
 from lmtrain.config import ConfigError, load_config
-from lmtrain.train.loss import chunked_lm_loss, lm_loss, loss_chunk
-from tests.conftest import CONFIGS, TINY_MODEL, run_cli
+from lmtrain.train.loss import chunked_lm_loss, lm_loss, loss_chunk, perplexity
+from tests.helpers import CONFIGS
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -76,33 +77,7 @@ def test_chunked_loss_is_refused_under_zero3():
                                              "trainer.loss_chunk_tokens=128"])
 
 
-@pytest.mark.slow
-def test_compiled_training_runs(tiny_data, tmp_path):
-    run_cli("train", str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, "trainer.compile=true",
-            "trainer.max_steps=3", f"run.root={tmp_path}", "run.name=c", check=True, timeout=1200)
-    assert (tmp_path / "c" / "summary.json").exists()
-
-
-BENCH_MODEL = ["model.n_layers=1", "model.d_model=64", "model.n_heads=2", "model.d_ff=256", "model.bias=false",
-               "data.seq_len=64", "data.batch_size=2"]
-
-
-def test_bench_train_against_peers_with_the_same_parameter_count(tiny_data, tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("x_transformers")
-    out = tmp_path / "bench.json"
-    proc = run_cli("bench", "train", str(CONFIGS / "debug.yaml"), *tiny_data, *BENCH_MODEL, "--vs", "mpt,xtransformers",
-                   "--variant", "model.position=none", "--steps", "2", "--warmup", "1", "--rounds", "1",
-                   "--threads", "1", "--out", str(out), check=True)
-    results = json.loads(out.read_text())["results"]
-    assert [r["impl"] for r in results] == ["lmtrain", "lmtrain model.position=none", "mpt", "xtransformers"]
-    assert len({r["params"] for r in results}) == 1  # the same model everywhere
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] and 0 <= r["data_wait"] < 1 for r in results)
-    assert "the faster peer" in proc.stdout and "MFU against" in proc.stdout
-
-
-def test_bench_train_refuses_what_a_peer_cannot_build(tiny_data):
-    bad = run_cli("bench", "train", str(CONFIGS / "debug.yaml"), *tiny_data, "model.bias=true", "--vs", "mpt")
-    assert bad.returncode == 2 and "model.bias=true" in bad.stderr
-    bad = run_cli("bench", "train", str(CONFIGS / "debug.yaml"), "--vs", "gpt5")
-    assert bad.returncode == 2 and "unknown peer" in bad.stderr
+def test_perplexity_is_one_function_for_floats_and_tensors_and_stays_finite():
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert float(perplexity(torch.tensor(2.0))) == pytest.approx(math.exp(2.0), rel=1e-6)
+    assert perplexity(1e6) == math.exp(50.0) and float(perplexity(torch.tensor(1e6))) == pytest.approx(math.exp(50.0))

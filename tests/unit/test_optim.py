@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -12,7 +10,7 @@ from lmtrain.config import load_config
 from lmtrain.model import build_model
 from lmtrain.model.flops import matmul_params, training_flops_per_token
 from lmtrain.train.optim import lr_at, param_groups
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 
 @pytest.mark.parametrize("position", ["alibi", "learned"])
