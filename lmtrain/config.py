@@ -265,19 +265,23 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Preset YAML + dotlist overrides -> validated `Config`. Raises ConfigError."""
     layers = _load_yaml(Path(path)) if path is not None else []
-    items = []
+    parsed = []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value")
         key, value = item.split("=", 1)
         # `model.position=rope` is `model.position.kind=rope` (a node given a mapping stays as it is)
-        items.append(f"{key}.kind={value}" if key in POLYMORPHIC and not value.lstrip().startswith("{") else item)
-    if items:  # all overrides are one layer: their order does not matter
+        dotted = f"{key}.kind={value}" if key in POLYMORPHIC and not value.lstrip().startswith("{") else item
         try:
-            layers.append(OmegaConf.from_dotlist(items))
+            parsed.append(OmegaConf.from_dotlist([dotted]))
         except Exception as e:  # OmegaConf errors, and YAML scanner errors on values such as `...`
-            raise ConfigError(f"{' '.join(overrides or [])}: cannot parse these overrides "
-                              f"({str(e).splitlines()[0]}); quote the values") from None
+            raise ConfigError(f"{item}: cannot parse this override ({str(e).splitlines()[0]}); quote the value") \
+                from None
+    if parsed:  # all overrides are one layer: their order does not matter
+        try:
+            layers.append(OmegaConf.merge(*parsed))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
     for layer in layers:
         _refuse_legacy(layer)
     try:
