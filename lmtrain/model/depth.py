@@ -35,7 +35,7 @@ class Depth(Variant, nn.Module):
     # True: every layer runs exactly once per forward, in order (a plain stack). Wirings that
     # rebuild a layer's inputs from its outputs (reversible) need it.
     runs_layers_once: ClassVar[bool] = False
-    # The per-token statistic (`Aux.tokens`) that `generate --show-token-stat` marks by default.
+    # The per-token statistic (`Aux.tokens`) that `generate --show-token-stats` marks.
     primary_token_stat: ClassVar[Optional[str]] = None
 
     @classmethod

@@ -155,3 +155,21 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(l0, l1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_depth_modules_read_predictions_through_the_readout(monkeypatch):
+    """`ctx.readout` applies the decoder's final norm and LM head to any state: on the depth
+    module's output it gives the model's own logits (what exit classifiers build on)."""
+    model = make_model("model.position=alibi")
+    seen = {}
+    forward = type(model.depth).forward
+
+    def spy(depth, x, ctx):
+        out = forward(depth, x, ctx)
+        seen["logits"] = ctx.readout.logits(out)
+        return out
+
+    monkeypatch.setattr(type(model.depth), "forward", spy)
+    logits = model(torch.randint(0, V, (2, 12))).logits_BLV
+    torch.testing.assert_close(seen["logits"], logits, rtol=0, atol=0)
+    assert not any(k.startswith("readout") for k in model.state_dict())  # references: no new checkpoint keys
