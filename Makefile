@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-slow test-all env clean-runs extrapolation adaptive-span act kernelized
+.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized
 
 env: $(STAMP)
 
@@ -23,8 +23,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/lmtrain train configs/default.yaml $(ARGS)
 
-test: $(STAMP)
+# The default suite: lint, then unit and integration tests (CPU; the `slow` marker excluded).
+test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

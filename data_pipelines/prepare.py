@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from data_pipelines.shards import (FORMAT_VERSION, SPLITS, DataDirError, atomic_write_text, token_dtype)
+from data_pipelines.shards import FORMAT_VERSION, SPLITS, DataDirError, atomic_write_text, token_dtype
 from data_pipelines.sources import FileSource, resolve_source
 from data_pipelines.tokenizer import EOT, eot_id, file_sha256, load_tokenizer, train_tokenizer
 
@@ -107,7 +107,8 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
         if not force:
             k = changed[0]
             raise DataDirError(
-                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, not {inputs.get(k, FORMAT_VERSION)!r}; "
+                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, "
+                f"not {inputs.get(k, FORMAT_VERSION)!r}; "
                 "use another data.dir, or pass --force to rebuild it"
             )
     t0 = time.time()
@@ -131,7 +132,8 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
             ds = ds.rename_column(data_cfg.text_field, "text")
         ds = ds.add_column("id", [str(i) for i in range(len(ds))])
     if len(ds) < 2:
-        raise DataDirError(f"data.source: {data_cfg.source} has {len(ds)} document(s); at least 2 are needed for a split")
+        raise DataDirError(f"data.source: {data_cfg.source} has {len(ds)} document(s); at least 2 are needed "
+                           "for a split")
     flags = split_ids(ds["id"], data_cfg.val_fraction)
     parts = {
         "train": ds.select([i for i, f in enumerate(flags) if not f]),
@@ -167,7 +169,8 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
     splits = {}
     for split in SPLITS:
         enc = parts[split].map(
-            _encode_batch, batched=True, batch_size=64, num_proc=min(data_cfg.num_proc, max(1, len(parts[split]) // 64)) or None,
+            _encode_batch, batched=True, batch_size=64,
+            num_proc=min(data_cfg.num_proc, max(1, len(parts[split]) // 64)) or None,
             remove_columns=parts[split].column_names, fn_kwargs={"tokenizer_path": str(tok_path)},
             desc=f"tokenizing {split}",
         )

@@ -34,7 +34,8 @@ def read_meta(data_dir: str | Path) -> dict:
         raise DataDirError(f"data.dir {data_dir} is not prepared (no meta.json); run `lmtrain prepare-data CONFIG`")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DataDirError(f"data.dir {data_dir} has format {meta.get('format_version')}, expected {FORMAT_VERSION}; prepare it again with --force")
+        raise DataDirError(f"data.dir {data_dir} has format {meta.get('format_version')}, expected "
+                           f"{FORMAT_VERSION}; prepare it again with --force")
     return meta
 
 

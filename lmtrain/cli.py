@@ -47,13 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write consolidated fp32 safetensors, the config and the tokenizer")
     p.add_argument("source", metavar="RUN_OR_CKPT")
-    p.add_argument("--out", required=True, metavar="DIR", help="the export directory (generate and eval-length accept it)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the export directory (generate and eval-length accept it)")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks that report ratios (see docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from lmtrain.bench.attention import add_arguments as bench_attention_args
 
-    bench_attention_args(bench.add_parser("attention", help="forward+backward time and peak memory of an attention kernel"))
+    bench_attention_args(bench.add_parser("attention",
+                                          help="forward+backward time and peak memory of an attention kernel"))
     from lmtrain.bench.act import add_arguments as bench_act_args
     from lmtrain.bench.memory import add_arguments as bench_memory_args
 
@@ -83,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
-    p.add_argument("--show-ponder", action="store_true",
-                   help="mark each new token with the ACT steps of the position that predicted it (depth kind act)")
+    p.add_argument("--show-token-stats", "--show-ponder", dest="show_token_stats", action="store_true",
+                   help="mark each new token with the per-token statistic of the position that predicted it "
+                        "(ACT depth: its steps)")
 
     p = sub.add_parser("eval-length", help="perplexity against context length, for one or more runs",
                        description="Score the same tokens at every length; write JSON, CSV, markdown and plots "
@@ -180,7 +183,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from lmtrain.inspect import inspect
+    from lmtrain.inspection import inspect
 
     if args.windows < 1:
         return _fail("--windows: must be at least 1")
@@ -206,33 +209,35 @@ def cmd_generate(args) -> int:
     eot = eot_id(tok)
     ids = tok.encode(args.prompt).ids if args.prompt else [eot]
     if model.max_len is not None and len(ids) + args.max_new_tokens > model.max_len:
-        return _fail(f"--max-new-tokens: this model's {cfg.model.position} positions end at {model.max_len}; "
+        return _fail(f"--max-new-tokens: this model's {cfg.model.position.kind} positions end at {model.max_len}; "
                      f"the prompt has {len(ids)} tokens, so at most {model.max_len - len(ids)} new ones fit")
-    if args.show_ponder and cfg.model.depth.kind != "act":
-        return _fail(f"--show-ponder: this model's depth is {cfg.model.depth.kind}; only model.depth.kind=act ponders")
+    stat = model.depth.primary_token_stat
+    if args.show_token_stats and stat is None:
+        return _fail(f"--show-token-stats: model.depth.kind={cfg.model.depth.kind} reports no per-token statistic "
+                     "(depth kinds such as act do)")
     prompt = torch.tensor([ids] * args.num_samples, device=args.device)
     stats: list = []
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                   seed=args.seed, use_cache=not args.no_cache, token_stats=stats if args.show_ponder else None)
+                   seed=args.seed, use_cache=not args.no_cache, token_stats=stats if args.show_token_stats else None)
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
-        if args.show_ponder:
-            print(ponder_marked(tok, row[len(ids):], [int(s["act_steps"][i]) for s in stats], args.prompt, eot))
+        if args.show_token_stats:
+            print(stat_marked(tok, row[len(ids):], [int(s[stat][i]) for s in stats], args.prompt, eot, stat))
             continue
         text = tok.decode([t for t in row if t != eot]) if not args.prompt else tok.decode(row[len(ids):])
         print(args.prompt + text)
     return 0
 
 
-def ponder_marked(tok, new_ids: list[int], steps: list[int], prompt: str, eot: int) -> str:
-    """The prompt, then each new token followed by its ACT steps in brackets, then a summary."""
+def stat_marked(tok, new_ids: list[int], values: list[int], prompt: str, eot: int, name: str) -> str:
+    """The prompt, then each new token followed by its statistic in brackets, then a summary."""
     parts = [prompt]
-    for t, n in zip(new_ids, steps):
+    for t, n in zip(new_ids, values):
         parts.append(("<eot>" if t == eot else tok.decode([t])) + f"[{n}]")
-    hist = {k: steps.count(k) for k in sorted(set(steps))}
-    mean = sum(steps) / max(1, len(steps))
-    return "".join(parts) + f"\n(ACT steps per new token: mean {mean:.2f}; " + \
+    hist = {k: values.count(k) for k in sorted(set(values))}
+    mean = sum(values) / max(1, len(values))
+    return "".join(parts) + f"\n({name} per new token: mean {mean:.2f}; " + \
         ", ".join(f"{k}: {v}" for k, v in hist.items()) + ")"
 
 
@@ -247,8 +252,8 @@ def cmd_eval_length(args) -> int:
         raise EvalError("--max-tokens: must be 0 (all) or positive")
     report = evaluate_runs(args.sources, lengths=parse_lengths(args.lengths) if args.lengths else None,
                            mode=args.mode, stride=args.stride, max_tokens=args.max_tokens or None, data=args.data,
-                           batch_tokens=args.batch_tokens, buckets_per_octave=args.buckets_per_octave, device=args.device,
-                           progress_bar=True, log=lambda s: print(s, file=sys.stderr))
+                           batch_tokens=args.batch_tokens, buckets_per_octave=args.buckets_per_octave,
+                           device=args.device, progress_bar=True, log=lambda s: print(s, file=sys.stderr))
     print(markdown(report_dict(report)), end="")
     written = []
     for run in report["runs"]:

@@ -4,27 +4,40 @@
 schema and validates the result. Every problem is raised as a `ConfigError` whose
 message is one line naming the key and the fix; the CLI prints it and exits 2.
 
-Polymorphic nodes (today `model.attention`, typed by its `kind`) are typed in two
-phases: the raw merge decides the kind, then the node is re-typed with that kind's
-own Config dataclass, so options of other kinds are unknown keys, as they should be.
+The decoder's axes (`model.position`, `model.attention`, `model.ffn`, `model.residual`,
+`model.depth`; lmtrain/model/axes.py) are polymorphic nodes typed in two phases: the raw
+merge decides each node's `kind`, then the node is re-typed with that kind's own Config
+dataclass, so options of other kinds are unknown keys, as they should be.
+
+An axis node may be given as a bare kind: `model.position: rope` (or `model.position=rope`
+on the command line) is `model.position: {kind: rope}`. Layers (a preset, the presets it
+builds on, then all command-line overrides together as one layer) merge in order, and a
+layer that names a kind other than the one so far starts that node afresh: the previous
+kind's options do not apply to the new kind (they are still checked for typos).
+Keys of earlier releases (`model.rope_theta`, `model.max_position`) are refused with the
+new spelling; configs saved by earlier releases (checkpoints, run dirs) are translated.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from lmtrain.model.attention import ATTENTION, AttentionConfig
-from lmtrain.model.depth import DEPTH, DepthConfig
-from lmtrain.model.positions import POSITIONS
-from lmtrain.model.residual import RESIDUAL
+from lmtrain.model.attention import AttentionConfig
+from lmtrain.model.axes import AXES, Assembly
+from lmtrain.model.depth import DepthConfig
+from lmtrain.model.ffn import FFNConfig
+from lmtrain.model.layer import NORMS
+from lmtrain.model.positions import PositionConfig
+from lmtrain.model.residual import ResidualConfig
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -70,15 +83,15 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 1024
     dropout: float = 0.0
-    position: str = "alibi"
+    # The axes, each a node typed by its kind (lmtrain/model/axes.py).
+    position: PositionConfig = field(default_factory=PositionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
     tie_embeddings: bool = True
     norm: str = "layernorm"  # layernorm | rmsnorm
     bias: bool = True  # biases in linear layers
-    residual: str = "prenorm"
-    depth: DepthConfig = field(default_factory=DepthConfig)
-    rope_theta: float = 10000.0
-    max_position: int = 0  # learned table size; 0 means data.seq_len
     init_std: float = 0.02
 
 
@@ -179,7 +192,10 @@ class Config:
 
 
 # key -> registry whose entries carry the node's Config dataclass
-POLYMORPHIC = {"model.attention": ATTENTION, "model.depth": DEPTH}
+POLYMORPHIC = {f"model.{axis}": registry for axis, registry in AXES.items()}
+# Keys of earlier releases: key -> (the axis node that holds it now, the kind it belongs to, its new name).
+LEGACY = {"model.rope_theta": ("model.position", "rope", "theta"),
+          "model.max_position": ("model.position", "learned", "max_position")}
 
 
 def _flat_keys(node: Any, prefix: str = "") -> list[str]:
@@ -249,21 +265,91 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Preset YAML + dotlist overrides -> validated `Config`. Raises ConfigError."""
     layers = _load_yaml(Path(path)) if path is not None else []
+    parsed = []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value")
+        key, value = item.split("=", 1)
+        # `model.position=rope` is `model.position.kind=rope` (a node given a mapping stays as it is)
+        dotted = f"{key}.kind={value}" if key in POLYMORPHIC and not value.lstrip().startswith("{") else item
         try:
-            layers.append(OmegaConf.from_dotlist([item]))
+            parsed.append(OmegaConf.from_dotlist([dotted]))
         except Exception as e:  # OmegaConf errors, and YAML scanner errors on values such as `...`
-            raise ConfigError(f"{item}: cannot parse this override ({str(e).splitlines()[0]}); quote the value") from None
+            raise ConfigError(f"{item}: cannot parse this override ({str(e).splitlines()[0]}); quote the value") \
+                from None
+    if parsed:  # all overrides are one layer: their order does not matter
+        try:
+            layers.append(OmegaConf.merge(*parsed))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
+    for layer in layers:
+        _refuse_legacy(layer)
     try:
-        raw = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+        raw = _merge_layers(layers)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
     return _build(raw)
 
 
+def _refuse_legacy(layer: DictConfig) -> None:
+    for key, (node, kind, name) in LEGACY.items():
+        if OmegaConf.select(layer, key, default=None) is not None:
+            raise ConfigError(f"{key}: this key moved; write {node}.{name} (it belongs to {node}.kind={kind}), "
+                              f"e.g. {node}: {{kind: {kind}, {name}: ...}}")
+
+
+def _axis_value(layer: DictConfig, key: str):
+    parent, leaf = key.rsplit(".", 1)
+    node = OmegaConf.select(layer, parent, default=None)
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return None, None
+    return node, node[leaf]
+
+
+def _bare_kinds(raw: DictConfig) -> DictConfig:
+    """`position: rope` -> `position: {kind: rope}`, for every axis node (in place)."""
+    for key in POLYMORPHIC:
+        parent, value = _axis_value(raw, key)
+        if isinstance(value, str):
+            parent[key.rsplit(".", 1)[1]] = {"kind": value}
+    return raw
+
+
+def _merge_layers(layers: list[DictConfig]) -> DictConfig:
+    """Merge presets and overrides in order, with the layering rule of axis nodes (see the
+    module docstring)."""
+    defaults = OmegaConf.structured(Config)
+    acc = OmegaConf.create()
+    for layer in layers:
+        layer = _bare_kinds(copy.deepcopy(layer))
+        for key in POLYMORPHIC:
+            new_kind = OmegaConf.select(layer, f"{key}.kind", default=None)
+            old_kind = OmegaConf.select(acc, f"{key}.kind", default=None) or OmegaConf.select(defaults, f"{key}.kind")
+            if new_kind is None or new_kind == old_kind:
+                continue
+            before = OmegaConf.select(acc, key, default=None)
+            if isinstance(before, DictConfig):
+                _check_options(key, old_kind, before)  # what is dropped is still checked: no typo goes unseen
+            OmegaConf.update(acc, key, {}, merge=False)  # another kind: its own options only
+        acc = OmegaConf.merge(acc, layer)
+    return acc
+
+
+def _check_options(key: str, kind: str, node: DictConfig) -> None:
+    """Every option of an axis node that is being replaced must belong to its kind."""
+    registry = POLYMORPHIC[key]
+    if kind not in registry:
+        return  # an unknown kind that is replaced: nothing of it is used
+    known = [f.name for f in fields(registry.get(kind).Config)]
+    for name in node:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+            hint = f"did you mean {key}.{close[0]}?" if close else f"{key}.kind={kind} has {', '.join(known)}"
+            raise ConfigError(f"{key}.{name}: unknown key ({hint})")
+
+
 def _build(raw: DictConfig) -> Config:
+    _bare_kinds(raw)  # saved configs of earlier releases (`position: alibi`)
     schema = _schema_for(raw)
     try:
         merged = OmegaConf.merge(schema, raw)
@@ -303,21 +389,10 @@ def validate(cfg: Config) -> list[str]:
          f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
     need(m.d_ff >= 1, "model.d_ff: must be at least 1")
     need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
-    need(m.norm in ("layernorm", "rmsnorm"), f"model.norm: {m.norm!r} is not one of layernorm, rmsnorm")
-    need(m.max_position >= 0, "model.max_position: must be 0 (= data.seq_len) or positive")
+    need(m.norm in NORMS, f"model.norm: {m.norm!r} is not one of {', '.join(NORMS)}")
     need(m.init_std > 0, "model.init_std: must be positive")
-    if m.position not in POSITIONS:
-        errs.append(POSITIONS.unknown_message(m.position))
-    if m.residual not in RESIDUAL:
-        errs.append(RESIDUAL.unknown_message(m.residual))
-    if m.position == "rope" and m.n_heads and (m.d_model // m.n_heads) % 2:
-        errs.append("model.position=rope needs an even head dimension (model.d_model / model.n_heads)")
-    if m.position == "learned" and m.max_position and m.max_position < d.seq_len:
-        errs.append(f"model.max_position: {m.max_position} is shorter than data.seq_len={d.seq_len}")
     if not errs:  # the kind checks assume the basic shape is sane
-        errs += ATTENTION.get(m.attention.kind).check(m)
-        errs += DEPTH.get(m.depth.kind).check(m)
-        errs += RESIDUAL.get(m.residual).check(m)
+        errs += Assembly.of(m, d.seq_len).check()
 
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr: must be positive")
     need(0 <= o.min_lr <= o.lr, "optim.min_lr: must be between 0 and optim.lr")
@@ -329,7 +404,8 @@ def validate(cfg: Config) -> list[str]:
     need(t.max_steps >= 1, "trainer.max_steps: must be at least 1")
     need(t.val_every_n_steps >= 1, "trainer.val_every_n_steps: must be at least 1")
     need(t.precision in PRECISIONS, f"trainer.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    need(t.accelerator in ACCELERATORS, f"trainer.accelerator: {t.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    need(t.accelerator in ACCELERATORS,
+         f"trainer.accelerator: {t.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
     need(t.strategy in STRATEGIES,
          f"trainer.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     need(t.devices >= 1 or t.devices == -1, "trainer.devices: must be a positive count, or -1 for all")
@@ -379,15 +455,17 @@ def _check_deepspeed(cfg: Config) -> list[str]:
                 "or drop the deepspeed keys"] if changed else []
     errs = []
     if ds.zero_stage not in (1, 2, 3):
-        errs.append(f"deepspeed.zero_stage: {ds.zero_stage} is not 1, 2 or 3 (for no sharding use trainer.strategy=ddp)")
+        errs.append(f"deepspeed.zero_stage: {ds.zero_stage} is not 1, 2 or 3 "
+                    "(for no sharding use trainer.strategy=ddp)")
     if ds.offload_params and ds.zero_stage != 3:
         errs.append("deepspeed.offload_params: needs deepspeed.zero_stage=3 (only stage 3 partitions parameters)")
     if ds.zero_stage == 3 and t.loss_chunk_tokens > 0:
         errs.append("trainer.loss_chunk_tokens: the fused head + loss reads the head weight outside the model's "
                     "forward, which ZeRO-3 partitions; use -1 (auto: off under ZeRO-3) or 0")
-    if ds.zero_stage == 3 and cfg.model.residual == "reversible":
-        errs.append("model.residual=reversible: its backward takes gradients for whole parameters, which ZeRO-3 "
-                    "partitions outside their module's forward; use deepspeed.zero_stage 1 or 2")
+    if ds.zero_stage == 3 and getattr(residual_of(cfg), "needs_whole_parameters", False):
+        errs.append(f"model.residual.kind={cfg.model.residual.kind}: its backward takes gradients for whole "
+                    "parameters, which ZeRO-3 partitions outside their module's forward; "
+                    "use deepspeed.zero_stage 1 or 2")
     if t.precision not in DEEPSPEED_PRECISIONS:
         errs.append(f"trainer.precision: {t.precision!r} is not supported by DeepSpeed; use one of "
                     f"{', '.join(DEEPSPEED_PRECISIONS)}")
@@ -415,6 +493,30 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
+def residual_of(cfg: Config) -> type:
+    return AXES["residual"].get(cfg.model.residual.kind)
+
+
 def from_dict(d: dict) -> Config:
-    """Rebuild a saved config (checkpoint, run dir) through the same validation."""
-    return _build(OmegaConf.create(d))
+    """Rebuild a saved config (checkpoint, run dir) through the same validation. Configs saved
+    by earlier releases are translated (see `migrate`)."""
+    return _build(migrate(OmegaConf.create(d)))
+
+
+def migrate(raw: DictConfig) -> DictConfig:
+    """A saved config of an earlier release in today's form: the flat keys of the position
+    scheme move into its node (when they belong to the saved scheme; otherwise they had no
+    effect and are dropped)."""
+    model = raw.get("model")
+    if not isinstance(model, DictConfig):
+        return raw
+    pos = model.get("position")
+    kind = pos if isinstance(pos, str) else (pos.get("kind") if isinstance(pos, DictConfig) else None)
+    for key, (_, owner, name) in LEGACY.items():
+        leaf = key.rsplit(".", 1)[1]
+        if leaf in model:
+            value = model.pop(leaf)
+            if kind == owner:
+                model["position"] = {"kind": kind, **({} if isinstance(pos, str) else dict(pos)), name: value}
+                pos = model["position"]
+    return raw

@@ -73,11 +73,10 @@ def activation_bytes(*, seq_len: int, micro_batch: int, d_model: int, n_heads: i
 
 
 def count_params(cfg) -> int:
-    """Parameters of the model the config describes (built on the meta device; tied weights once)."""
-    from lmtrain.model import build_model
+    """Parameters of the model the config describes (from the config alone; tied weights once)."""
+    from lmtrain.model.count import parameter_count
 
-    model = build_model(cfg, device="meta")
-    return sum(p.numel() for p in model.parameters())
+    return parameter_count(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
 
 
 def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> dict:
@@ -105,7 +104,8 @@ def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> di
             per_sample = act(1, ckpt) - (act(0, ckpt) if ckpt else 0.0)
             fixed = act(0, ckpt)
             free = budget - states - fixed
-            row["max_micro_batch" + ("_ckpt" if ckpt else "")] = max(0, int(free // per_sample)) if per_sample > 0 else 0
+            fit = max(0, int(free // per_sample)) if per_sample > 0 else 0
+            row["max_micro_batch" + ("_ckpt" if ckpt else "")] = fit
         rows.append(row)
     t, ds = cfg.trainer, cfg.deepspeed
     zero = t.strategy == "deepspeed"
@@ -147,13 +147,15 @@ def format_plan(p: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for r in p["stages"]:
-        lines.append(f"| {r['stage']} | {r['model_states_gb']:.2f} | {r['max_micro_batch']} | {r['max_micro_batch_ckpt']} |")
+        lines.append(f"| {r['stage']} | {r['model_states_gb']:.2f} | {r['max_micro_batch']} | "
+                     f"{r['max_micro_batch_ckpt']} |")
     c = p["configured"]
     how = ", ".join([c["stage"]] + [w for w, on in (("optimizer offloaded", c["offload_optimizer"]),
                                                      ("parameters offloaded", c["offload_params"]),
                                                      ("activation checkpointing", c["checkpointing"])) if on])
-    lines += ["", f"this config          {how}: {c['model_states_gb']:.2f} GB model states + {c['activations_gb']:.2f} GB "
-              f"activations = {c['total_gb']:.2f} GB of {p['gpu_mem_gb'] - p['headroom_gb']:g} GB per GPU: "
+    lines += ["", f"this config          {how}: {c['model_states_gb']:.2f} GB model states + "
+              f"{c['activations_gb']:.2f} GB activations = {c['total_gb']:.2f} GB of "
+              f"{p['gpu_mem_gb'] - p['headroom_gb']:g} GB per GPU: "
               + ("fits" if c["fits"] else "DOES NOT FIT")]
     fits = [r for r in p["stages"] if r["max_micro_batch"] >= p["micro_batch"]]
     lines.append("")

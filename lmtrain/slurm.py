@@ -1,4 +1,5 @@
-"""`lmtrain submit`: render an sbatch script from slurm/templates/, and submit it.
+"""`lmtrain submit`: render an sbatch script from the templates in lmtrain/sbatch/ (package
+data, so an installed lmtrain submits too), and submit it.
 
 Every value that reaches the shell or an #SBATCH line (job name, partition, account, qos,
 time, memory, paths, the environment hook, eval-length arguments) is checked against a
@@ -13,13 +14,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Optional
 
 from lmtrain.config import Config, ConfigError, to_yaml
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm" / "templates"
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # job names, qos, account
 PARTITION = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")
 TIME = re.compile(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?|\d+")
@@ -47,14 +48,16 @@ def settings(cfg: Config, python: str, workdir: Path) -> dict:
         raise ConfigError("trainer.devices: give the GPUs (tasks) per node as a number for `lmtrain submit`, not -1")
     job_name = _check(s.job_name or cfg.run.name, NAME, "slurm.job_name", "letters, digits, . _ -")
     scheduling = ""
-    for key, value, pattern in (("partition", s.partition, PARTITION), ("account", s.account, NAME), ("qos", s.qos, NAME)):
+    for key, value, pattern in (("partition", s.partition, PARTITION), ("account", s.account, NAME),
+                                ("qos", s.qos, NAME)):
         if value:
             scheduling += f"#SBATCH --{key}={_check(value, pattern, f'slurm.{key}', 'a SLURM name')}\n"
     env_hook = ""
     if s.env_hook:
         hook = Path(s.env_hook).expanduser()
         if not hook.is_file():
-            raise ConfigError(f"slurm.env_hook: {s.env_hook} is not a file (a shell file with module loads, venv activation)")
+            raise ConfigError(f"slurm.env_hook: {s.env_hook} is not a file "
+                              "(a shell file with module loads, venv activation)")
         env_hook = f"source {_path(hook.resolve(), 'slurm.env_hook')}\n"
     return {
         "job_name": job_name,
@@ -90,7 +93,7 @@ def eval_args(text: str) -> str:
 
 
 def render(name: str, values: dict) -> str:
-    return Template((TEMPLATES / name).read_text()).substitute(values)
+    return Template(resources.files("lmtrain.sbatch").joinpath(name).read_text()).substitute(values)
 
 
 def template_for(cfg: Config) -> str:

@@ -36,11 +36,11 @@ if [ $DRY = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_avai
 fi
 
 log=$(mktemp)
-$PY -m pytest tests/test_gpu.py tests/test_kernelized.py -m gpu -rA -q -p no:cacheprovider 2>&1 | tee "$log" | tail -n 3
+$PY -m pytest tests/integration/test_gpu.py tests/unit/test_kernelized.py -m gpu -rA -q -p no:cacheprovider 2>&1 | tee "$log" | tail -n 3
 rc=${PIPESTATUS[0]}
 echo
 echo "| check | result |"
 echo "|---|---|"
-grep -E "^(PASSED|FAILED|SKIPPED|ERROR)" "$log" | sed -E 's/^(PASSED|FAILED|ERROR) (tests\/test_[a-z_]*.py::)?([^ ]*).*/| \3 | \1 |/; s/^SKIPPED \[[0-9]+\] ([^:]*):[0-9]+: (.*)/| \1 | SKIPPED (\2) |/'
+grep -E "^(PASSED|FAILED|SKIPPED|ERROR)" "$log" | sed -E 's/^(PASSED|FAILED|ERROR) (tests\/[a-z]*\/test_[a-z_]*.py::)?([^ ]*).*/| \3 | \1 |/; s/^SKIPPED \[[0-9]+\] ([^:]*):[0-9]+: (.*)/| \1 | SKIPPED (\2) |/'
 [ $DRY = 1 ] && [ $rc = 5 ] && rc=0
 exit $rc

@@ -53,10 +53,13 @@ def main(args) -> int:
         raise ConfigError("bench act: --rounds must be at least 1 and --batch 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from lmtrain.model.universal import ACTDepth
+
     t = load_trained(args.source)
     cfg, model = t.cfg, t.model
-    if cfg.model.depth.kind != "act":
-        raise ConfigError(f"bench act: {args.source} has model.depth.kind={cfg.model.depth.kind}; it needs act")
+    if not isinstance(model.depth, ACTDepth):
+        raise ConfigError(f"bench act: {args.source} has model.depth.kind={cfg.model.depth.kind}; it needs an ACT "
+                          "model (model.depth.kind=act)")
     L, B = cfg.data.seq_len, args.batch or cfg.data.batch_size
     windows = validation_sample(WindowDataset(cfg.data.dir, "val", L), B)
     x, y = windows[:, :-1], windows[:, 1:]

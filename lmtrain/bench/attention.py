@@ -1,11 +1,11 @@
 """`lmtrain bench attention`: forward+backward time and peak memory of one attention kernel
 call, for several configurations side by side.
 
-`--kind performer|rfa|linear` sweeps the length (`--lengths`, default 1k to 32k): at each L
-the kernelized kind and causal softmax attention through SDPA (no bias: its fused causal
-kernel), each in its own process. The table gives both times and memories, their ratio,
-time(L) / time(first L) for each, and the crossover: the shortest L at which the kernelized
-kind is faster.
+`--kind KIND` sweeps the length (`--lengths`, default 1k to 32k): at each L the kind and
+causal softmax attention through SDPA (no bias: its fused causal kernel), each in its own
+process. The table gives both times and memories, their ratio, time(L) / time(first L) for
+each, and the crossover: the shortest L at which the kind is faster. Every registered kind
+can be swept; `--chunk` and `--features` reach kinds that have those options.
 
 `--kind adaptive_span` compares every head's span at S (`--max-span`, default the kind's
 default S = 1024) with every span at S/8, at length `--length` (default 4096), and shows
@@ -21,14 +21,16 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from lmtrain.bench.process import alternate, medians
 from lmtrain.bench.process import reset_peak as _reset_peak
 from lmtrain.bench.process import rss_kb as _rss_kb
 from lmtrain.bench.process import trim as _trim
+
+BASELINE = "softmax"  # what every kind is compared with: causal softmax attention through SDPA
 
 
 @dataclass
@@ -51,28 +53,32 @@ def adaptive_span_cases(args) -> list[Case]:
     opts = {"max_span": S, "ramp": args.ramp, "block": args.block}
     common = dict(kind="adaptive_span", length=args.length, options=opts, batch=args.batch, heads=args.heads,
                   head_dim=args.head_dim, position=args.position, threads=args.threads, repeats=args.repeats)
-    plain = {**common, "kind": "softmax", "options": {"backend": "sdpa"}}
+    plain = {**common, "kind": BASELINE, "options": {"backend": "sdpa"}}
     return [Case(label=f"span S={S}", spans=float(S), **common),
             Case(label=f"span S/8={S // 8}", spans=float(S // 8), **common),
             # For context: dense causal softmax over all L keys (SDPA's fused kernel where it applies).
             Case(label="softmax, all keys", **plain)]
 
 
-def kernelized_cases(args) -> list[Case]:
-    opts = {"chunk": args.chunk}
-    if args.kind in ("performer", "rfa"):
-        opts["features"] = args.features
+def sweep_cases(args) -> list[Case]:
+    from dataclasses import fields
+
+    from lmtrain.model.attention import ATTENTION
+
+    options = {f.name for f in fields(ATTENTION.get(args.kind).Config)}
+    opts = {name: getattr(args, name) for name in ("chunk", "features") if name in options}
     cases = []
     for L in args.length_list:
         common = dict(length=L, batch=args.batch, heads=args.heads, head_dim=args.head_dim, position="none",
                       threads=args.threads, repeats=args.repeats)
         cases.append(Case(label=f"{args.kind} L={L}", kind=args.kind, options=opts, **common))
-        cases.append(Case(label=f"softmax L={L}", kind="softmax", options={"backend": "sdpa"}, **common))
+        cases.append(Case(label=f"softmax L={L}", kind=BASELINE, options={"backend": "sdpa"}, **common))
     return cases
 
 
-CASES = {"adaptive_span": adaptive_span_cases, "performer": kernelized_cases, "rfa": kernelized_cases,
-         "linear": kernelized_cases}
+# Kinds compared otherwise than by a length sweep against softmax: adaptive span, whose cost
+# follows its learned spans, at one length with spans S and S/8.
+COMPARISONS = {"adaptive_span": adaptive_span_cases}
 
 
 # -- the child: one configuration, one process ---------------------------------------------
@@ -81,7 +87,7 @@ CASES = {"adaptive_span": adaptive_span_cases, "performer": kernelized_cases, "r
 def measure(case: Case) -> dict:
     import torch
 
-    from lmtrain.model.attention import ATTENTION
+    from lmtrain.model.attention import ATTENTION, AttentionInputs
     from lmtrain.model.outputs import Aux
     from lmtrain.model.positions import build_position
 
@@ -95,14 +101,13 @@ def measure(case: Case) -> dict:
     if case.spans is not None:
         with torch.no_grad():
             kernel.span_frac.fill_(case.spans / cfg.max_span)
-    position = build_position(case.position, d_model=d_model, n_heads=case.heads, max_len=case.length,
-                              rope_theta=10000.0)
+    position = build_position(case.position, d_model=d_model, n_heads=case.heads, seq_len=case.length)
     B, H, L, D = case.batch, case.heads, case.length, case.head_dim
     q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
     pos = torch.arange(L)
 
     def step():
-        out = kernel(q, k, v, position=position, q_pos_L=pos, k_pos_S=pos, aux=Aux())
+        out = kernel(q, k, v, AttentionInputs(position=position, q_pos=pos, k_pos=pos, aux=Aux()))
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
         kernel.zero_grad(set_to_none=True)
@@ -127,25 +132,11 @@ def measure(case: Case) -> dict:
 # -- the parent: cases side by side --------------------------------------------------------
 def run_cases(cases: list[Case], rounds: int, log=print) -> list[dict]:
     """Each case in its own process, `rounds` times, alternating; the median per case."""
-    results: dict[str, list[dict]] = {c.label: [] for c in cases}
-    for r in range(rounds):
-        for c in cases:
-            proc = subprocess.run([sys.executable, "-m", "lmtrain.bench.attention", "--child", json.dumps(asdict(c))],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench case {c.label!r} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[c.label].append(res)
-            log(f"round {r + 1}/{rounds}  {c.label:<22} {res['time_s'] * 1e3:9.1f} ms  "
-                f"peak {res['peak_mb'] if res['peak_mb'] is None else round(res['peak_mb'], 1)} MB")
-    out = []
-    for c in cases:
-        rs = results[c.label]
-        peaks = [x["peak_mb"] for x in rs if x["peak_mb"] is not None]
-        out.append({**rs[0], "time_s": statistics.median(x["time_s"] for x in rs),
-                    "peak_mb": statistics.median(peaks) if peaks else None, "rounds": len(rs),
-                    "case": asdict(c)})
-    return out
+    argv = [(c.label, [sys.executable, "-m", "lmtrain.bench.attention", "--child", json.dumps(asdict(c))])
+            for c in cases]
+    results = alternate(argv, rounds, log=log, show=lambda _, r: f"{r['time_s'] * 1e3:9.1f} ms  peak "
+                        f"{r['peak_mb'] if r['peak_mb'] is None else round(r['peak_mb'], 1)} MB")
+    return [{**medians(results[c.label], ("time_s", "peak_mb")), "case": asdict(c)} for c in cases]
 
 
 def format_results(results: list[dict]) -> str:
@@ -172,13 +163,13 @@ def format_sweep(results: list[dict], kind: str) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     crossover = None
     for L in lengths:
-        k, s = by_len[L][kind], by_len[L]["softmax"]
+        k, s = by_len[L][kind], by_len[L][BASELINE]
         if crossover is None and k["time_s"] < s["time_s"]:
             crossover = L
         mem = [f"{x['peak_mb']:.0f}" if x["peak_mb"] is not None else "n/a" for x in (k, s)]
         lines.append(f"| {L} | {k['time_s'] * 1e3:.1f} | {s['time_s'] * 1e3:.1f} | {s['time_s'] / k['time_s']:.2f} | "
                      f"{mem[0]} | {mem[1]} | {k['time_s'] / first[kind]['time_s']:.1f} | "
-                     f"{s['time_s'] / first['softmax']['time_s']:.1f} |")
+                     f"{s['time_s'] / first[BASELINE]['time_s']:.1f} |")
     lines.append("")
     lines.append(f"crossover: {kind} is faster than softmax from L = {crossover}" if crossover else
                  f"crossover: {kind} is not faster than softmax at any measured length")
@@ -186,12 +177,13 @@ def format_sweep(results: list[dict], kind: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", default="adaptive_span", choices=sorted(CASES), help="attention kind to benchmark")
+    p.add_argument("--kind", default="adaptive_span", help="attention kind to benchmark (any registered kind but "
+                                                           "softmax, the baseline)")
     p.add_argument("--length", type=int, default=4096, help="adaptive_span: sequence length L")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
-                   help="performer, rfa, linear: the lengths to sweep, comma-separated")
-    p.add_argument("--features", type=int, default=256, help="performer, rfa: random features M")
-    p.add_argument("--chunk", type=int, default=64, help="performer, rfa, linear: chunk size")
+                   help="other kinds: the lengths to sweep against softmax, comma-separated")
+    p.add_argument("--features", type=int, default=256, help="kinds with random features (performer, rfa): M")
+    p.add_argument("--chunk", type=int, default=64, help="kinds with a chunk option (performer, rfa, linear)")
     p.add_argument("--max-span", type=int, default=1024, help="adaptive_span: S (compared with S/8)")
     p.add_argument("--ramp", type=int, default=32, help="adaptive_span: R")
     p.add_argument("--block", type=int, default=64, help="adaptive_span: block")
@@ -211,13 +203,19 @@ def main(args) -> int:
     try:
         args.length_list = [int(x) for x in args.lengths.split(",")]
     except ValueError:
-        raise ConfigError(f"bench attention: --lengths must be integers separated by commas, got {args.lengths!r}")
+        raise ConfigError(f"bench attention: --lengths must be integers separated by commas, got {args.lengths!r}") \
+            from None
     if args.length < 2 or args.max_span < 8 or args.rounds < 1 or args.repeats < 1 or min(args.length_list) < 2:
         raise ConfigError("bench attention: --length and --lengths >= 2, --max-span >= 8, --rounds and --repeats >= 1")
-    cases = CASES[args.kind](args)
     import torch
 
-    sweep = args.kind != "adaptive_span"
+    from lmtrain.model.attention import ATTENTION
+
+    if args.kind not in ATTENTION or args.kind == BASELINE:
+        others = ", ".join(k for k in sorted(ATTENTION) if k != BASELINE)
+        raise ConfigError(f"bench attention: --kind {args.kind}: choose one of {others} (softmax is the baseline)")
+    sweep = args.kind not in COMPARISONS
+    cases = sweep_cases(args) if sweep else COMPARISONS[args.kind](args)
     lengths = args.lengths if sweep else args.length
     print(f"bench attention: {args.kind}, L={lengths}, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
           f"position {args.position}, fp32, forward+backward; {platform.processor() or platform.machine()}, "

@@ -27,9 +27,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+
+from lmtrain.bench.process import alternate, medians
 
 WIRINGS = ("prenorm", "two_stream", "reversible")
 
@@ -149,30 +150,21 @@ def main(args) -> int:
 
     print(f"bench memory: L={args.length}, batch {args.batch}, d_model {args.d_model}, {args.heads} heads, "
           f"position {args.position}, vocab "
-          f"{args.vocab}, fp32, one training step (AdamW) on {args.device}; {platform.processor() or platform.machine()}, "
+          f"{args.vocab}, fp32, one training step (AdamW) on {args.device}; "
+          f"{platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for r in range(args.rounds):  # rounds alternate the cases, so that a slow spell of the machine hits all
-        for n in depths:
-            for w in wirings:
-                spec = {"residual": w, "layers": n, "length": args.length, "batch": args.batch,
-                        "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab, "dropout": args.dropout,
-                        "position": args.position, "repeats": args.repeats, "threads": args.threads,
-                        "device": args.device}
-                proc = subprocess.run([sys.executable, "-m", "lmtrain.bench.memory", json.dumps(spec)],
-                                      capture_output=True, text=True, env=child_env(args.device))
-                if proc.returncode != 0:
-                    raise RuntimeError(f"bench memory {w} x {n} failed:\n{proc.stderr[-3000:]}")
-                res = {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
-                runs.setdefault((w, n), []).append(res)
-                print(f"round {r + 1}/{args.rounds}  {w:<11} {n:>3} layers  activations {res['activation_mb']:9.1f} MB  "
-                      f"step {res['time_s']:7.3f} s", flush=True)
-    results = []
-    for (w, n), rs in runs.items():
-        mems = [x["activation_mb"] for x in rs if x["activation_mb"] is not None]
-        results.append({**rs[0], "time_s": statistics.median(x["time_s"] for x in rs),
-                        "activation_mb": statistics.median(mems) if mems else None, "rounds": len(rs),
-                        "times_s": [x["time_s"] for x in rs]})
+    specs = {}
+    for n in depths:
+        for w in wirings:
+            specs[f"{w} x {n}"] = {"residual": w, "layers": n, "length": args.length, "batch": args.batch,
+                                   "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
+                                   "dropout": args.dropout, "position": args.position, "repeats": args.repeats,
+                                   "threads": args.threads, "device": args.device}
+    runs = alternate([(label, [sys.executable, "-m", "lmtrain.bench.memory", json.dumps(spec)])
+                      for label, spec in specs.items()], args.rounds, env=child_env(args.device),
+                     show=lambda _, r: f"activations {r['activation_mb']:9.1f} MB  step {r['time_s']:7.3f} s")
+    results = [{**specs[label], **medians(rs, ("time_s", "activation_mb")), "times_s": [x["time_s"] for x in rs]}
+               for label, rs in runs.items()]
     print()
     print(format_table(results, depths, wirings))
     if args.out:
@@ -184,7 +176,8 @@ def main(args) -> int:
 def format_table(results: list[dict], depths: list[int], wirings: list[str]) -> str:
     by = {(r["residual"], r["layers"]): r for r in results}
     lo = min(depths)
-    lines = ["| wiring | " + " | ".join(f"{n} layers: MB / s" for n in depths) + f" | memory {max(depths)} vs {lo} layers |",
+    lines = ["| wiring | " + " | ".join(f"{n} layers: MB / s" for n in depths)
+             + f" | memory {max(depths)} vs {lo} layers |",
              "|---|" + "---:|" * (len(depths) + 1)]
     for w in wirings:
         cells = [f"{by[w, n]['activation_mb']:.0f} / {by[w, n]['time_s']:.2f}" for n in depths]

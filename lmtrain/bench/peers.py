@@ -26,10 +26,12 @@ def _common_checks(cfg, peer: str, *, needs_no_bias: bool) -> None:
     problems = []
     if m.attention.kind != "softmax":
         problems.append(f"model.attention.kind={m.attention.kind} (softmax only)")
-    if m.position not in ("alibi",):
-        problems.append(f"model.position={m.position} (the peers are compared as ALiBi decoders)")
-    if m.residual != "prenorm" or m.depth.kind != "fixed":
-        problems.append("model.residual=prenorm and model.depth.kind=fixed only")
+    if m.position.kind != "alibi":
+        problems.append(f"model.position.kind={m.position.kind} (the peers are compared as ALiBi decoders)")
+    if m.residual.kind != "prenorm" or m.depth.kind != "fixed":
+        problems.append("model.residual.kind=prenorm and model.depth.kind=fixed only")
+    if m.ffn.kind != "mlp" or m.ffn.activation != "gelu":
+        problems.append("model.ffn.kind=mlp with activation gelu only")
     if m.norm != "layernorm":
         problems.append(f"model.norm={m.norm} (layernorm only)")
     if not m.tie_embeddings:

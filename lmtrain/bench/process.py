@@ -1,6 +1,7 @@
-"""Measuring one process's memory on Linux, for benchmarks that run each case in its own
-process: resident memory now and at its peak, the peak reset, and freed heap returned to
-the OS so that "before" is not inflated by earlier cases' garbage."""
+"""Benchmarks run each case in its own process: running the cases round by round
+(`alternate`, `medians`), and measuring one process's memory on Linux (resident memory now
+and at its peak, the peak reset, and freed heap returned to the OS so that "before" is not
+inflated by earlier cases' garbage)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,36 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def alternate(cases: list[tuple[str, list[str]]], rounds: int, *, env: dict | None = None, log=print,
+              show=lambda label, r: "") -> dict[str, list[dict]]:
+    """Run each case's child process (label, argv) once per round, the cases alternating within
+    a round, so that a change in the machine's load hits all of them alike. Each child prints
+    its result as one JSON object on its last line of output. Returns label -> one result per
+    round; `show(label, result)` is appended to the progress line."""
+    import json
+    import subprocess
+
+    results: dict[str, list[dict]] = {label: [] for label, _ in cases}
+    for r in range(rounds):
+        for label, argv in cases:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench case {label!r} failed:\n{proc.stderr[-4000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[label].append(res)
+            log(f"round {r + 1}/{rounds}  {label:<22} {show(label, res)}".rstrip())
+    return results
+
+
+def medians(results: list[dict], keys: tuple[str, ...]) -> dict:
+    """The first result with each of `keys` replaced by its median over all results (None
+    values left out; None when there are none), and the number of rounds."""
+    import statistics
+
+    out = {**results[0], "rounds": len(results)}
+    for key in keys:
+        values = [r[key] for r in results if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out

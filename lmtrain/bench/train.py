@@ -27,11 +27,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
-from lmtrain.bench.process import reset_peak, rss_kb
+from lmtrain.bench.process import alternate, medians, reset_peak, rss_kb
 
 IMPLEMENTATIONS = ("lmtrain", "mpt", "xtransformers")
 
@@ -150,7 +149,8 @@ def measure(spec: dict) -> dict:
     tokens = cfg.data.batch_size * cfg.data.seq_len
     tps = tokens / step
     return {"impl": impl, "version": res["version"], "params": params, "params_lmtrain": params_lmtrain,
-            "step_s": step, "tokens_per_s": tps, "flops_per_token": flops_per_token, "mfu": tps * flops_per_token / peak,
+            "step_s": step, "tokens_per_s": tps, "flops_per_token": flops_per_token,
+            "mfu": tps * flops_per_token / peak,
             "peak_flops": peak, "peak_source": source, "matmul_flops": matmul,
             "data_wait": sum(res["waits"]) / (sum(res["waits"]) + sum(res["times"])),
             "peak_mb": (peak_kb - res["rss0"]) / 1024 if res["peak_ok"] and res["rss0"] else None,
@@ -165,32 +165,13 @@ def run(args, log=print) -> list[dict]:
     cases = [("lmtrain", "lmtrain", [])]
     cases += [(f"lmtrain {v}", "lmtrain", v.split()) for v in args.variant]
     cases += [(p, p, []) for p in args.peers]
-    impls = [label for label, _, _ in cases]
-    results: dict[str, list[dict]] = {i: [] for i in impls}
-    for r in range(args.rounds):
-        for impl, kind, extra in cases:
-            spec = {"impl": kind, "config": args.config, "overrides": [*args.overrides, *extra], "warmup": args.warmup,
-                    "steps": args.steps, "threads": args.threads}
-            proc = subprocess.run([sys.executable, "-m", "lmtrain.bench.train", "--child", json.dumps(spec)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench train: {impl} failed:\n{proc.stderr[-4000:]}")
-            res = {**json.loads(proc.stdout.strip().splitlines()[-1]), "impl": impl}
-            results[impl].append(res)
-            log(f"round {r + 1}/{args.rounds}  {impl:<14} {res['tokens_per_s']:9.0f} tok/s  step {res['step_s']:.3f} s  "
-                f"mfu {res['mfu']:.1%}")
-    out = []
-    for impl in impls:
-        rs = results[impl]
-        best = {**rs[0], "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
-                "step_s": statistics.median(x["step_s"] for x in rs), "mfu": statistics.median(x["mfu"] for x in rs),
-                "data_wait": statistics.median(x["data_wait"] for x in rs), "rounds": len(rs),
-                "peak_flops": statistics.median(x["peak_flops"] for x in rs),
-                "matmul_flops": statistics.median(x["matmul_flops"] for x in rs)}
-        peaks = [x["peak_mb"] for x in rs if x["peak_mb"] is not None]
-        best["peak_mb"] = statistics.median(peaks) if peaks else None
-        out.append(best)
-    return out
+    argv = [(label, [sys.executable, "-m", "lmtrain.bench.train", "--child", json.dumps(
+        {"impl": kind, "config": args.config, "overrides": [*args.overrides, *extra], "warmup": args.warmup,
+         "steps": args.steps, "threads": args.threads})]) for label, kind, extra in cases]
+    results = alternate(argv, args.rounds, log=log, show=lambda _, r: f"{r['tokens_per_s']:9.0f} tok/s  step "
+                        f"{r['step_s']:.3f} s  mfu {r['mfu']:.1%}")
+    keys = ("tokens_per_s", "step_s", "mfu", "data_wait", "peak_flops", "matmul_flops", "peak_mb")
+    return [{**medians(results[label], keys), "impl": label} for label, _, _ in cases]
 
 
 def format_results(results: list[dict]) -> str:
@@ -199,8 +180,9 @@ def format_results(results: list[dict]) -> str:
              "lmtrain / this |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
-        lines.append(f"| {r['impl']} | {r['version']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
-                     f"{r['mfu']:.1%} | {mem} | {r['data_wait']:.1%} | {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+        lines.append(f"| {r['impl']} | {r['version']} | {r['params']:,} | {r['tokens_per_s']:.0f} | "
+                     f"{r['step_s']:.3f} | {r['mfu']:.1%} | {mem} | {r['data_wait']:.1%} | "
+                     f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
     lines.append("")
     lines.append(f"FLOPs per token: {ours['flops_per_token'] / 1e6:.1f} M (6 N + 12 n_layers d_model L); MFU against "
                  f"{ours['peak_flops'] / 1e12:.3f} TFLOP/s ({ours['peak_source']}); measured matmul peak "
@@ -246,7 +228,7 @@ def main(args) -> int:
         try:
             _common_checks(cfg, peer, needs_no_bias=peer == "mpt")
         except PeerMismatch as e:
-            raise ConfigError(str(e))
+            raise ConfigError(str(e)) from None
     print(f"bench train: {args.config} {' '.join(args.overrides)}; {cfg.model.n_layers} layers, d_model "
           f"{cfg.model.d_model}, {cfg.model.n_heads} heads, d_ff {cfg.model.d_ff}, vocab {cfg.data.vocab_size}, "
           f"L {cfg.data.seq_len}, batch {cfg.data.batch_size}, {cfg.trainer.precision}; "

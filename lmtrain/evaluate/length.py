@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmtrain.train.loss import perplexity
+
 MODES = ("nonoverlap", "sliding")
 
 
@@ -79,7 +81,8 @@ def resolve_stride(mode: str, length: int, stride: Optional[int]) -> int:
         return length
     s = max(1, length // 2) if stride is None else stride
     if not 1 <= s <= length:
-        raise EvalError(f"--stride {s}: must be between 1 and the length {length} (each window scores its last S tokens)")
+        raise EvalError(f"--stride {s}: must be between 1 and the length {length} "
+                        "(each window scores its last S tokens)")
     return s
 
 
@@ -149,14 +152,10 @@ def bucket_edges(length: int, per_octave: int = 4) -> list[int]:
     return sorted(edges)
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
 def unsupported_reason(model, length: int) -> Optional[str]:
     limit = model.max_len
     if limit is not None and length > limit:
-        return f"{model.cfg.position} positions end at {limit}"
+        return f"{model.cfg.position.kind} positions end at {limit}"
     return None
 
 
@@ -178,7 +177,8 @@ def window_losses(model, inputs_BL: torch.Tensor, targets_BL: torch.Tensor, firs
 
 
 def evaluate_length(model, tokens, plan: Plan, *, batch_tokens: int = 16384, buckets_per_octave: int = 4,
-                    device: str | torch.device = "cpu", progress: Optional[Callable[[int], None]] = None) -> LengthResult:
+                    device: str | torch.device = "cpu",
+                    progress: Optional[Callable[[int], None]] = None) -> LengthResult:
     """Score `plan` on `tokens` (a 1-D integer array, e.g. a memmap). `progress(n)` is called
     with the number of windows finished since the last call."""
     edges = bucket_edges(plan.length, buckets_per_octave)

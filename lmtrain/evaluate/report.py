@@ -162,8 +162,8 @@ def write_report(report: dict, out_dir: Path, runs: Optional[list] = None) -> li
     rep = report_dict(report, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"length_{rep['mode']}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), Path(f"{stem}_positions.csv"), stem.with_suffix(".md"),
-             Path(f"{stem}_ppl.png"), Path(f"{stem}_positions.png")]
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), Path(f"{stem}_positions.csv"),
+             stem.with_suffix(".md"), Path(f"{stem}_ppl.png"), Path(f"{stem}_positions.png")]
     paths[0].write_text(json.dumps(rep, indent=2) + "\n")
     write_csv(rep, paths[1])
     write_positions_csv(rep, paths[2])

@@ -26,7 +26,8 @@ def prepared_text(data_dir: str | Path) -> EvalText:
     from data_pipelines.shards import open_tokens, read_meta
 
     meta = read_meta(data_dir)
-    return EvalText(open_tokens(data_dir, "val"), f"{data_dir} (validation split, {meta['splits']['val']['tokens']:,} tokens)",
+    return EvalText(open_tokens(data_dir, "val"),
+                    f"{data_dir} (validation split, {meta['splits']['val']['tokens']:,} tokens)",
                     meta["tokenizer_sha256"])
 
 
@@ -97,7 +98,7 @@ class RunEval:
             "source": self.source,
             "checkpoint": str(t.checkpoint),
             "step": t.step,
-            "position": t.cfg.model.position,
+            "position": t.cfg.model.position.kind,
             "attention": t.cfg.model.attention.kind,
             "train_length": t.cfg.data.seq_len,
             "results": [r.to_dict() for r in self.results],
@@ -143,7 +144,8 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
     names = _names(trained, sources)
     log(f"eval-length: {len(trained)} model(s), {mode}"
         f"{'' if mode == 'nonoverlap' else ' (stride ' + (str(stride) if stride else 'L/2') + ')'}, "
-        f"lengths {','.join(map(str, lengths))}; {n:,} scored tokens (targets {offset:,}..{offset + n - 1:,}) of {text.description}")
+        f"lengths {','.join(map(str, lengths))}; {n:,} scored tokens (targets {offset:,}..{offset + n - 1:,}) "
+        f"of {text.description}")
 
     total_windows = len(trained) * sum(p.n_windows() for p in plans.values())
     bar = _progress(total_windows, progress_bar)

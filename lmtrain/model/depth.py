@@ -1,7 +1,9 @@
 """Depth control: one axis of the decoder, keyed by `model.depth.kind`.
 
 A depth module owns the layers and decides how often and in which order they run;
-the residual wiring decides how each run combines with the stream.
+the residual wiring decides how each run combines with the stream. Through `ctx.readout`
+a depth module can apply the decoder's final norm and LM head to any intermediate state
+(exit confidences, per-exit losses).
 
   * fixed     - the ordinary stack of `model.n_layers` distinct layers.
   * universal - those layers as one shared block, applied `steps` times
@@ -12,6 +14,7 @@ the residual wiring decides how each run combines with the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 from torch import Tensor, nn
 
@@ -29,6 +32,11 @@ class DepthConfig(KindConfig):
 
 class Depth(Variant, nn.Module):
     Config = DepthConfig
+    # True: every layer runs exactly once per forward, in order (a plain stack). Wirings that
+    # rebuild a layer's inputs from its outputs (reversible) need it.
+    runs_layers_once: ClassVar[bool] = False
+    # The per-token statistic (`Aux.tokens`) that `generate --show-token-stats` marks.
+    primary_token_stat: ClassVar[Optional[str]] = None
 
     @classmethod
     def layer_applications(cls, model_cfg) -> int:
@@ -40,12 +48,12 @@ class Depth(Variant, nn.Module):
         """The largest value each per-token statistic (`Aux.tokens`) can take."""
         return {}
 
-    def init_parameters(self) -> None:
-        """Called after the decoder's generic initialisation, for parameters that need their own."""
 
 
 @DEPTH.register("fixed")
 class FixedDepth(Depth):
+    runs_layers_once = True
+
     def __init__(self, model_cfg, residual: Residual):
         super().__init__()
         self.layers = nn.ModuleList(Layer(model_cfg, i) for i in range(model_cfg.n_layers))

@@ -1,20 +1,23 @@
 """One decoder layer as two sublayers, F (attention) and G (feed-forward).
 
 The residual wiring (lmtrain/model/residual.py) decides how F and G combine with the
-stream, so the same layer serves pre-norm wiring today and two-stream reversible wiring
-later. Shapes: B batch, L length, M model dim, H heads, D head dim, F d_ff.
+stream (pre-norm, two-stream reversible), and the depth module how often layers run; the
+layer offers `f`, `g` and the parameters of each. Shapes: B batch, L length, M model dim,
+H heads, D head dim, Q positions asked for per row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmtrain.model.attention import build_attention
+from lmtrain.model.attention import AttentionInputs, build_attention
+from lmtrain.model.ffn import FFN
+from lmtrain.model.init import ResidualOut
 from lmtrain.model.outputs import Aux
 from lmtrain.model.positions import Position
 
@@ -41,6 +44,21 @@ class KVCache:
 
 
 @dataclass
+class Readout:
+    """The decoder's final norm and LM head, for depth modules that read predictions before
+    the last layer (exit confidences, per-exit losses). Not a module: it holds references."""
+
+    norm: nn.Module
+    head: nn.Linear
+
+    def hidden(self, x_BLM: Tensor) -> Tensor:
+        return self.norm(x_BLM)
+
+    def logits(self, x_BLM: Tensor) -> Tensor:
+        return self.head(self.norm(x_BLM))
+
+
+@dataclass
 class Context:
     """Per-forward state shared by all layers (no module state is mutated)."""
 
@@ -49,6 +67,10 @@ class Context:
     aux: Aux
     cache: Optional[KVCache] = None
     step: int = 0  # which application of shared layers this is (Universal Transformer); names cache slots
+    readout: Optional[Readout] = None
+    # Room for per-forward inputs of kernels to come (document ids, global-token flags).
+    doc_ids: Optional[Tensor] = None
+    global_mask: Optional[Tensor] = None
 
 
 def gather_rows(x_BLM: Tensor, rows_BQ: Tensor) -> Tensor:
@@ -56,10 +78,14 @@ def gather_rows(x_BLM: Tensor, rows_BQ: Tensor) -> Tensor:
     return x_BLM.gather(1, rows_BQ[..., None].expand(-1, -1, x_BLM.shape[-1]))
 
 
+NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
+    "layernorm": lambda d, bias: nn.LayerNorm(d, bias=bias),
+    "rmsnorm": lambda d, bias: nn.RMSNorm(d),
+}
+
+
 def make_norm(kind: str, d_model: int, bias: bool) -> nn.Module:
-    if kind == "rmsnorm":
-        return nn.RMSNorm(d_model)
-    return nn.LayerNorm(d_model, bias=bias)
+    return NORMS[kind](d_model, bias)
 
 
 class SelfAttention(nn.Module):
@@ -67,9 +93,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.index = cfg.n_heads, index
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj = ResidualOut(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout)
-        self.kernel.layer_index = index
 
     def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable, rows_BQ: Optional[Tensor] = None) -> Tensor:
         """B x L x M, or B x Q x M for the query positions `rows_BQ` (keys and values always
@@ -77,7 +102,8 @@ class SelfAttention(nn.Module):
         B, L, M = x_BLM.shape
         H, D = self.n_heads, M // self.n_heads
         q_pos = ctx.pos_L
-        if rows_BQ is not None and self.kernel.supports_query_rows:
+        rows_supported = self.kernel.caps.query_rows
+        if rows_BQ is not None and rows_supported:
             # Only the asked-for queries are projected and attended; keys and values of all.
             w_q, w_kv = self.qkv.weight.split((M, 2 * M))
             b_q, b_kv = self.qkv.bias.split((M, 2 * M)) if self.qkv.bias is not None else (None, None)
@@ -90,21 +116,12 @@ class SelfAttention(nn.Module):
         k_pos = ctx.pos_L
         if ctx.cache is not None:
             k, v, k_pos = ctx.cache.extend(key, k, v, ctx.pos_L)
-        o_BHLD = self.kernel(q, k, v, position=ctx.position, q_pos_L=q_pos, k_pos_S=k_pos, aux=ctx.aux)
-        o_BLM = o_BHLD.transpose(1, 2).reshape(B, -1, M)
-        if rows_BQ is not None and not self.kernel.supports_query_rows:
+        inp = AttentionInputs(position=ctx.position, q_pos=q_pos, k_pos=k_pos, aux=ctx.aux, doc_ids=ctx.doc_ids,
+                              global_mask=ctx.global_mask)
+        o_BLM = self.kernel(q, k, v, inp).transpose(1, 2).reshape(B, -1, M)
+        if rows_BQ is not None and not rows_supported:
             o_BLM = gather_rows(o_BLM, rows_BQ)  # every query was attended; project the asked-for ones
         return self.proj(o_BLM)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-
-    def forward(self, x_BLM: Tensor) -> Tensor:
-        return self.down(nn.functional.gelu(self.up(x_BLM)))
 
 
 class Layer(nn.Module):
@@ -114,8 +131,16 @@ class Layer(nn.Module):
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias)
         self.attn = SelfAttention(cfg, index)
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FFN.get(cfg.ffn.kind)(cfg.ffn, d_model=cfg.d_model, d_ff=cfg.d_ff, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def f_parameters(self) -> list[nn.Parameter]:
+        """The parameters of sublayer F (its norm and the attention block)."""
+        return [*self.attn_norm.parameters(), *self.attn.parameters()]
+
+    def g_parameters(self) -> list[nn.Parameter]:
+        """The parameters of sublayer G (its norm and the feed-forward)."""
+        return [*self.ffn_norm.parameters(), *self.ffn.parameters()]
 
     def f(self, x_BLM: Tensor, ctx: Context, key: Hashable = None, rows_BQ: Optional[Tensor] = None) -> Tensor:
         """Attention sublayer (its own norm and dropout); key names its KV-cache slot. With

@@ -1,4 +1,4 @@
-"""Positional schemes: one axis of the decoder, keyed by `model.position`.
+"""Positional schemes: one axis of the decoder, keyed by `model.position.kind`.
 
 A scheme can act in three places, and each declares which:
   * `embed`      - added to the token embeddings (sinusoidal, learned),
@@ -13,29 +13,39 @@ Shapes: B batch, H heads, L query length, S key length, D head dim, M model dim.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lmtrain.registry import Registry
+from lmtrain.registry import KindConfig, Registry, Variant
 
 POSITIONS: Registry[type["Position"]] = Registry("model.position")
 
 
-class Position(nn.Module):
+@dataclass
+class PositionConfig(KindConfig):
+    """Options common to every scheme (none); schemes with options subclass it."""
+
+    kind: str = "alibi"
+
+
+class Position(Variant, nn.Module):
     """Base scheme: does nothing anywhere (that is exactly `none`)."""
 
-    has_score_bias = False
+    Config = PositionConfig
+    has_score_bias: ClassVar[bool] = False
     # True: score_bias(q, k) depends on k - q only (kernels may then share one bias block).
-    relative_bias = True
+    relative_bias: ClassVar[bool] = True
     # True: the decoder follows Vaswani et al.'s embedding recipe for this scheme (token
     # embeddings initialised N(0, d^-1/2) and multiplied by sqrt(d) on input).
-    scales_tokens = False
+    scales_tokens: ClassVar[bool] = False
 
-    def __init__(self, *, d_model: int, n_heads: int, max_len: int, rope_theta: float = 10000.0):
+    def __init__(self, cfg: PositionConfig, *, d_model: int, n_heads: int, seq_len: int):
         super().__init__()
-        self.max_len = None  # only schemes with a table have a hard limit
+        self.cfg = cfg
+        self.max_len: Optional[int] = None  # only schemes with a table have a hard limit
 
     def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
         return x_BLM
@@ -57,7 +67,7 @@ class Position(nn.Module):
         return None
 
 
-POSITIONS.register("none")(Position)
+POSITIONS.register("none")(Position)  # the base scheme does nothing anywhere
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -86,8 +96,8 @@ class ALiBi(Position):
 
     has_score_bias = True
 
-    def __init__(self, *, n_heads: int, **kw):
-        super().__init__(n_heads=n_heads, **kw)
+    def __init__(self, cfg: PositionConfig, *, n_heads: int, **kw):
+        super().__init__(cfg, n_heads=n_heads, **kw)
         # A buffer, not a parameter: the paper's slopes are fixed.
         self.register_buffer("slopes", torch.tensor(alibi_slopes(n_heads)), persistent=False)
 
@@ -112,15 +122,34 @@ class ALiBi(Position):
         return self.slopes
 
 
+@dataclass
+class RoPEConfig(PositionConfig):
+    kind: str = "rope"
+    theta: float = 10000.0  # base of the rotation frequencies theta^(-2i/D)
+
+
 @POSITIONS.register("rope")
 class RoPE(Position):
     """Rotary embeddings (Su et al. 2021), rotating half-dimension pairs (GPT-NeoX layout)."""
 
-    def __init__(self, *, d_model: int, n_heads: int, rope_theta: float = 10000.0, **kw):
-        super().__init__(d_model=d_model, n_heads=n_heads, **kw)
-        self.head_dim, self.theta = d_model // n_heads, rope_theta
+    Config = RoPEConfig
+    cfg: RoPEConfig
+
+    def __init__(self, cfg: RoPEConfig, *, d_model: int, n_heads: int, **kw):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, **kw)
+        self.head_dim, self.theta = d_model // n_heads, cfg.theta
         if self.head_dim % 2:
             raise ValueError("rope needs an even head dimension")
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        m, reasons = a.model, []
+        if (m.d_model // m.n_heads) % 2:
+            reasons.append(f"model.position.kind={m.position.kind} needs an even head dimension "
+                           f"(model.d_model / model.n_heads = {m.d_model // m.n_heads})")
+        if not m.position.theta > 0:
+            reasons.append("model.position.theta: must be positive (10000 in the paper)")
+        return reasons
 
     def rotate(self, x_BHLD: Tensor, pos_L: Tensor) -> Tensor:
         # Angles are computed afresh in fp32 (fp64 for fp64 inputs), never in a low-precision
@@ -150,22 +179,44 @@ class Sinusoidal(Position):
 
     scales_tokens = True
 
-    def __init__(self, *, d_model: int, **kw):
-        super().__init__(d_model=d_model, **kw)
+    def __init__(self, cfg: PositionConfig, *, d_model: int, **kw):
+        super().__init__(cfg, d_model=d_model, **kw)
         self.d_model = d_model
 
     def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
         return x_BLM + sinusoids(pos_L, self.d_model, _angle_dtype(x_BLM)).to(x_BLM.dtype)
 
 
+@dataclass
+class LearnedConfig(PositionConfig):
+    kind: str = "learned"
+    max_position: int = 0  # rows of the table; 0 = data.seq_len (longer inputs are refused)
+
+
 @POSITIONS.register("learned")
 class Learned(Position):
-    """A learned absolute position table of `max_len` rows (GPT-2)."""
+    """A learned absolute position table of `max_position` rows (GPT-2)."""
 
-    def __init__(self, *, d_model: int, max_len: int, **kw):
-        super().__init__(d_model=d_model, max_len=max_len, **kw)
-        self.max_len = max_len
-        self.table = nn.Embedding(max_len, d_model)
+    Config = LearnedConfig
+    cfg: LearnedConfig
+
+    def __init__(self, cfg: LearnedConfig, *, d_model: int, seq_len: int, **kw):
+        super().__init__(cfg, d_model=d_model, seq_len=seq_len, **kw)
+        self.max_len = cfg.max_position or seq_len
+        self.table = nn.Embedding(self.max_len, d_model)
+
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        return (a.model.position.max_position or a.seq_len) * a.model.d_model
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        rows = a.model.position.max_position
+        if rows < 0:
+            return ["model.position.max_position: must be 0 (= data.seq_len) or positive"]
+        if rows and rows < a.seq_len:
+            return [f"model.position.max_position: {rows} is shorter than data.seq_len={a.seq_len}"]
+        return []
 
     def embed(self, x_BLM: Tensor, pos_L: Tensor) -> Tensor:
         if pos_L.numel() and int(pos_L.max()) >= self.max_len:
@@ -191,5 +242,8 @@ class PositionOutOfRange(ValueError):
     """A scheme with a finite table was asked for a position beyond it."""
 
 
-def build_position(kind: str, *, d_model: int, n_heads: int, max_len: int, rope_theta: float) -> Position:
-    return POSITIONS.get(kind)(d_model=d_model, n_heads=n_heads, max_len=max_len, rope_theta=rope_theta)
+def build_position(cfg: PositionConfig | str, *, d_model: int, n_heads: int, seq_len: int) -> Position:
+    """The scheme of a config node (or, for tests and benchmarks, of a kind with its defaults)."""
+    if isinstance(cfg, str):
+        cfg = POSITIONS.config(cfg)
+    return POSITIONS.get(cfg.kind)(cfg, d_model=d_model, n_heads=n_heads, seq_len=seq_len)

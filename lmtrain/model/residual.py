@@ -1,12 +1,13 @@
-"""Residual wiring: one axis of the decoder, keyed by `model.residual`.
+"""Residual wiring: one axis of the decoder, keyed by `model.residual.kind`.
 
-A wiring runs a sequence of layers (each offering sublayers f and g) over the stream.
-It sees the whole sequence, so stack-level schemes (two-stream reversible layers with
-their own autograd function) fit the same interface.
+A wiring runs a sequence of layers (each offering sublayers f and g, and their parameters)
+over the stream. It sees the whole sequence, so stack-level schemes (two-stream reversible
+layers with their own autograd function) fit the same interface.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -14,17 +15,29 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lmtrain.model.layer import Context, Layer, gather_rows
-from lmtrain.registry import Registry, Variant
+from lmtrain.registry import KindConfig, Registry, Variant
 
 RESIDUAL: Registry[type["Residual"]] = Registry("model.residual")
 
 
+@dataclass
+class ResidualConfig(KindConfig):
+    kind: str = "prenorm"
+
+
 class Residual(Variant):
+    Config = ResidualConfig
     # Recompute each layer in the backward pass instead of keeping its activations
     # (trainer.activation_checkpointing). Wirings that never keep activations ignore it.
     checkpoint_layers: bool = False
     # run_rows is implemented: one layer's output at a subset of positions (ACT's running ones).
     supports_rows: bool = False
+    # Its backward takes gradients of whole parameters outside their module's forward, which
+    # sharded parameters (ZeRO-3) do not allow.
+    needs_whole_parameters: bool = False
+
+    def __init__(self, cfg: ResidualConfig):
+        self.cfg = cfg
 
     def run(self, layers: Sequence[Layer], x_BLM: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError

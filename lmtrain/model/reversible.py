@@ -19,8 +19,9 @@ and the stack's output is the mean (y1 + y2) / 2, which goes to the final norm.
 
 Randomness replays exactly: the RNG state before each F and each G is saved in the
 forward and restored for its recomputation (dropout masks are the same). Attention kinds
-must declare `deterministic_recompute`. Parameter-only losses of the kernels (the span loss)
-are added after the stack, with a graph, since the stack's forward runs without one.
+must declare `caps.deterministic_recompute`. The stack's forward runs without a graph, so
+losses must not come from it: parameter losses (the span loss) are added by the decoder,
+outside the stack (lmtrain/model/hooks.py).
 """
 
 from __future__ import annotations
@@ -59,12 +60,6 @@ class _replay:
         return self.fork.__exit__(*exc)
 
 
-def _sublayer_params(layer):
-    f = [p for m in (layer.attn_norm, layer.attn) for p in m.parameters()]
-    g = [p for m in (layer.ffn_norm, layer.ffn) for p in m.parameters()]
-    return f, g
-
-
 class _Stash:
     """The one pair of activations a reversible stack keeps: the last layer's outputs after
     the forward pass, then, in backward, the inputs each layer rebuilds for the one below."""
@@ -94,7 +89,7 @@ class ReversibleLayer(torch.autograd.Function):
     def backward(fctx, g1, g2):
         layer, ctx, (s_f, s_g) = fctx.layer, fctx.ctx, fctx.states
         y1, y2 = fctx.stash.outputs
-        f_params, g_params = _sublayer_params(layer)
+        f_params, g_params = layer.f_parameters(), layer.g_parameters()
         with torch.enable_grad():
             y1_req = y1.detach().requires_grad_(True)
             with _replay(s_g, y1.device):
@@ -128,30 +123,30 @@ class TwoStream(Residual):
         return x1, x2
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        from lmtrain.model.attention import ATTENTION
-
-        name = model.residual
-        reasons = []
-        if model.depth.kind != "fixed":
-            reasons.append(f"model.residual={name} runs a fixed stack; model.depth.kind={model.depth.kind} keeps "
-                           "states per step and needs model.residual=prenorm")
-        kind = model.attention.kind
-        if kind in ATTENTION and not ATTENTION.get(kind).deterministic_recompute:
-            reasons.append(f"model.residual={name}: model.attention.kind={kind} does not recompute deterministically, "
-                           "so the layer inputs cannot be rebuilt exactly; use model.residual=prenorm")
+    def check(cls, a) -> list[str]:
+        m, reasons = a.model, []
+        name = m.residual.kind
+        if not a.depth.runs_layers_once:
+            reasons.append(f"model.residual.kind={name} runs each layer once, in order; model.depth.kind="
+                           f"{m.depth.kind} runs layers several times and needs a wiring such as prenorm")
+        if not a.attention.caps.deterministic_recompute:
+            reasons.append(f"model.residual.kind={name}: model.attention.kind={m.attention.kind} does not recompute "
+                           "deterministically, so the layer inputs cannot be rebuilt exactly; use "
+                           "model.residual.kind=prenorm")
         return reasons
 
 
 @RESIDUAL.register("reversible")
 class Reversible(TwoStream):
-    """The RevNet coupling with activations rebuilt in backward (`ReversibleStack`)."""
+    """The RevNet coupling with activations rebuilt in backward (`ReversibleLayer`)."""
+
+    needs_whole_parameters = True
 
     def run(self, layers, x_BLM, ctx):
-        if not (torch.is_grad_enabled() and (x_BLM.requires_grad or any(p.requires_grad for l in layers
-                                                                       for p in l.parameters()))):
+        trainable = any(p.requires_grad for layer in layers for p in layer.parameters())
+        if not (torch.is_grad_enabled() and (x_BLM.requires_grad or trainable)):
             return super().run(layers, x_BLM, ctx)  # no backward to save memory for (eval, generation)
-        inner = replace(ctx, aux=Aux())  # the layers' forward has no graph: their losses are re-added below
+        inner = replace(ctx, aux=Aux())  # the layers' forward has no graph: only statistics leave it
         stash = _Stash()
         x1 = x2 = x_BLM
         for i, layer in enumerate(layers):
@@ -159,10 +154,6 @@ class Reversible(TwoStream):
             x1, x2 = ReversibleLayer.apply(x1, x2, layer, inner, stash, i == len(layers) - 1, *params)
         ctx.aux.stats.update(inner.aux.stats)
         ctx.aux.tokens.update(inner.aux.tokens)
-        for layer in layers:
-            kernel = layer.attn.kernel
-            for name, value in kernel.parameter_losses().items():
-                ctx.aux.add_loss_once(name, kernel, value)
         return (x1 + x2) / 2
 
 

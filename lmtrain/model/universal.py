@@ -22,7 +22,7 @@ serves as context for the positions that keep running. The loop ends when every 
 has halted. Before that, with `skip_halted`, only running positions are computed: the
 queries, attention output, projections and feed-forward of the running positions of each
 row (padded to the row with the most), while keys and values come from all positions.
-Attention kinds that cannot take a subset of queries (`supports_query_rows` False) attend
+Attention kinds that cannot take a subset of queries (`caps.query_rows` False) attend
 with every query and keep the running rows' outputs.
 
 Shapes: B batch, L length, M model dim, Q running positions per row (padded).
@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from lmtrain.model.depth import DEPTH, Depth, DepthConfig
-from lmtrain.model.layer import Context, Layer, gather_rows, make_norm
+from lmtrain.model.layer import Context, Layer, make_norm
 from lmtrain.model.positions import POSITIONS, sinusoids
 from lmtrain.model.residual import Residual
+from lmtrain.model.running import freeze_cache, step_running
 
 
 class Halting:
@@ -112,14 +113,14 @@ class SharedBlock(Depth):
         # the scheme scales tokens to unit size (Vaswani's recipe, as the UT code does), else
         # sinusoids with the RMS of GPT-2's token initialisation, so that at initialisation the
         # signal does not drown the tokens in each layer's input norm.
-        scales_tokens = POSITIONS.get(model_cfg.position).scales_tokens
+        scales_tokens = POSITIONS.get(model_cfg.position.kind).scales_tokens
         self.signal_scale = 1.0 if scales_tokens else math.sqrt(2.0) * model_cfg.init_std
 
     steps_key = "steps"  # the config key that bounds the applications
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        steps = cls.max_applications(model.depth)
+    def check(cls, a) -> list[str]:
+        steps = cls.max_applications(a.model.depth)
         return [] if steps >= 1 else [f"model.depth.{cls.steps_key}: must be at least 1"]
 
     @classmethod
@@ -144,6 +145,7 @@ class SharedBlock(Depth):
 @DEPTH.register("universal")
 class UniversalDepth(SharedBlock):
     Config = UniversalConfig
+    test_options = {"steps": 2}
 
     def forward(self, x_BLM: Tensor, ctx: Context) -> Tensor:
         h_BLM = x_BLM
@@ -157,16 +159,20 @@ class UniversalDepth(SharedBlock):
 class ACTDepth(SharedBlock):
     Config = ACTConfig
     steps_key = "max_steps"
+    primary_token_stat = "act_steps"
+    init_options = {"halting_bias_init": ("halt.bias", lambda cfg: cfg.halting_bias_init)}
+    test_options = {"max_steps": 3}
 
     def __init__(self, model_cfg, residual: Residual):
         super().__init__(model_cfg, residual)
         self.halt_norm = make_norm(model_cfg.norm, model_cfg.d_model, model_cfg.bias)
         self.halt = nn.Linear(model_cfg.d_model, 1)
+        self.init_parameters()
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        reasons = super().check(model)
-        d = model.depth
+    def check(cls, a) -> list[str]:
+        reasons = super().check(a)
+        d = a.model.depth
         if not 0.0 < d.eps < 1.0:
             reasons.append("model.depth.eps: must be in (0, 1); the paper uses 0.01")
         if d.ponder_cost < 0:
@@ -176,8 +182,15 @@ class ACTDepth(SharedBlock):
     def token_stat_limits(self) -> dict[str, float]:
         return {"act_steps": self.cfg.max_steps, "ponder": self.cfg.max_steps + 1}
 
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        from lmtrain.model.count import norm_parameters
+
+        return norm_parameters(a.model) + a.model.d_model + 1  # the halting unit's norm and linear map
+
+    @torch.no_grad()
     def init_parameters(self) -> None:
-        nn.init.constant_(self.halt.bias, self.cfg.halting_bias_init)
+        self.halt.bias.fill_(self.cfg.halting_bias_init)
 
     def forward(self, x_BLM: Tensor, ctx: Context) -> Tensor:
         B, L, M = x_BLM.shape
@@ -197,16 +210,14 @@ class ACTDepth(SharedBlock):
                 x0_BLM = torch.where(running_BL[..., None], x0_BLM, states[0])
             p_BL = torch.sigmoid(self.halt(self.halt_norm(x0_BLM)).squeeze(-1).to(halting.dtype))
             weight_BL = halting.step(p_BL)
-            states, n = self._block_step(x0_BLM, states, running_BL, ctx_t)
+            states, n = step_running(self.layers, self.residual, x0_BLM, states, running_BL, ctx_t,
+                                     skip_stopped=self.cfg.skip_halted)
             computed += n
             h_BLM = states[-1]
             out_BLM = out_BLM + weight_BL[..., None].to(out_BLM.dtype) * h_BLM
             if not bool(halting.running_BL.any()):
                 break
-        if ctx.cache is not None:  # halted positions offer their last keys and values at later steps too
-            for later in range(t + 1, T + 1):
-                for layer in self.layers:
-                    ctx.cache.repeat_last((t, layer.index), (later, layer.index), L)
+        freeze_cache(ctx.cache, self.layers, t, T, L)  # halted positions serve later steps with their last keys
         ponder_BL = halting.ponder_BL
         ctx.aux.add_loss("ponder", self.cfg.ponder_cost * ponder_BL.mean())
         ctx.aux.stats["ponder/mean"] = ponder_BL.detach().mean()
@@ -217,31 +228,3 @@ class ACTDepth(SharedBlock):
         ctx.aux.tokens["act_steps"] = halting.steps_BL
         ctx.aux.tokens["ponder"] = ponder_BL.detach()
         return out_BLM
-
-    def _block_step(self, x0_BLM: Tensor, states: Optional[list[Tensor]], running_BL: Tensor, ctx: Context):
-        """One application of the block. Running positions get new states; halted ones keep
-        theirs. Returns the new per-layer states and how many positions per row were computed."""
-        B, L, _ = x0_BLM.shape
-        rows_BQ = None
-        if states is not None and self.cfg.skip_halted and self.residual.supports_rows:
-            Q = int(running_BL.sum(1).max())
-            if Q < L:
-                # Running positions first, in position order; short rows are padded with halted
-                # positions, whose results are dropped.
-                rows_BQ = torch.argsort((~running_BL).to(torch.int8), dim=1, stable=True)[:, :Q]
-                valid_BQ = running_BL.gather(1, rows_BQ)
-        new = [x0_BLM]
-        x_BLM = x0_BLM
-        for j, layer in enumerate(self.layers):
-            if rows_BQ is None:
-                y_BLM = self.residual.run([layer], x_BLM, ctx)
-                if states is not None:
-                    y_BLM = torch.where(running_BL[..., None], y_BLM, states[j + 1])
-            else:
-                prev_BLM = states[j + 1]
-                y_BQM = torch.where(valid_BQ[..., None], self.residual.run_rows(layer, x_BLM, rows_BQ, ctx),
-                                    gather_rows(prev_BLM, rows_BQ))
-                y_BLM = prev_BLM.scatter(1, rows_BQ[..., None].expand_as(y_BQM), y_BQM)
-            new.append(y_BLM)
-            x_BLM = y_BLM
-        return new, B * (L if rows_BQ is None else rows_BQ.shape[1])

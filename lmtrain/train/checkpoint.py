@@ -176,7 +176,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_m
         return _load_export(path, device, with_model)
     ckpt_path = path if _is_checkpoint(path) else last_checkpoint(path) if path.is_dir() else path
     if ckpt_path is None or not _is_checkpoint(ckpt_path):
-        raise FileNotFoundError(f"no checkpoint at {path} (expected a .ckpt file or a run dir with checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"no checkpoint at {path} "
+                                "(expected a .ckpt file or a run dir with checkpoints/last.ckpt)")
     cfg, ckpt = load_config_from_checkpoint(ckpt_path)
     model = None
     if with_model:
@@ -218,4 +219,6 @@ def reload_with_model(trained: Trained, device="cpu") -> Trained:
 def tokenizer_path(trained: Trained) -> Path:
     """The model's tokenizer: the copy in an export dir, else the one in its data.dir."""
     own = trained.run_dir / "tokenizer.json"
-    return own if trained.checkpoint.name == EXPORT_WEIGHTS and own.is_file() else Path(trained.cfg.data.dir) / "tokenizer.json"
+    if trained.checkpoint.name == EXPORT_WEIGHTS and own.is_file():
+        return own
+    return Path(trained.cfg.data.dir) / "tokenizer.json"

@@ -13,9 +13,22 @@ scales the stored gradients by the incoming one. Peak memory for the logits is o
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# exp(50) = 5e21: a perplexity beyond any meaning, but finite (valid JSON, plottable), which a
+# diverged run's loss would not give.
+MAX_LOG_PERPLEXITY = 50.0
+
+
+def perplexity(loss):
+    """exp(loss) of a mean cross-entropy in nats, a float or a tensor, capped at exp(50)."""
+    if isinstance(loss, Tensor):
+        return torch.exp(loss.clamp(max=MAX_LOG_PERPLEXITY))
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
 def lm_loss(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:

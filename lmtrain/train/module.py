@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import torch
 
 from lmtrain.config import Config, to_dict
 from lmtrain.model import build_model
-from lmtrain.train.loss import chunked_lm_loss, lm_loss, loss_chunk
+from lmtrain.train.loss import chunked_lm_loss, lm_loss, loss_chunk, perplexity
 from lmtrain.train.optim import build_optimizer
 
 CKPT_KEY = "lmtrain"
 
 
-__all__ = ["LMModule", "lm_loss", "step_seed"]
+__all__ = ["LMModule", "lm_loss", "perplexity", "step_seed"]
 
 
 def step_seed(seed: int, sample: int, rank: int) -> int:
@@ -59,7 +57,7 @@ class LMModule(pl.LightningModule):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
         loss, out_aux = self._loss(x_BL, y_BL)
         self.log("train/loss", loss, prog_bar=True, batch_size=x_BL.shape[0])
-        self.log("train/ppl", torch.exp(loss.detach().clamp(max=30)), batch_size=x_BL.shape[0])
+        self.log("train/ppl", perplexity(loss.detach()), batch_size=x_BL.shape[0])
         aux = out_aux.total_loss()
         for name, value in out_aux.losses.items():
             self.log(f"train/{name}", value, batch_size=x_BL.shape[0])
@@ -86,7 +84,7 @@ class LMModule(pl.LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             # the loss is already synced: every rank holds the same value
-            self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
+            self.log("val/ppl", perplexity(loss), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer):
         if self._deepspeed_engine() is not None:  # gradients live in DeepSpeed's buffers
@@ -98,8 +96,7 @@ class LMModule(pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        for kernel in self.model.attention_kernels():
-            kernel.after_optimizer_step()
+        self.model.after_optimizer_step()
         engine = self._deepspeed_engine()
         if engine is not None:  # the norm DeepSpeed clipped with, before clipping
             norm = engine.get_global_grad_norm()
@@ -112,7 +109,8 @@ class LMModule(pl.LightningModule):
     def configure_optimizers(self):
         offload = self.cfg.trainer.strategy == "deepspeed" and self.cfg.deepspeed.offload_optimizer
         opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps, cpu_offload=offload)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint[CKPT_KEY] = {"consumed_samples": self.consumed_samples, "format": 1}
@@ -120,6 +118,3 @@ class LMModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.consumed_samples = int(checkpoint.get(CKPT_KEY, {}).get("consumed_samples", 0))
 
-
-def val_perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

@@ -238,12 +238,14 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     # Lightning <= 2.6 calls a torch pytree API that torch 2.13 deprecates; harmless noise.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # DeepSpeed (<= 0.19) calls collectives that torch 2.13 renamed; harmless noise on every step.
-    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*")
+    warnings.filterwarnings(
+        "ignore", message=r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*")
 
     from data_pipelines.prepare import prepare
     from lmtrain.train.checkpoint import clean_partial, load_config_from_checkpoint
     from lmtrain.train.data import TokenDataModule, val_windows
-    from lmtrain.train.module import LMModule, val_perplexity
+    from lmtrain.train.loss import perplexity
+    from lmtrain.train.module import LMModule
 
     ckpt_path = resolve_resume(cfg, resume, no_resume)
     if ckpt_path is not None:
@@ -302,7 +304,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     summary = {
         "step": trainer.global_step,
         "val_loss": val_loss,
-        "val_ppl": val_perplexity(val_loss),
+        "val_ppl": perplexity(val_loss),
         "unigram_val_ppl": unigram_perplexity(cfg.data.dir, cfg.data.seq_len, windows, cfg.data.vocab_size),
         "val_tokens_scored": len(windows) * cfg.data.seq_len,
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),

@@ -34,12 +34,26 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from lmtrain.config import Config
 from lmtrain.train.checkpoint import swap_in
 
+# DeepSpeed's defaults for its communication buckets, in elements.
+BUCKET_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+                   "stage3_prefetch_bucket_size": 50_000_000}
+
 
 def deepspeed_json(cfg: Config) -> dict:
     """The DeepSpeed config for this run, before Lightning adds batch size, gradient
-    accumulation, clipping and precision (from data.*, trainer.* and optim.*)."""
+    accumulation, clipping and precision (from data.*, trainer.* and optim.*).
+
+    Communication buckets are capped at the model's parameter count: DeepSpeed allocates
+    (and on the CPU zero-fills) each bucket whole, and a bucket larger than the model holds
+    nothing more. For models above 500M parameters this is DeepSpeed's default; a 100M
+    model saves 1.6 GB per bucket in fp32 (and a tiny CPU test model 30 s per run)."""
+    from lmtrain.plan import count_params
+
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    n_params = count_params(cfg)
+    names = [n for n in BUCKET_DEFAULTS if ds.zero_stage == 3 or not n.startswith("stage3_")]
+    zero.update({name: min(BUCKET_DEFAULTS[name], n_params) for name in names})
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:

@@ -10,7 +10,7 @@ The mask multiplies the attention weights after the softmax, which are then reno
 That is the same as adding log m_z(x) to the scores (m = 0: masked), which is how the
 fast paths apply it, so that the usual kernels run. The span loss
 `loss_coef * mean_h z_h`, summed over layers (= coef * S * mean_h(z_h / S)), is added to the
-training loss as `aux.losses["span"]`.
+training loss as `span` (a parameter loss, lmtrain/model/hooks.py).
 
 Cost follows the span: keys at distances >= max_h z_h + R have weight 0 for every head, so
 only the window W = max_h z_h + R, rounded up to `block`, is ever computed:
@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel
+from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import causal_block_mask, flex_fn
-
-BACKENDS = ("auto", "chunked", "flex", "reference")
+from lmtrain.model.attention.paths import blockwise_sdpa, dense_attention, flex_applies
 
 
 @dataclass
@@ -71,9 +70,10 @@ def log_span_mask(z_H: Tensor, dist: Tensor, ramp: int) -> Tensor:
 @ATTENTION.register("adaptive_span")
 class AdaptiveSpanAttention(AttentionKernel):
     Config = AdaptiveSpanConfig
-    supports_score_bias = True
-    supports_kv_cache = True
-    deterministic_recompute = True
+    caps = Capabilities(score_bias=True, kv_cache=True)
+    backends = ("chunked", "flex")
+    init_options = {"init_span": ("span_frac", lambda cfg: cfg.init_span / cfg.max_span)}
+    test_options = {"init_span": 6.0, "max_span": 64, "ramp": 8, "block": 8}
 
     cfg: AdaptiveSpanConfig
 
@@ -81,13 +81,13 @@ class AdaptiveSpanAttention(AttentionKernel):
         super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
         self.max_span, self.ramp = cfg.max_span, cfg.ramp
         # z_h / S, one per head; no weight decay (1-D), clamped to [0, 1] after each step.
-        self.span_frac = nn.Parameter(torch.full((n_heads,), cfg.init_span / cfg.max_span),
-                                      requires_grad=not cfg.fixed)
+        self.span_frac = nn.Parameter(torch.empty(n_heads), requires_grad=not cfg.fixed)
+        self.init_parameters()
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        reasons = super().check(model)
-        cfg = model.attention
+    def check(cls, a) -> list[str]:
+        reasons = super().check(a)
+        cfg = a.model.attention
         if cfg.max_span < 1:
             reasons.append("model.attention.max_span must be at least 1")
         if cfg.ramp < 1:
@@ -98,11 +98,15 @@ class AdaptiveSpanAttention(AttentionKernel):
             reasons.append("model.attention.loss_coef must be 0 or positive")
         if cfg.block < 1:
             reasons.append("model.attention.block must be at least 1")
-        if cfg.backend not in BACKENDS:
-            reasons.append(f"model.attention.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if cfg.backend == "flex" and model.dropout > 0:
-            reasons.append("model.attention.backend=flex does not support dropout; set model.dropout=0 or backend=chunked")
         return reasons
+
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        return a.model.n_heads  # z_h / S
+
+    @torch.no_grad()
+    def init_parameters(self) -> None:
+        self.span_frac.fill_(self.cfg.init_span / self.cfg.max_span)
 
     # -- the span ---------------------------------------------------------------------
     def spans(self) -> Tensor:
@@ -114,6 +118,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         reach = float(self.spans().detach().max()) + self.ramp
         return int(math.ceil(reach / self.cfg.block) * self.cfg.block)
 
+    # -- lifecycle hooks (lmtrain/model/hooks.py) ---------------------------------------
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Keep z_h / S in [0, 1]."""
@@ -125,10 +130,6 @@ class AdaptiveSpanAttention(AttentionKernel):
             return {"span": self.cfg.loss_coef * self.spans().mean()}
         return {}
 
-    def _account(self, aux) -> None:
-        for name, value in self.parameter_losses().items():
-            aux.add_loss_once(name, self, value)
-
     def head_stats(self) -> dict[str, Tensor]:
         return {"span": self.spans().detach()}
 
@@ -136,19 +137,17 @@ class AdaptiveSpanAttention(AttentionKernel):
         return {"span": float(self.max_span)}
 
     # -- paths ----------------------------------------------------------------------
-    def fast(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
-        self._account(aux)
-        path = self.cfg.backend
-        if path == "auto":
-            aligned = q_BHLD.shape[2] == k_BHSD.shape[2]
-            dropout = self.dropout if self.training else 0.0
-            path = "flex" if q_BHLD.is_cuda and aligned and dropout == 0.0 else "chunked"
-        self.path_counts[path] += 1
-        if path == "reference":
-            return self._dense(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+    def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
+        return "flex" if flex_applies(q_BHLD, inp, self.attn_dropout) else "chunked"
+
+    def route(self, q_BHLD, k_BHSD, inp) -> str:
+        path = super().route(q_BHLD, k_BHSD, inp)
+        return "chunked" if path == "flex" and not inp.aligned else path  # a KV cache: no block mask
+
+    def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
         if path == "flex":
-            return self._flex(q_BHLD, k_BHSD, v_BHSD, position)
-        return self._chunked(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+            return self._flex(q_BHLD, k_BHSD, v_BHSD, inp.position)
+        return self._chunked(q_BHLD, k_BHSD, v_BHSD, inp.position, inp.q_pos, inp.k_pos)
 
     def _chunked(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
@@ -160,7 +159,12 @@ class AdaptiveSpanAttention(AttentionKernel):
         if (L == S and relative and self._banded_is_cheaper(L, W) and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
                 and torch.equal(q_pos_L, k_pos_S)):
             return self._banded(q_BHLD, k_BHSD, v_BHSD, position, W)
-        return self._blockwise(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S, W)
+        # Any positions (decoding with a KV cache), or a window as long as the sequence: a loop
+        # over blocks of queries, each with the keys of its own window (at most its causal prefix).
+        z_H = self.spans().to(q_BHLD.dtype)
+        return blockwise_sdpa(q_BHLD, k_BHSD, v_BHSD, q_pos_L, k_pos_S, block=self.cfg.block, window=W,
+                              mask=lambda q_pos, k_pos: self._mask(z_H, position, q_pos, k_pos, W),
+                              dropout=self.attn_dropout)
 
     def _banded_is_cheaper(self, L: int, W: int) -> bool:
         """Cost model, in query-key pairs. The banded path computes blk + W - 1 keys for every
@@ -179,7 +183,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         query, taken as overlapping windows (unfold) of the keys padded with W - 1 zeros in
         front. The windows are copies, O(L x (W + blk)) like the scores themselves, and their
         gradients are folded back in one operation."""
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.attn_dropout
         B, H, L, D = q_BHLD.shape
         blk = self.cfg.block
         nb = -(-L // blk)
@@ -217,27 +221,6 @@ class AdaptiveSpanAttention(AttentionKernel):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # B nb H blk D
         return out.transpose(1, 2).reshape(B, H, nb * blk, D)[:, :, :L]
 
-    def _blockwise(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S, W: int):
-        """Any positions (decoding with a KV cache), or a window as long as the sequence: a
-        loop over blocks of queries, each with the keys of its own window (at most its causal
-        prefix)."""
-        dropout = self.dropout if self.training else 0.0
-        L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        blk = self.cfg.block
-        z_H = self.spans().to(q_BHLD.dtype)
-        outs = []
-        for start in range(0, L, blk):
-            q_pos = q_pos_L[start : start + blk]
-            # The queries are the last L of the S keys: this block needs keys from W - 1 before
-            # its first query up to its last query, no more.
-            end = S - L + start + q_pos.shape[0]
-            first = max(0, S - L + start - W + 1)
-            mask = self._mask(z_H, position, q_pos, k_pos_S[first:end], W)
-            outs.append(F.scaled_dot_product_attention(
-                q_BHLD[:, :, start : start + blk], k_BHSD[:, :, first:end], v_BHSD[:, :, first:end],
-                attn_mask=mask, dropout_p=dropout))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
     def _mask(self, z_H, position, q_pos, k_pos, W):
         """The additive mask of one block of queries: log m_z, causal, the window, any bias. H l K."""
         dist = q_pos[:, None] - k_pos[None, :]
@@ -248,8 +231,6 @@ class AdaptiveSpanAttention(AttentionKernel):
 
     def _flex(self, q_BHLD, k_BHSD, v_BHSD, position):
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        if L != S:
-            raise ValueError("the flex path needs aligned queries and keys (no KV cache)")
         W = self.window()
         block_mask = causal_block_mask(L, S, str(q_BHLD.device), W)
         z_H, ramp = self.spans().to(q_BHLD.dtype), float(self.ramp)
@@ -262,25 +243,14 @@ class AdaptiveSpanAttention(AttentionKernel):
 
         return flex_fn(q_BHLD.is_cuda)(q_BHLD, k_BHSD, v_BHSD, score_mod=span_mod, block_mask=block_mask)
 
-    def _dense(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+    def reference(self, q_BHLD, k_BHSD, v_BHSD, inp):
         """The paper's form over all keys: softmax, multiply by m_z, renormalise."""
-        dtype = q_BHLD.dtype
-        q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q_BHLD, k_BHSD, v_BHSD))
-        scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if position.has_score_bias:
-            scores_BHLS = scores_BHLS + position.score_bias(q_pos_L, k_pos_S).to(scores_BHLS.dtype)
-        dist_LS = q_pos_L[:, None] - k_pos_S[None, :]
-        scores_BHLS = scores_BHLS.masked_fill(dist_LS < 0, float("-inf"))
-        z_H = self.spans().to(scores_BHLS.dtype)
-        raw = (self.ramp + z_H[:, None, None] - dist_LS.to(z_H.dtype)) / self.ramp
-        # clamp to [0, 1]; exactly at m = 0 the derivative is taken from below (0), as in the
-        # log form of the fast paths (it matters only at ties, such as z = 0 at initialisation).
-        m_HLS = torch.where(raw > 0, raw.clamp(max=1.0), torch.zeros_like(raw))
-        probs = scores_BHLS.softmax(dim=-1) * m_HLS
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-        probs = F.dropout(probs, p=self.dropout, training=self.training)
-        return (probs @ v).to(dtype)
 
-    def reference(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
-        self._account(aux)
-        return self._dense(q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S)
+        def soft_mask(dist_LS, dtype):
+            z_H = self.spans().to(dtype)
+            raw = (self.ramp + z_H[:, None, None] - dist_LS.to(dtype)) / self.ramp
+            # clamp to [0, 1]; exactly at m = 0 the derivative is taken from below (0), as in the
+            # log form of the fast paths (it matters only at ties, such as z = 0 at initialisation).
+            return torch.where(raw > 0, raw.clamp(max=1.0), torch.zeros_like(raw))
+
+        return dense_attention(q_BHLD, k_BHSD, v_BHSD, inp, dropout=self.attn_dropout, weights=soft_mask)

@@ -1,51 +1,124 @@
 """The one interface every attention kernel implements.
 
-A kernel gets queries, keys and values that the attention block has already projected
-and (for RoPE) rotated, plus the absolute positions of the queries and keys, and returns
-the attended values. It is always causal: key j is visible to query i iff k_pos[j] <= q_pos[i].
-That rule covers training (q_pos == k_pos) and decoding with a KV cache (q_pos are the
-new positions, k_pos all cached ones) with no special cases. Kernels that declare
-`supports_query_rows` also accept per-row query positions (q_pos of shape B x L): a
-different subset of the positions in each row, as ACT asks for its running positions.
+    kernel(q_BHLD, k_BHSD, v_BHSD, inp: AttentionInputs) -> o_BHLD
 
-Kernels declare what they support; `check` turns a config into a list of reasons to
-refuse it, which the config loader reports before anything is built.
+A kernel gets queries, keys and values that the attention block has already projected
+and (for RoPE) rotated, and one `AttentionInputs` with everything else a kernel may need:
+the positional scheme, the absolute positions of the queries and keys, the aux collector,
+and room for what is coming (document ids, global-token flags, a seed). Attention is always
+causal: key j is visible to query i iff k_pos[j] <= q_pos[i]. That rule covers training
+(q_pos == k_pos) and decoding with a KV cache (q_pos are the new positions, k_pos all cached
+ones) with no special cases. Kernels that declare `caps.query_rows` also accept per-row query
+positions (q_pos of shape B x L): a different subset of the positions in each row, as ACT
+asks for its running positions.
+
+A kernel declares, as class data:
+  * `caps`        - what it supports (`Capabilities`), asked at config time;
+  * `refusals`    - for a capability it lacks, why (it goes into the error message);
+  * `backends`    - its selectable fast paths (`model.attention.backend`: auto, these, reference);
+  * `tolerances`  - per dtype, how closely its fast paths match its reference.
+It implements `route` (which path runs; `auto_backend` for backend=auto), `fast(path, ...)`
+and `reference(...)`, the plain implementation its fast paths are tested against.
+
+Optional lifecycle hooks (after the optimizer step, parameter losses, head statistics) are
+protocols in lmtrain/model/hooks.py, which the decoder collects once; a kernel implements
+the ones it needs and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Optional
 
+import torch
 from torch import Tensor, nn
 
 from lmtrain.registry import KindConfig, Registry, Variant
 
 if TYPE_CHECKING:
-    from lmtrain.config import ModelConfig
     from lmtrain.model.outputs import Aux
     from lmtrain.model.positions import Position
 
-ATTENTION: Registry[type["AttentionKernel"]] = Registry("model.attention.kind")
+ATTENTION: Registry[type["AttentionKernel"]] = Registry("model.attention")
+
+
+@dataclass
+class AttentionInputs:
+    """Everything besides q, k and v that a kernel may read. Shapes: L queries, S keys."""
+
+    position: "Position"  # the positional scheme: score bias, linear slopes, FlexAttention score_mod
+    q_pos: Tensor  # L absolute positions of the queries, or B x L per row (caps.query_rows)
+    k_pos: Tensor  # S absolute positions of the keys
+    aux: "Aux"  # per-forward statistics a kernel reports
+    doc_ids: Optional[Tensor] = None  # B x S document of each key (document masking); None: one document
+    global_mask: Optional[Tensor] = None  # B x S, True for global tokens; None: none
+    seed: Optional[int] = None  # for kernels whose pattern is drawn per forward
+
+    @property
+    def per_row(self) -> bool:
+        return self.q_pos.dim() == 2
+
+    @property
+    def aligned(self) -> bool:
+        """Queries and keys are the same positions (training, full-sequence evaluation)."""
+        return not self.per_row and self.q_pos.shape[0] == self.k_pos.shape[0]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    score_bias: bool = False  # applies additive score biases (ALiBi)
+    kv_cache: bool = False  # incremental decoding in `generate` (else: full recompute)
+    query_rows: bool = False  # q_pos may be B x L (a subset of queries per row)
+    deterministic_recompute: bool = True  # the same output when rerun with the same RNG state
+    document_mask: bool = False  # honours AttentionInputs.doc_ids
+    global_tokens: bool = False  # honours AttentionInputs.global_mask
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# How closely a fast path matches the reference on random inputs, outputs and gradients.
+DEFAULT_TOLERANCES = {
+    torch.float64: Tolerance(1e-9, 1e-9),
+    torch.float32: Tolerance(2e-4, 2e-5),
+    torch.bfloat16: Tolerance(2e-2, 2e-2),
+    torch.float16: Tolerance(5e-3, 5e-3),
+}
+
+_REFERENCE = contextvars.ContextVar("lmtrain_attention_reference", default=False)
+
+
+@contextlib.contextmanager
+def reference_paths(enabled: bool = True):
+    """Route every kernel call through its `reference` (tests compare the two on the same weights)."""
+    token = _REFERENCE.set(enabled)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
 
 
 @dataclass
 class AttentionConfig(KindConfig):
-    """Options common to every kind; each kind subclasses it with its own."""
+    """Options every kind has; each kind subclasses it with its own."""
 
     kind: str = "softmax"
+    backend: str = "auto"  # auto, one of the kind's `backends`, or reference
 
 
 class AttentionKernel(Variant, nn.Module):
     Config = AttentionConfig
-
-    # Declared capabilities, asked before anything is built.
-    supports_score_bias: bool = False  # additive biases such as ALiBi
-    supports_kv_cache: bool = False  # incremental decoding in `generate`
-    supports_query_rows: bool = False  # q_pos_L may be B x L (a subset of queries per row)
-    deterministic_recompute: bool = True  # same output when rerun with the same RNG state
-    score_bias_refusal: str = ""  # why a kind without supports_score_bias refuses one, for the error
+    caps: ClassVar[Capabilities] = Capabilities()
+    refusals: ClassVar[dict[str, str]] = {}
+    backends: ClassVar[tuple[str, ...]] = ()
+    backends_without_dropout: ClassVar[tuple[str, ...]] = ("flex",)
+    tolerances: ClassVar[dict[torch.dtype, Tolerance]] = DEFAULT_TOLERANCES
 
     def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -53,75 +126,59 @@ class AttentionKernel(Variant, nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        # Which code path ran, counted; tests use it to prove a fast path really ran.
+        # Which path ran, counted: tests use it to prove that a fast path really ran.
         self.path_counts: Counter[str] = Counter()
-        # Route every call through `reference` (tests compare the two on the same weights).
-        self.force_reference = False
-        self.layer_index = 0  # set by the attention block; names per-layer statistics
 
-    def after_optimizer_step(self) -> None:
-        """Called by the trainer after every optimizer step (projections, clamps)."""
-
-    def parameter_losses(self) -> dict[str, Tensor]:
-        """Loss terms of this kernel's own parameters alone (adaptive span's span loss), added
-        once per forward pass. Kernels add them from `forward`; wirings that run the forward
-        without a graph (reversible) add them again, with one."""
-        return {}
-
-    def head_stats(self) -> dict[str, Tensor]:
-        """Learned per-head quantities worth watching (name -> H values), e.g. adaptive spans.
-        Logged to TensorBoard per layer and head, and printed by `lmtrain inspect`."""
-        return {}
-
-    def head_stat_limits(self) -> dict[str, float]:
-        """The largest value each head stat can take (for plots and percentages)."""
-        return {}
+    @property
+    def attn_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
 
     @classmethod
-    def check(cls, model: "ModelConfig") -> list[str]:
-        """Reasons this kind cannot run with `model` (empty when it can)."""
+    def check(cls, a) -> list[str]:
+        """Reasons this kind cannot run with the assembly `a` (empty when it can)."""
         from lmtrain.model.positions import POSITIONS
 
-        reasons = []
-        if model.position in POSITIONS and POSITIONS.get(model.position).has_score_bias:
-            if not cls.supports_score_bias:
-                why = f" ({cls.score_bias_refusal})" if cls.score_bias_refusal else ""
-                reasons.append(
-                    f"model.attention.kind={model.attention.kind} cannot apply the additive score "
-                    f"bias of model.position={model.position}{why}; use position rope or none"
-                )
+        m, cfg, reasons = a.model, a.model.attention, []
+        choices = ("auto", *cls.backends, "reference")
+        if cfg.backend not in choices:
+            reasons.append(f"model.attention.backend={cfg.backend!r}: choose one of {', '.join(choices)}")
+        elif cfg.backend in cls.backends_without_dropout and m.dropout > 0:
+            reasons.append(f"model.attention.backend={cfg.backend} does not support dropout; set model.dropout=0 "
+                           "or model.attention.backend=auto")
+        if a.position.has_score_bias and not cls.caps.score_bias:
+            why = f" ({cls.refusals['score_bias']})" if "score_bias" in cls.refusals else ""
+            plain = ", ".join(k for k, p in POSITIONS.items() if not p.has_score_bias)
+            reasons.append(f"model.attention.kind={cfg.kind} cannot apply the additive score bias of "
+                           f"model.position.kind={m.position.kind}{why}; use a scheme without one ({plain})")
         return reasons
 
     @classmethod
-    def attention_flops(cls, model: "ModelConfig", seq_len: int) -> float:
+    def attention_flops(cls, model, seq_len: int) -> float:
         """Training FLOPs per token of one layer's kernel (forward + backward = 3 x forward),
         beyond the projections. Softmax: 2 L d for the scores and 2 L d for the values of a
         full L x L product (PaLM's convention), so 12 L d."""
         return 12.0 * model.d_model * seq_len
 
-    def forward(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *, position: "Position", q_pos_L: Tensor,
-                k_pos_S: Tensor, aux: "Aux") -> Tensor:
-        kw = dict(position=position, q_pos_L=q_pos_L, k_pos_S=k_pos_S, aux=aux)
-        if self.force_reference:
-            self.path_counts["reference"] += 1
-            return self.reference(q_BHLD, k_BHSD, v_BHSD, **kw)
-        return self.fast(q_BHLD, k_BHSD, v_BHSD, **kw)
+    # -- paths ----------------------------------------------------------------------------
+    def route(self, q_BHLD: Tensor, k_BHSD: Tensor, inp: AttentionInputs) -> str:
+        """The path this call takes: the configured backend, or `auto_backend`'s choice."""
+        backend = self.cfg.backend
+        return self.auto_backend(q_BHLD, k_BHSD, inp) if backend == "auto" else backend
 
-    def fast(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *, position: "Position", q_pos_L: Tensor,
-             k_pos_S: Tensor, aux: "Aux") -> Tensor:
-        """The production path; counts the path it took in `path_counts`."""
+    def auto_backend(self, q_BHLD: Tensor, k_BHSD: Tensor, inp: AttentionInputs) -> str:
+        return self.backends[0] if self.backends else "reference"
+
+    def forward(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: AttentionInputs) -> Tensor:
+        path = "reference" if _REFERENCE.get() else self.route(q_BHLD, k_BHSD, inp)
+        self.path_counts[path] += 1
+        if path == "reference":
+            return self.reference(q_BHLD, k_BHSD, v_BHSD, inp)
+        return self.fast(path, q_BHLD, k_BHSD, v_BHSD, inp)
+
+    def fast(self, path: str, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: AttentionInputs) -> Tensor:
+        """The production path named `path` (one that `route` returns)."""
         raise NotImplementedError
 
-    def reference(
-        self,
-        q_BHLD: Tensor,
-        k_BHSD: Tensor,
-        v_BHSD: Tensor,
-        *,
-        position: "Position",
-        q_pos_L: Tensor,
-        k_pos_S: Tensor,
-        aux: "Aux",
-    ) -> Tensor:
-        """The plain implementation the fast path is tested against."""
+    def reference(self, q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: AttentionInputs) -> Tensor:
+        """The plain implementation the fast paths are tested against."""
         raise NotImplementedError

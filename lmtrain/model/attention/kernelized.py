@@ -29,9 +29,8 @@ import torch
 from torch import Tensor
 
 from lmtrain.model.attention import causal_linear
-from lmtrain.model.attention.base import AttentionConfig, AttentionKernel
-
-BACKENDS = ("auto", "chunked", "triton", "reference")
+from lmtrain.model.attention.base import AttentionConfig, AttentionKernel, Capabilities
+from lmtrain.model.attention.paths import triton_applies
 
 
 @dataclass
@@ -42,22 +41,19 @@ class KernelizedConfig(AttentionConfig):
 
 
 class KernelizedAttention(AttentionKernel):
-    supports_score_bias = False
-    supports_kv_cache = True
-    deterministic_recompute = True
-    score_bias_refusal = "kernelized attention never forms the query-key scores a bias would be added to"
+    caps = Capabilities(score_bias=False, kv_cache=True)
+    refusals = {"score_bias": "kernelized attention never forms the query-key scores a bias would be added to"}
+    backends = ("chunked", "triton")
     signed_features = False  # features may be negative (RFA's sin/cos): guard the denominator's sign
 
     cfg: KernelizedConfig
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        reasons = super().check(model)
-        cfg = model.attention
+    def check(cls, a) -> list[str]:
+        reasons = super().check(a)
+        cfg = a.model.attention
         if cfg.chunk < 1:
             reasons.append(f"model.attention.chunk={cfg.chunk}: must be at least 1")
-        if cfg.backend not in BACKENDS:
-            reasons.append(f"model.attention.backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
         return reasons
 
     @classmethod
@@ -102,6 +98,7 @@ class KernelizedAttention(AttentionKernel):
         return num_BHLD / den_BHL[..., None]
 
     def _attend(self, path: str, q_BHLD, k_BHSD, v_BHSD, q_pos_L, k_pos_S) -> Tensor:
+        """Numerator / denominator through `path`, in at least float32, cast back."""
         dtype = q_BHLD.dtype
         work = torch.promote_types(dtype, torch.float32)
         q, k, v = (t.to(work) for t in (q_BHLD, k_BHSD, v_BHSD))
@@ -138,32 +135,19 @@ class KernelizedAttention(AttentionKernel):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out[..., :-1], out[..., -1]
 
-    def _path(self, q_BHLD: Tensor, k_BHSD: Tensor, q_pos_L: Tensor, k_pos_S: Tensor) -> str:
-        aligned = q_BHLD.shape[2] == k_BHSD.shape[2] and q_pos_L.dim() == 1
-        if not aligned:
-            return "cache"
-        backend = self.cfg.backend
-        if backend == "auto":
-            backend = "triton" if _triton_applies(q_BHLD) else "chunked"
-        return backend
+    def route(self, q_BHLD, k_BHSD, inp) -> str:
+        if not inp.aligned:
+            return "cache"  # new queries against all cached keys: the masked quadratic form
+        return super().route(q_BHLD, k_BHSD, inp)
 
-    def fast(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
-        path = self._path(q_BHLD, k_BHSD, q_pos_L, k_pos_S)
-        self.path_counts[path] += 1
-        return self._attend(path, q_BHLD, k_BHSD, v_BHSD, q_pos_L, k_pos_S)
+    def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
+        return "triton" if triton_applies(q_BHLD) else "chunked"
 
-    def reference(self, q_BHLD, k_BHSD, v_BHSD, *, position, q_pos_L, k_pos_S, aux):
-        return self._attend("reference", q_BHLD, k_BHSD, v_BHSD, q_pos_L, k_pos_S)
+    def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
+        return self._attend(path, q_BHLD, k_BHSD, v_BHSD, inp.q_pos, inp.k_pos)
 
-
-def _triton_applies(x: Tensor) -> bool:
-    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    def reference(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        return self._attend("reference", q_BHLD, k_BHSD, v_BHSD, inp.q_pos, inp.k_pos)
 
 
 # -- random features ---------------------------------------------------------------------------
@@ -238,9 +222,9 @@ class RandomFeatureAttention(KernelizedAttention):
         self.features = RandomFeatures(cfg.features, self.head_dim, cfg.redraw_interval, cfg.orthogonal)
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        reasons = super().check(model)
-        cfg = model.attention
+    def check(cls, a) -> list[str]:
+        reasons = super().check(a)
+        cfg = a.model.attention
         if cfg.features < 1:
             reasons.append(f"model.attention.features={cfg.features}: must be at least 1")
         if cfg.redraw_interval < 0:

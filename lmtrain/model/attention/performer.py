@@ -43,6 +43,7 @@ def favor_features(x_BHLD: Tensor, w_MD: Tensor) -> Tensor:
 @ATTENTION.register("performer")
 class PerformerAttention(RandomFeatureAttention):
     Config = PerformerConfig
+    test_options = {"features": 32}
     cfg: PerformerConfig
 
     def feature_maps(self, q_BHLD, k_BHSD, carry=None):

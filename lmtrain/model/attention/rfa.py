@@ -54,18 +54,37 @@ class RFAAttention(RandomFeatureAttention):
     features_per_projection = 2  # sin and cos
     cfg: RFAConfig
 
+    init_options = {"init_scale": ("log_scale", lambda cfg: math.log(cfg.init_scale)),
+                    "gate_bias_init": ("gate_bias", lambda cfg: cfg.gate_bias_init)}
+    test_options = {"gate": True, "features": 32}
+
     def __init__(self, cfg: RFAConfig, *, d_model: int, n_heads: int, dropout: float):
         super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
         H, D = n_heads, self.head_dim
-        self.log_scale = nn.Parameter(torch.full((H, D), math.log(cfg.init_scale)), requires_grad=cfg.learn_scale)
+        self.log_scale = nn.Parameter(torch.empty(H, D), requires_grad=cfg.learn_scale)
         if cfg.gate:
-            self.gate_weight = nn.Parameter(torch.zeros(H, D))
-            self.gate_bias = nn.Parameter(torch.full((H,), cfg.gate_bias_init))
+            self.gate_weight = nn.Parameter(torch.empty(H, D))
+            self.gate_bias = nn.Parameter(torch.empty(H))
+        self.init_parameters()
 
     @classmethod
-    def check(cls, model) -> list[str]:
-        reasons = super().check(model)
-        cfg = model.attention
+    def own_parameters(cls, a) -> int:
+        H, D = a.model.n_heads, a.model.d_model // a.model.n_heads
+        return H * D + (H * D + H if a.model.attention.gate else 0)  # log s; the gate's weight and bias
+
+    @torch.no_grad()
+    def init_parameters(self) -> None:
+        """s = init_scale for every head and dimension; the gate starts at sigmoid(gate_bias_init)
+        whatever the key (zero weights)."""
+        self.log_scale.fill_(math.log(self.cfg.init_scale))
+        if self.cfg.gate:
+            self.gate_weight.zero_()
+            self.gate_bias.fill_(self.cfg.gate_bias_init)
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        reasons = super().check(a)
+        cfg = a.model.attention
         if cfg.init_scale <= 0:
             reasons.append("model.attention.init_scale must be positive")
         if cfg.eps <= 0:

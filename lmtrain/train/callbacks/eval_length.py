@@ -4,8 +4,8 @@ Rank 0 scores a fixed slice of the validation split at each length (the same tok
 every time, so the curves are comparable across steps) and logs
 eval_length/<mode>/ppl_L<length> to TensorBoard and metrics.jsonl. The other ranks wait
 at a barrier; under DeepSpeed ZeRO-3, where every forward gathers parameter shards from all
-ranks, every rank runs the same evaluation and rank 0 alone reports it. The evaluation draws no random numbers, so training continues exactly as
-it would have without it.
+ranks, every rank runs the same evaluation and rank 0 alone reports it. The evaluation
+draws no random numbers, so training continues exactly as it would have without it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Per-head statistics of the attention kernels (`AttentionKernel.head_stats`), such as the
-spans that adaptive-span heads learn.
+"""Per-head statistics of the model's modules (`head_stats` hooks, lmtrain/model/hooks.py),
+such as the spans that adaptive-span heads learn.
 
 On logging steps: `NAME/layerI/headH` scalars, `NAME/mean` and `NAME/max` over all heads
 (TensorBoard), and a line in metrics.jsonl with the per-layer values. At each validation
@@ -15,17 +15,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-
-
-def collect(model) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]]:
-    """name -> one H-vector per layer (in layer order), and name -> the stat's upper limit."""
-    stats: dict[str, list[torch.Tensor]] = {}
-    limits: dict[str, float] = {}
-    for kernel in sorted(model.attention_kernels(), key=lambda k: k.layer_index):
-        for name, values in kernel.head_stats().items():
-            stats.setdefault(name, []).append(values.float().cpu())
-        limits.update(kernel.head_stat_limits())
-    return stats, limits
 
 
 def heatmap_figure(name: str, rows: list[torch.Tensor], limit: float | None, step: int):
@@ -58,7 +47,7 @@ class HeadStats(pl.Callback):
         step = trainer.global_step
         if step % self.every or (batch_idx + 1) % trainer.accumulate_grad_batches or not trainer.is_global_zero:
             return
-        stats, _ = collect(pl_module.model)
+        stats, _ = pl_module.model.head_stats()
         if not stats:
             return
         scalars, record = {}, {"step": step}
@@ -83,7 +72,7 @@ class HeadStats(pl.Callback):
         writer = getattr(trainer.logger, "experiment", None)
         if writer is None or not hasattr(writer, "add_histogram"):
             return
-        stats, limits = collect(pl_module.model)
+        stats, limits = pl_module.model.head_stats()
         step = trainer.global_step
         for name, rows in stats.items():
             if any(r.numel() == 0 for r in rows):

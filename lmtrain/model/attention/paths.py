@@ -1,0 +1,81 @@
+"""Machinery several kernels share: when a backend applies, the query-block loop over SDPA
+with a mask per block, and the dense masked reference.
+
+Shapes: B batch, H heads, L queries, S keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmtrain.model.attention.base import AttentionInputs
+
+
+# -- when a backend applies -----------------------------------------------------------------
+def flex_applies(q_BHLD: Tensor, inp: AttentionInputs, dropout: float) -> bool:
+    """FlexAttention with a block mask: CUDA, queries aligned with keys (no KV cache, no
+    per-row subsets), no attention dropout (FlexAttention has none)."""
+    return q_BHLD.is_cuda and inp.aligned and dropout == 0.0
+
+
+def triton_applies(x: Tensor) -> bool:
+    """A Triton kernel: CUDA, a dtype it compiles for, Triton installed."""
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- the query-block loop ------------------------------------------------------------------------
+def blockwise_sdpa(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, q_pos: Tensor, k_pos_S: Tensor, *, block: int,
+                   mask: Callable[[Tensor, Tensor], Tensor], window: Optional[int] = None,
+                   dropout: float = 0.0) -> Tensor:
+    """Queries in blocks of `block`, each attending through SDPA to the keys it can see, with
+    the mask `mask(q_pos of the block, k_pos of its keys)` (boolean, or additive with -inf).
+
+    Contiguous queries are the last L of the S key positions (aligned, or after a KV cache),
+    so the block ending at query e sees only the first S - L + e keys, and with a `window`
+    only the last `window` of those: the rest is never computed, and no mask is larger than
+    one block's. Per-row query positions (B x L) see all S keys."""
+    L, S = q_BHLD.shape[2], k_BHSD.shape[2]
+    rows = q_pos.dim() == 2
+    outs = []
+    for start in range(0, L, block):
+        qp = q_pos[..., start : start + block]
+        n = qp.shape[-1]
+        end = S if rows else S - L + start + n
+        first = 0 if rows or window is None else max(0, S - L + start - window + 1)
+        outs.append(F.scaled_dot_product_attention(
+            q_BHLD[:, :, start : start + n], k_BHSD[:, :, first:end], v_BHSD[:, :, first:end],
+            attn_mask=mask(qp, k_pos_S[first:end]), dropout_p=dropout))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+# -- the dense reference ---------------------------------------------------------------------------
+def dense_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: AttentionInputs, *, dropout: float = 0.0,
+                    weights: Optional[Callable[[Tensor, torch.dtype], Tensor]] = None) -> Tensor:
+    """The plain formula over all L x S scores, in float32 at least:
+    softmax(q k^T / sqrt(D) + bias, masked to visible keys), optionally multiplied by
+    `weights(dist_LS, dtype)` (H x L x S, e.g. adaptive span's soft mask) and renormalised,
+    then dropout, times v. Visible: k_pos <= q_pos (per-row q_pos: B x L x S)."""
+    dtype = q_BHLD.dtype
+    q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q_BHLD, k_BHSD, v_BHSD))
+    scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if inp.position.has_score_bias:
+        scores_BHLS = scores_BHLS + inp.position.score_bias(inp.q_pos, inp.k_pos).to(scores_BHLS.dtype)
+    dist_LS = inp.q_pos[..., None] - inp.k_pos  # L S, or B L S for per-row query positions
+    scores_BHLS = scores_BHLS.masked_fill((dist_LS < 0).unsqueeze(-3), float("-inf"))
+    probs = scores_BHLS.softmax(dim=-1)
+    if weights is not None:
+        probs = probs * weights(dist_LS, probs.dtype)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return (probs @ v).to(dtype)

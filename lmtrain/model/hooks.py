@@ -1,0 +1,56 @@
+"""Optional lifecycle hooks of the model's modules, as protocols.
+
+Any module of the model (an attention kernel, a positional scheme, a depth module) may
+implement any of these; the decoder finds the implementers once, at construction
+(`Hooks.collect`), and the trainer, the loss and the statistics callbacks go through it:
+
+  * `after_optimizer_step()` - after every optimizer step (adaptive span's clamp, random
+                               feature redraws);
+  * `parameter_losses()`     - loss terms of the module's own parameters alone (the span
+                               loss), added once per forward by the decoder, whatever the
+                               wiring (a shared block applied many times, or layers run
+                               without a graph by the reversible wiring);
+  * `head_stats()` and `head_stat_limits()` - learned per-head quantities (name -> H
+                               values) and their upper limits, logged per layer and head
+                               and printed by `lmtrain inspect`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class AfterOptimizerStep(Protocol):
+    def after_optimizer_step(self) -> None: ...
+
+
+@runtime_checkable
+class ParameterLosses(Protocol):
+    def parameter_losses(self) -> dict[str, Tensor]: ...
+
+
+@runtime_checkable
+class HeadStatistics(Protocol):
+    def head_stats(self) -> dict[str, Tensor]: ...
+
+    def head_stat_limits(self) -> dict[str, float]: ...
+
+
+@dataclass
+class Hooks:
+    """The model's modules that implement each hook, in module order (layer order)."""
+
+    after_step: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    head_stats: list = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, model: nn.Module) -> "Hooks":
+        mods = [m for m in model.modules() if m is not model]
+        return cls(after_step=[m for m in mods if isinstance(m, AfterOptimizerStep)],
+                   losses=[m for m in mods if isinstance(m, ParameterLosses)],
+                   head_stats=[m for m in mods if isinstance(m, HeadStatistics)])

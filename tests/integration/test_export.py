@@ -1,0 +1,71 @@
+"""`lmtrain export`: consolidated fp32 safetensors, config and tokenizer; `generate` and
+`eval-length` accept the export and give the same results as the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import CONFIGS, TINY_MODEL, run_cli
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exportruns")
+    run_cli("train", str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, "trainer.max_steps=4",
+            "trainer.val_every_n_steps=4", "checkpoint.every_n_steps=4", f"run.root={root}", "run.name=r",
+            "trainer.progress_bar=false", check=True)
+    return root / "r"
+
+
+def test_export_round_trip(run, tmp_path):
+    out = tmp_path / "exp"
+    run_cli("export", str(run), "--out", str(out), check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "export.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    assert json.loads((out / "export.json").read_text())["step"] == 4
+
+    from safetensors.torch import load_file
+
+    from lmtrain.train.checkpoint import load_trained
+
+    tensors = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    a, b = load_trained(run), load_trained(out)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+    g = [run_cli("generate", str(src), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0",
+                 check=True).stdout for src in (run, out)]
+    assert g[0] == g[1]
+    e = [run_cli("eval-length", str(src), "--lengths", "32,64", "--max-tokens", "256", "--no-tensorboard",
+                 check=True).stdout for src in (run, out)]
+    assert e[0].split("| r |")[1] == e[1].split("| exp |")[1]
+
+
+def test_export_refuses_to_overwrite_a_foreign_directory(run, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = run_cli("export", str(run), "--out", str(tmp_path))
+    assert proc.returncode == 2 and "not an lmtrain export" in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_a_new_run_starts_from_an_export(run, tiny_data, tmp_path):
+    """run.init_from: a fresh run takes the exported weights (the multi-node guide's answer to a
+    changed GPU count); a different model or a resume ignores or refuses it."""
+    out = tmp_path / "exp"
+    run_cli("export", str(run), "--out", str(out), check=True)
+    source_val = json.loads((run / "summary.json").read_text())["val_loss"]
+    args = [str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", f"run.init_from={out}",
+            "trainer.val_every_n_steps=1", "trainer.progress_bar=false"]
+    # One step at a negligible learning rate: the validation loss is the source model's.
+    proc = run_cli("train", *args, "run.name=warm", "trainer.max_steps=1", "optim.lr=1e-12", "optim.min_lr=0",
+                   "optim.warmup_steps=0", check=True)
+    assert "weights initialised from" in proc.stdout
+    warm_val = json.loads((tmp_path / "warm" / "summary.json").read_text())["val_loss"]
+    assert warm_val == pytest.approx(source_val, rel=1e-4)
+    bad = run_cli("train", *args, "run.name=other", "model.n_layers=1")
+    assert bad.returncode == 2 and "run.init_from" in bad.stderr and "model.n_layers" in bad.stderr
+    assert not (tmp_path / "other").exists()
