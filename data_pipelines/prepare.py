@@ -146,9 +146,16 @@ def _read(source, data_cfg, inputs: dict, cache_dir: Path, log):
     if isinstance(source, FileSource):
         # Streamed to Arrow on disk, so a corpus larger than memory is fine. The fingerprint
         # in gen_kwargs keys datasets' cache, so changed files are never served stale.
-        ds = datasets.Dataset.from_generator(
-            _file_documents, cache_dir=str(cache_dir),
-            gen_kwargs={"source": source, "limit": data_cfg.max_documents, "fingerprint": inputs["fingerprint"]})
+        # No progress bar of its own: a file refused on the way ends in one line, not a bar and a line.
+        shown = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.Dataset.from_generator(
+                _file_documents, cache_dir=str(cache_dir),
+                gen_kwargs={"source": source, "limit": data_cfg.max_documents, "fingerprint": inputs["fingerprint"]})
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
     else:
         ds = source.dataset()
         if data_cfg.max_documents is not None:
@@ -169,51 +176,9 @@ def _read(source, data_cfg, inputs: dict, cache_dir: Path, log):
     return ds, parts
 
 
-def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
-
-    out = Path(data_cfg.dir)
-    source = source_of(data_cfg)
-    inputs = _inputs(data_cfg, source)
-    meta_path = out / "meta.json"
-    old, changed = _changed(data_cfg, inputs, force)
-    if old is not None and not changed:
-        try:
-            verify_data_dir(out, data_cfg.vocab_size)
-            log(f"data: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
-            return out
-        except DataDirError as e:
-            if not force:
-                raise
-            log(f"data: {e}; rebuilding it (--force)")
-            changed = ["damaged"]
-    if old is not None:
-        if changed == ["meta.json"]:
-            log(f"data: {meta_path} is damaged; rebuilding {out} (--force)")
-        elif changed == ["damaged"]:
-            pass  # said above
-        elif not force:
-            k = changed[0]
-            raise DataDirError(
-                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, "
-                f"not {inputs.get(k, FORMAT_VERSION)!r}; "
-                "use another data.dir, or pass --force to rebuild it"
-            )
-    t0 = time.time()
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".lmtrain-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DataDirError(f"data.dir: cannot write {out} ({e.strerror}); choose a writable data.dir") from None
-    cache_dir = out / ".hf_cache"  # datasets' Arrow files while preparing; removed at the end
-    try:  # every document is read (and checked) before any file of data.dir is replaced
-        ds, parts = _read(source, data_cfg, inputs, cache_dir, log)
-    except BaseException as e:
-        shutil.rmtree(out if created else cache_dir, ignore_errors=True)
-        raise _source_error(e) or e from None
+def _write(out: Path, ds, parts: dict, data_cfg, inputs: dict, source, t0: float, log) -> Path:
+    """Tokenizer, token files and meta.json (last) into `out`."""
+    meta_path, cache_dir = out / "meta.json", out / ".hf_cache"
     meta_path.unlink(missing_ok=True)  # incomplete from here until the end
     log(f"data: {len(parts['train']):,} train and {len(parts['val']):,} validation documents")
 
@@ -290,6 +255,58 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     log(f"data: wrote {out} in {meta['seconds']} s")
     return out
+
+
+def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
+
+    out = Path(data_cfg.dir)
+    source = source_of(data_cfg)
+    inputs = _inputs(data_cfg, source)
+    meta_path = out / "meta.json"
+    old, changed = _changed(data_cfg, inputs, force)
+    if old is not None and not changed:
+        try:
+            verify_data_dir(out, data_cfg.vocab_size)
+            log(f"data: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
+            return out
+        except DataDirError as e:
+            if not force:
+                raise
+            log(f"data: {e}; rebuilding it (--force)")
+            changed = ["damaged"]
+    if old is not None:
+        if changed == ["meta.json"]:
+            log(f"data: {meta_path} is damaged; rebuilding {out} (--force)")
+        elif changed == ["damaged"]:
+            pass  # said above
+        elif not force:
+            k = changed[0]
+            raise DataDirError(
+                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, "
+                f"not {inputs.get(k, FORMAT_VERSION)!r}; "
+                "use another data.dir, or pass --force to rebuild it"
+            )
+    t0 = time.time()
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lmtrain-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataDirError(f"data.dir: cannot write {out} ({e.strerror}); choose a writable data.dir") from None
+    cache_dir = out / ".hf_cache"  # datasets' Arrow files while preparing; removed at the end
+    try:  # every document is read (and checked) before any file of data.dir is replaced
+        ds, parts = _read(source, data_cfg, inputs, cache_dir, log)
+    except BaseException as e:
+        shutil.rmtree(out if created else cache_dir, ignore_errors=True)
+        raise _source_error(e) or e from None
+    try:
+        return _write(out, ds, parts, data_cfg, inputs, source, t0, log)
+    except BaseException:  # a refused corpus (no text), a full disk: what this call made goes
+        shutil.rmtree(out if created else cache_dir, ignore_errors=True)
+        raise
 
 
 def main(argv=None) -> int:
