@@ -100,8 +100,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:
+            full = _is_full(e) or _ran_out(tmp, need)
             tmp.unlink(missing_ok=True)
-            if _is_full(e):
+            if full:
                 raise disk_full(path.parent, int(need * MARGIN), _previous(path)) from None
             raise
         os.replace(tmp, path)
@@ -118,6 +119,18 @@ def _is_full(e: BaseException) -> bool:
         return e.errno in FULL
     text = str(e)
     return any(os.strerror(code) in text for code in FULL) or "No space left" in text
+
+
+def _ran_out(tmp: Path, need: int) -> bool:
+    """torch.save's zip writer reports a failed write as a bare RuntimeError ("unexpected
+    pos ...") without the errno; the disk was full when what is left of the save no longer
+    fits in what is left of the disk (plus a MiB for the archive's records). Measured before
+    the partial file is removed."""
+    try:
+        written = tmp.stat().st_size
+    except OSError:
+        written = 0
+    return free_bytes(tmp.parent) < max(need * MARGIN - written, 0) + (1 << 20)
 
 
 def _fsync_dir(path: Path) -> None:
