@@ -44,17 +44,39 @@ class CheckpointError(ValueError):
     message is one line naming the file."""
 
 
-def _safe_globals() -> list:
+def _safe_globals(names=SAFE_GLOBALS) -> list:
+    """The allowed classes among `names`. DeepSpeed is imported only for a file that names
+    its classes (importing it costs seconds and logs to stdout, which `generate` owns)."""
     import importlib
 
     found = []
-    for name in SAFE_GLOBALS:
+    for name in names:
         module, _, attr = name.rpartition(".")
         try:
             found.append(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):  # DeepSpeed absent (or another release): nothing to allow
             continue
     return found
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the archive's pickle cannot even be scanned
+        return ["unreadable objects"]
+
+
+def _load(path: Path, mmap: bool) -> dict:
+    """torch.load, weights only; the allow-listed DeepSpeed classes are admitted when the
+    file names them and nothing else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        unsafe = _unsafe_globals(path)
+        if not unsafe or not set(unsafe) <= set(SAFE_GLOBALS):
+            raise
+    with torch.serialization.safe_globals(_safe_globals(unsafe)):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _first_line(e: BaseException) -> str:
@@ -72,13 +94,9 @@ def safe_load(path: str | Path, *, mmap: bool = True) -> dict:
         raise CheckpointError(f"{path}: damaged or not a checkpoint (not a torch zip archive: truncated, "
                               "overwritten, or another format)")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = _load(path, mmap)
     except pickle.UnpicklingError:
-        try:
-            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:3])
-        except Exception:  # the archive's pickle cannot even be scanned
-            unsafe = "unreadable objects"
+        unsafe = ", ".join([g for g in _unsafe_globals(path) if g not in SAFE_GLOBALS][:3] or ["unreadable objects"])
         raise CheckpointError(f"{path}: refused: it holds objects that unpickling would construct or run ({unsafe}); "
                               "lmtrain checkpoints hold tensors and plain values only") from None
     except Exception as e:  # zip members missing or cut short, storage errors
