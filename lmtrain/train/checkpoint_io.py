@@ -94,16 +94,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         need = tensor_bytes(checkpoint)
         check_space(path.parent, need, _previous(path))
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        f = None
         try:
-            with open(tmp, "wb") as f:
+            with _open_tmp(tmp) as raw:
+                f = _Recording(raw)
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+                raw.flush()
+                os.fsync(raw.fileno())
         except (OSError, RuntimeError) as e:
-            full = _is_full(e) or _ran_out(tmp, need)
             tmp.unlink(missing_ok=True)
-            if full:
+            # torch's zip writer swallows the OSError of a failed write and raises a bare
+            # RuntimeError ("unexpected pos ..."); the error the file raised is the real one.
+            cause = f.error if isinstance(e, RuntimeError) and f is not None and f.error is not None else e
+            if isinstance(cause, OSError) and cause.errno in FULL:
                 raise disk_full(path.parent, int(need * MARGIN), _previous(path)) from None
+            if cause is not e:
+                raise cause from None
             raise
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -113,24 +119,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path, mmap=False)
 
 
-def _is_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT, raised as such or inside torch.save's writer (a RuntimeError)."""
-    if isinstance(e, OSError):
-        return e.errno in FULL
-    text = str(e)
-    return any(os.strerror(code) in text for code in FULL) or "No space left" in text
+def _open_tmp(tmp: Path):
+    return open(tmp, "wb")
 
 
-def _ran_out(tmp: Path, need: int) -> bool:
-    """torch.save's zip writer reports a failed write as a bare RuntimeError ("unexpected
-    pos ...") without the errno; the disk was full when what is left of the save no longer
-    fits in what is left of the disk (plus a MiB for the archive's records). Measured before
-    the partial file is removed."""
-    try:
-        written = tmp.stat().st_size
-    except OSError:
-        written = 0
-    return free_bytes(tmp.parent) < max(need * MARGIN - written, 0) + (1 << 20)
+class _Recording:
+    """The file torch.save writes to, remembering the OSError a write raised (torch reports
+    only that the write fell short)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -6,6 +6,7 @@ filling disk in tests/integration/test_faults.py."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 from pathlib import Path
@@ -114,37 +115,44 @@ def assert_old_intact_and_no_tmp(path: Path) -> None:
     assert not list(path.parent.glob(".*.tmp*"))
 
 
-@pytest.mark.parametrize("failure", ["enospc", "edquot", "torch-writer"])
-def test_a_disk_that_fills_during_the_write(tmp_path, monkeypatch, failure):
-    """ENOSPC/EDQUOT raised as such, or torch's zip writer failing with a bare RuntimeError
-    while the disk has no room left for the rest of the save: DiskFull, tmp removed."""
-    io, path = saved(tmp_path)
+class FailingFile(io.BufferedWriter):
+    """A file whose writes fail with `code` once `limit` bytes are written."""
 
-    def failing_save(obj, f, *a, **k):
-        f.write(b"x" * 100)
-        if failure == "torch-writer":
-            monkeypatch.setattr(checkpoint_io, "free_bytes", lambda d: 10)  # the disk is now full
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-        code = errno.ENOSPC if failure == "enospc" else errno.EDQUOT
-        raise OSError(code, os.strerror(code))
+    def __init__(self, path: Path, limit: int, code: int):
+        super().__init__(io.FileIO(path, "wb"))
+        self.limit, self.code, self.n = limit, code, 0
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if self.n + n > self.limit:
+            raise OSError(self.code, os.strerror(self.code))
+        self.n += n
+        return super().write(data)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("limit", [10, 2000, 30_000])  # in the header, the records, the tensor data
+def test_a_disk_that_fills_during_the_write(tmp_path, monkeypatch, code, limit):
+    """torch.save's zip writer swallows the failed write's OSError and raises a bare
+    RuntimeError ("unexpected pos"); the save still says the disk is full, removes its
+    partial file, and the previous checkpoint stays."""
+    io_, path = saved(tmp_path)
+    monkeypatch.setattr(checkpoint_io, "_open_tmp", lambda tmp: FailingFile(tmp, limit, code))
+    big = {**ckpt(2), "state_dict": {"w": torch.zeros(10_000)}}
     with pytest.raises(DiskFull, match=r"the disk is full: .* free, this checkpoint needs about .*last.ckpt is intact"):
-        io.save_checkpoint(ckpt(2), path)
+        io_.save_checkpoint(big, path)
     monkeypatch.undo()
     assert_old_intact_and_no_tmp(path)
 
 
-def test_a_writer_error_with_room_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
-    io, path = saved(tmp_path)
-
-    def failing_save(obj, f, *a, **k):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(RuntimeError, match="unexpected pos") as info:
-        io.save_checkpoint(ckpt(2), path)
-    assert not isinstance(info.value, DiskFull)
+def test_another_write_error_is_raised_as_itself(tmp_path, monkeypatch):
+    """An I/O error is not a full disk; it surfaces as the OSError it is, not torch's
+    "unexpected pos"."""
+    io_, path = saved(tmp_path)
+    monkeypatch.setattr(checkpoint_io, "_open_tmp", lambda tmp: FailingFile(tmp, 2000, errno.EIO))
+    with pytest.raises(OSError) as info:
+        io_.save_checkpoint({**ckpt(2), "state_dict": {"w": torch.zeros(10_000)}}, path)
+    assert info.value.errno == errno.EIO and not isinstance(info.value, DiskFull)
     monkeypatch.undo()
     assert_old_intact_and_no_tmp(path)
 
