@@ -259,8 +259,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     from data_pipelines.prepare import prepare
     from lmtrain.train.checkpoint import CheckpointError, load_config_from_checkpoint
     from lmtrain.train.checkpoint_io import clean_partial
-    from lmtrain.train.data import TokenDataModule, val_windows
-    from lmtrain.train.loss import perplexity
+    from lmtrain.train.data import TokenDataModule
     from lmtrain.train.module import LMModule
     from lmtrain.train.rundir import check_environment, check_run_dir, check_space_for_checkpoints
 
@@ -302,7 +301,37 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         module.model.load_state_dict(init_state)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        result = finish(cfg, trainer, module, datamodule, log=log)
+    except TrainingStopped:  # every rank raises it at the same step: no collective is left pending
+        release_process_group()
+        raise
+    release_process_group()
+    return result
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if this process joined one, before the interpreter exits.
+
+    Lightning never destroys it. Left to interpreter finalisation, gloo's worker threads may still
+    hold tensors of finished collectives, and freeing them then aborts the process ("terminate
+    called without an active exception"): the job reports FAILED although training completed.
+    Called only where every rank has left its last collective, so it never waits on a peer.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish(cfg: Config, trainer, module, datamodule, log=print) -> dict:
+    """After `fit`: the preemption report, the final checkpoint and the summary (on rank 0)."""
     from lmtrain.train.callbacks.preemption import Preemption
+    from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint
+    from lmtrain.train.data import val_windows
+    from lmtrain.train.loss import perplexity
+
+    run_dir = cfg.run_dir
 
     preempted = next((c for c in trainer.callbacks if isinstance(c, Preemption) and c.stopped_at is not None), None)
     if preempted is not None:
@@ -315,8 +344,6 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
 
     # The final step is always in a checkpoint, whatever checkpoint.every_n_steps is: export,
     # generate and eval-length read the newest checkpoint, and the summary names last.ckpt.
-    from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint
-
     newest = last_checkpoint(run_dir)  # every rank reads the same files and decides the same
     if newest is None or checkpoint_step(newest) < trainer.global_step:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")

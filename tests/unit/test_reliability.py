@@ -265,3 +265,19 @@ def test_tokenizer_training_text_cuts_only_long_runs():
     pieces = cut.split()
     assert max(map(len, pieces)) <= MAX_RUN
     assert "".join(pieces) == "x='" + long + "'"  # nothing lost, only spaces added
+
+
+def test_the_process_group_is_destroyed_before_exit(tmp_path):
+    """A DDP rank that leaves its gloo group to interpreter finalisation may abort on the way out."""
+    import torch.distributed as dist
+
+    from lmtrain.train.run import release_process_group
+
+    release_process_group()  # none joined: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    assert dist.is_initialized()
+    release_process_group()
+    assert not dist.is_initialized()
