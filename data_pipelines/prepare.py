@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +18,17 @@ from typing import Callable
 
 import numpy as np
 
-from data_pipelines.shards import FORMAT_VERSION, SPLITS, DataDirError, atomic_write_text, token_dtype
-from data_pipelines.sources import FileSource, resolve_source
+from data_pipelines.shards import (
+    FORMAT_VERSION,
+    SPLITS,
+    DataDirError,
+    atomic_write_text,
+    read_meta,
+    sample_digest,
+    token_dtype,
+    verify_data_dir,
+)
+from data_pipelines.sources import FileSource, SourceError, resolve_source
 from data_pipelines.tokenizer import EOT, eot_id, file_sha256, load_tokenizer, train_tokenizer
 
 SPLIT_SALT = "lmtrain-split-v1"
@@ -52,6 +62,20 @@ def _file_documents(source, limit, fingerprint):
         yield {"id": doc.id, "text": doc.text}
 
 
+# BPE training is quadratic in the length of a pre-token (a run of letters, digits or
+# punctuation): a 2 MB run takes about 20 minutes. Runs longer than this are cut into pieces
+# for training the tokenizer only (encoding is linear and sees the text as it is). No word of
+# any language, and no real identifier, is this long.
+MAX_RUN = 256
+_LONG_RUN = re.compile(r"\S{%d,}" % (MAX_RUN + 1))
+
+
+def tokenizer_text(text: str) -> str:
+    """The text the tokenizer trainer sees: long runs of non-space characters cut into pieces."""
+    return _LONG_RUN.sub(lambda m: " ".join(m.group()[i : i + MAX_RUN] for i in range(0, len(m.group()), MAX_RUN)),
+                         text)
+
+
 def _encode_batch(batch, tokenizer_path: str):
     tok = _TOKENIZERS.get(tokenizer_path)
     if tok is None:
@@ -72,57 +96,66 @@ def _inputs(data_cfg, source) -> dict:
     }
 
 
-def _changed(data_cfg, inputs: dict) -> tuple[dict | None, list[str]]:
-    """The data dir's meta (None if not prepared) and the input keys that differ from it."""
+def _changed(data_cfg, inputs: dict, force: bool = False) -> tuple[dict | None, list[str]]:
+    """The data dir's meta (None if not prepared) and the input keys that differ from it. A
+    damaged meta.json is an error, unless `force` rebuilds the dir."""
     meta_path = Path(data_cfg.dir) / "meta.json"
     if not meta_path.is_file():
         return None, []
-    old = json.loads(meta_path.read_text())
+    try:
+        old = read_meta(data_cfg.dir)
+    except DataDirError:
+        if force:
+            return {}, ["meta.json"]
+        raise
     changed = [k for k in inputs if old.get("inputs", {}).get(k) != inputs[k]]
     if old.get("format_version") != FORMAT_VERSION:
         changed.append("format_version")
     return old, changed
 
 
+def source_of(data_cfg):
+    return resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split,
+                          encoding=data_cfg.encoding)
+
+
 def is_prepared(data_cfg) -> bool:
     """True when data.dir is complete and was prepared from exactly these inputs."""
-    source = resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split)
-    old, changed = _changed(data_cfg, _inputs(data_cfg, source))
+    try:
+        old, changed = _changed(data_cfg, _inputs(data_cfg, source_of(data_cfg)))
+    except DataDirError:  # damaged: not prepared (rank 0 reports it)
+        return False
     return old is not None and not changed
 
 
-def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
+def _source_error(e: BaseException):
+    """The SourceError or DataDirError behind an exception (datasets wraps what its generator
+    raises), else None."""
+    while e is not None:
+        if isinstance(e, (SourceError, DataDirError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _read(source, data_cfg, inputs: dict, cache_dir: Path, log):
+    """The documents as a datasets.Dataset, and its train/validation split."""
     import datasets
 
-    out = Path(data_cfg.dir)
-    source = resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split)
-    inputs = _inputs(data_cfg, source)
-    meta_path = out / "meta.json"
-    old, changed = _changed(data_cfg, inputs)
-    if old is not None:
-        if not changed:
-            log(f"data: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
-            return out
-        if not force:
-            k = changed[0]
-            raise DataDirError(
-                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, "
-                f"not {inputs.get(k, FORMAT_VERSION)!r}; "
-                "use another data.dir, or pass --force to rebuild it"
-            )
-    t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # incomplete from here until the end
-
     log(f"data: reading {source.describe()}")
-    cache_dir = out / ".hf_cache"  # datasets' Arrow files while preparing; removed at the end
     if isinstance(source, FileSource):
         # Streamed to Arrow on disk, so a corpus larger than memory is fine. The fingerprint
         # in gen_kwargs keys datasets' cache, so changed files are never served stale.
-        ds = datasets.Dataset.from_generator(
-            _file_documents, cache_dir=str(cache_dir),
-            gen_kwargs={"source": source, "limit": data_cfg.max_documents, "fingerprint": inputs["fingerprint"]})
+        # No progress bar of its own: a file refused on the way ends in one line, not a bar and a line.
+        shown = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.Dataset.from_generator(
+                _file_documents, cache_dir=str(cache_dir),
+                gen_kwargs={"source": source, "limit": data_cfg.max_documents, "fingerprint": inputs["fingerprint"]})
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
     else:
         ds = source.dataset()
         if data_cfg.max_documents is not None:
@@ -134,11 +167,19 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
     if len(ds) < 2:
         raise DataDirError(f"data.source: {data_cfg.source} has {len(ds)} document(s); at least 2 are needed "
                            "for a split")
+
     flags = split_ids(ds["id"], data_cfg.val_fraction)
     parts = {
         "train": ds.select([i for i, f in enumerate(flags) if not f]),
         "val": ds.select([i for i, f in enumerate(flags) if f]),
     }
+    return ds, parts
+
+
+def _write(out: Path, ds, parts: dict, data_cfg, inputs: dict, source, t0: float, log) -> Path:
+    """Tokenizer, token files and meta.json (last) into `out`."""
+    meta_path, cache_dir = out / "meta.json", out / ".hf_cache"
+    meta_path.unlink(missing_ok=True)  # incomplete from here until the end
     log(f"data: {len(parts['train']):,} train and {len(parts['val']):,} validation documents")
 
     tok_path = out / "tokenizer.json"
@@ -156,8 +197,8 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
     else:
         log(f"data: training a byte-level BPE tokenizer of {data_cfg.vocab_size} tokens")
         train_texts = parts["train"]
-        tok = train_tokenizer((train_texts[i : i + 256]["text"] for i in range(0, len(train_texts), 256)),
-                              data_cfg.vocab_size)
+        tok = train_tokenizer(([tokenizer_text(t) for t in train_texts[i : i + 256]["text"]]
+                               for i in range(0, len(train_texts), 256)), data_cfg.vocab_size)
         tok.save(str(tok_path) + ".tmp")
         os.replace(str(tok_path) + ".tmp", tok_path)
         atomic_write_text(tok_info_path, json.dumps(tok_info, indent=2))
@@ -194,6 +235,8 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
         log(f"data: {split}: {len(lengths):,} documents, {total:,} tokens")
 
     shutil.rmtree(cache_dir, ignore_errors=True)
+    if all(s["tokens"] == s["documents"] for s in splits.values()):  # nothing but end-of-document tokens
+        raise DataDirError(f"data.source: the {len(ds)} documents of {data_cfg.source} hold no text (all empty)")
     meta = {
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
@@ -204,11 +247,66 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
         "eot_id": eot_id(tok),
         "dtype": np.dtype(dtype).name,
         "splits": splits,
+        # Digests of sampled blocks of each file, which `verify_data_dir` checks at every start.
+        "checks": {name: sample_digest(out / name) for name in
+                   ["tokenizer.json", *(f"{s}.bin" for s in SPLITS), *(f"{s}.idx.npy" for s in SPLITS)]},
         "seconds": round(time.time() - t0, 1),
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     log(f"data: wrote {out} in {meta['seconds']} s")
     return out
+
+
+def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
+
+    out = Path(data_cfg.dir)
+    source = source_of(data_cfg)
+    inputs = _inputs(data_cfg, source)
+    meta_path = out / "meta.json"
+    old, changed = _changed(data_cfg, inputs, force)
+    if old is not None and not changed:
+        try:
+            verify_data_dir(out, data_cfg.vocab_size)
+            log(f"data: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
+            return out
+        except DataDirError as e:
+            if not force:
+                raise
+            log(f"data: {e}; rebuilding it (--force)")
+            changed = ["damaged"]
+    if old is not None:
+        if changed == ["meta.json"]:
+            log(f"data: {meta_path} is damaged; rebuilding {out} (--force)")
+        elif changed == ["damaged"]:
+            pass  # said above
+        elif not force:
+            k = changed[0]
+            raise DataDirError(
+                f"data.dir {out} was prepared with {k}={old.get('inputs', old).get(k)!r}, "
+                f"not {inputs.get(k, FORMAT_VERSION)!r}; "
+                "use another data.dir, or pass --force to rebuild it"
+            )
+    t0 = time.time()
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lmtrain-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataDirError(f"data.dir: cannot write {out} ({e.strerror}); choose a writable data.dir") from None
+    cache_dir = out / ".hf_cache"  # datasets' Arrow files while preparing; removed at the end
+    try:  # every document is read (and checked) before any file of data.dir is replaced
+        ds, parts = _read(source, data_cfg, inputs, cache_dir, log)
+    except BaseException as e:
+        shutil.rmtree(out if created else cache_dir, ignore_errors=True)
+        raise _source_error(e) or e from None
+    try:
+        return _write(out, ds, parts, data_cfg, inputs, source, t0, log)
+    except BaseException:  # a refused corpus (no text), a full disk: what this call made goes
+        shutil.rmtree(out if created else cache_dir, ignore_errors=True)
+        raise
 
 
 def main(argv=None) -> int:

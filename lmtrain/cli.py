@@ -1,15 +1,30 @@
 """The `lmtrain` command line. Parsing and error reporting only; the work lives elsewhere.
 
 Bad input (config, data source, data dir, checkpoint) exits with code 2 and one line on
-stderr naming the key or path, before anything is written.
+stderr naming the key or path, before anything is written. So do the conditions of the
+machine a user must act on: a full, read-only or forbidden disk, a missing GPU, and a run
+stopped by the non-finite guard. Anything else is a bug: a traceback and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 EXIT_BAD_INPUT = 2
+# OS errors a user fixes (space, permissions, a path that cannot be one), not bugs.
+USER_OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENAMETOOLONG: "file name too long",
+                  errno.ENOTDIR: "a path component is not a directory", errno.EISDIR: "is a directory"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the usage first): the CLI's promise."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"lmtrain: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +33,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lmtrain", description="Pretrain long-context decoder language models.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap = Parser(prog="lmtrain", description="Pretrain long-context decoder language models.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("prepare-data", help="train the tokenizer and pack the corpus into token files")
     _add_config_args(p)
@@ -192,14 +207,22 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import math
+
     import torch
 
     from data_pipelines.tokenizer import eot_id, load_tokenizer
     from lmtrain.generate import generate
     from lmtrain.train.checkpoint import load_trained, tokenizer_path
 
-    if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
-        return _fail("--max-new-tokens and --num-samples must be positive, --temperature 0 or more")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        return _fail("--max-new-tokens and --num-samples: must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return _fail("--temperature: must be 0 (greedy) or positive")
+    if args.top_k < 0:
+        return _fail("--top-k: must be 0 (off) or positive")
+    if args.seed < 0:
+        return _fail("--seed: must be 0 or positive")
     trained = load_trained(args.source, device=args.device)
     cfg, model = trained.cfg, trained.model
     tok_path = tokenizer_path(trained)
@@ -285,15 +308,30 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipelines.sources import SourceError
     from lmtrain.config import ConfigError
     from lmtrain.evaluate.length import EvalError
-    from lmtrain.train.run import ResumeError
+    from lmtrain.train.checkpoint import CheckpointError
+    from lmtrain.train.run import ResumeError, TrainingStopped
+    from lmtrain.train.rundir import RunDirError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, FileNotFoundError, FileExistsError) as e:
-        return _fail(str(e))
+    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, CheckpointError, RunDirError,
+            TrainingStopped, FileNotFoundError, FileExistsError) as e:
+        return _fail(_one_line(e))
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = e.filename or "the disk"
+        return _fail(f"{where}: {USER_OS_ERRORS[e.errno]} ({e.strerror})")
     except KeyboardInterrupt:
         print("lmtrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is last
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lmtrain.model.attention import AttentionConfig
@@ -43,6 +43,12 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "single", "ddp", "ddp_spawn", "deepspeed")
 DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+MAX_NAME = 100  # run and job names: a file name, with room for the files made from it
+# The largest vocabulary lmtrain trains a tokenizer for: the BPE trainer's memory grows with it
+# (2^31 tokens asked for 141 GB), and the largest vocabularies in use are near 2^18.
+MAX_VOCAB = 2**22
 
 
 class ConfigError(ValueError):
@@ -69,6 +75,9 @@ class DataConfig:
     batch_size: int = 16  # per device, per micro-step
     val_fraction: float = 0.02
     text_field: str = "text"  # jsonl/parquet/HF column holding the text
+    # How text files are decoded; an undecodable byte is refused with the file and line. Set it
+    # (latin-1, cp1252, utf-16, ...) to read files in another encoding on purpose.
+    encoding: str = "utf-8"
     hf_split: str = "train"
     max_documents: Optional[int] = None  # use only the first N documents (in source order)
     num_proc: int = 2  # tokenization processes
@@ -124,6 +133,9 @@ class TrainerConfig:
     loss_chunk_tokens: int = -1
     compile: bool = False  # torch.compile the model (inductor; on CPU it needs a C++ compiler)
     progress_bar: bool = True
+    # Optimizer steps with a non-finite loss or gradient norm are skipped; after this many in a
+    # row training stops (exit 2), the last good checkpoint being the one a resume finds.
+    max_bad_steps: int = 10
     # Recompute each layer's activations in the backward pass instead of keeping them
     # (torch.utils.checkpoint; any strategy, ZeRO-3 included): less memory, ~1/3 more compute.
     activation_checkpointing: bool = False
@@ -282,13 +294,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             layers.append(OmegaConf.merge(*parsed))
         except OmegaConfBaseException as e:
             raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
+    schema = OmegaConf.structured(Config)
     for layer in layers:
+        _check_shape(layer, schema)
         _refuse_legacy(layer)
     try:
         raw = _merge_layers(layers)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
     return _build(raw)
+
+
+def _check_shape(node: Any, schema: Any, prefix: str = "") -> None:
+    """Sections are mappings: a list or a scalar where the schema has a mapping is refused with
+    the key (OmegaConf would fail deeper, without one)."""
+    if not isinstance(node, DictConfig):
+        return
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if not isinstance(schema, DictConfig) or key not in schema:
+            continue  # unknown keys are reported by the typed merge
+        sub, value = schema._get_node(key), node._get_node(key)
+        if isinstance(sub, DictConfig) and not sub._is_missing() and sub._metadata.object_type is not dict:
+            if full in POLYMORPHIC and isinstance(value._value(), str):
+                continue  # a bare kind
+            if not isinstance(value, DictConfig):
+                got = "a list" if isinstance(value, ListConfig) else f"the value {value._value()!r}"
+                raise ConfigError(f"{full}: expected a mapping of keys (e.g. {full}: {{...}}), got {got}")
+            _check_shape(value, sub, full + ".")
 
 
 def _refuse_legacy(layer: DictConfig) -> None:
@@ -373,7 +406,13 @@ def validate(cfg: Config) -> list[str]:
             errs.append(msg)
 
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name)), "run.name: use letters, digits, '.', '_' and '-' only")
-    need(257 <= d.vocab_size <= 2**32 - 1, "data.vocab_size: must be at least 257 (256 bytes + end-of-document)")
+    need(cfg.run.name not in (".", ".."), f"run.name: {cfg.run.name!r} names run.root or its parent, not a run dir; "
+                                          "give the run a name")
+    need(len(cfg.run.name) <= MAX_NAME, f"run.name: {len(cfg.run.name)} characters; at most {MAX_NAME}")
+    need(0 <= cfg.run.seed < 2**63, "run.seed: must be between 0 and 2^63 - 1")
+    need(257 <= d.vocab_size <= MAX_VOCAB, f"data.vocab_size: must be between 257 (256 bytes + end-of-document) and "
+                                           f"{MAX_VOCAB:,} (larger vocabularies need more memory to train than a "
+                                           "machine has)")
     need(d.seq_len >= 2, "data.seq_len: must be at least 2")
     need(d.batch_size >= 1, "data.batch_size: must be at least 1")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction: must be strictly between 0 and 1")
@@ -382,6 +421,8 @@ def validate(cfg: Config) -> list[str]:
     need(d.num_workers >= 0, "data.num_workers: must be 0 or more")
     need(d.val_batches >= 1, "data.val_batches: must be at least 1")
     need(bool(d.source.strip()), "data.source: must not be empty")
+    need(_known_encoding(d.encoding), f"data.encoding: {d.encoding!r} is not a text encoding Python knows "
+                                      "(e.g. utf-8, latin-1, cp1252, utf-16)")
 
     need(m.n_layers >= 1, "model.n_layers: must be at least 1")
     need(m.n_heads >= 1, "model.n_heads: must be at least 1")
@@ -414,6 +455,7 @@ def validate(cfg: Config) -> list[str]:
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps: must be at least 1")
     need(t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops: must be positive (or null)")
     need(t.loss_chunk_tokens >= -1, "trainer.loss_chunk_tokens: -1 (auto), 0 (off) or a number of tokens")
+    need(t.max_bad_steps >= 1, "trainer.max_bad_steps: must be at least 1 (non-finite steps tolerated in a row)")
     if t.accelerator == "cpu" and t.precision in ("16-mixed",):
         errs.append("trainer.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on trainer.accelerator=cpu")
 
@@ -432,6 +474,15 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps: must be at least 1")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be at least 1")
     return errs
+
+
+def _known_encoding(name: str) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(name)._is_text_encoding
+    except LookupError:
+        return False
 
 
 # Raw DeepSpeed keys that lmtrain derives from its own config: raw key -> the key to set instead.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,6 @@ FORMAT = 1
 
 
 def export(source: str | Path, out: str | Path, log=print) -> Path:
-    from safetensors.torch import save_model
-
     t = load_trained(source, device="cpu")
     tok = tokenizer_path(t)
     if not tok.is_file():
@@ -37,9 +36,25 @@ def export(source: str | Path, out: str | Path, log=print) -> Path:
         raise FileExistsError(f"--out {out}: exists and is not an lmtrain export; choose a new directory")
     if out.resolve() == t.run_dir.resolve():
         raise FileExistsError(f"--out {out}: that is the source itself; choose another directory")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh directory of our own beside the target: an unrelated `X.partial` is never touched.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write(t, tok, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # an earlier export: replaced
+        shutil.rmtree(out)
+    tmp.rename(out)  # the directory appears complete or not at all
+    meta = json.loads((out / EXPORT_META).read_text())
+    log(f"exported step {t.step} ({meta['parameters']:,} parameters) from {t.checkpoint} to {out}")
+    return out
+
+
+def _write(t, tok: Path, tmp: Path) -> None:
+    from safetensors.torch import save_model
+
     model = t.model.float()
     save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": f"lmtrain-export-{FORMAT}", "step": str(t.step)})
     (tmp / EXPORT_CONFIG).write_text(to_yaml(t.cfg))
@@ -48,8 +63,3 @@ def export(source: str | Path, out: str | Path, log=print) -> Path:
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(torch.float32),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():  # an earlier export: replaced
-        shutil.rmtree(out)
-    tmp.rename(out)  # the directory appears complete or not at all
-    log(f"exported step {t.step} ({meta['parameters']:,} parameters) from {t.checkpoint} to {out}")
-    return out

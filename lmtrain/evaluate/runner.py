@@ -33,7 +33,17 @@ def prepared_text(data_dir: str | Path) -> EvalText:
 
 def source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int]) -> EvalText:
     """Any data source (text files, jsonl/parquet, a hub dataset), tokenized with the model's
-    tokenizer; documents in source order, each ended by EOT, until `need_tokens` are there."""
+    tokenizer; documents in source order, each ended by EOT, until `need_tokens` are there.
+    A source that cannot be read is an EvalError naming --data."""
+    from data_pipelines.sources import SourceError
+
+    try:
+        return _source_text(spec, tokenizer_path, need_tokens)
+    except SourceError as e:
+        raise EvalError(f"--data: {str(e).removeprefix('data.source: ')}") from None
+
+
+def _source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int]) -> EvalText:
     from data_pipelines.sources import resolve_source
     from data_pipelines.tokenizer import eot_id, file_sha256, load_tokenizer
 

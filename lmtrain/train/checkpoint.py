@@ -1,151 +1,254 @@
-"""Atomic checkpoint writes, finding the checkpoint to resume from, and reading checkpoints.
+"""Reading checkpoints safely, and choosing the newest intact one.
 
 A checkpoint is either a Lightning file (`stepNNNNNN.ckpt`, `last.ckpt`) or, under
 `trainer.strategy=deepspeed`, a DeepSpeed directory of the same name: `latest` names the
 tag, `<tag>/` holds each rank's model and optimizer shards, and the model-states file of
 rank 0 carries Lightning's own state (config, step, loops, our data position).
+
+Every file is read with torch's weights-only unpickler (`safe_load`): it builds tensors and
+plain containers, and from `SAFE_GLOBALS` the few DeepSpeed classes its optimizer shards
+hold. A crafted pickle, which would run code when unpickled, is refused with one line
+naming the file; so is a file that is truncated, overwritten or not a checkpoint. A
+DeepSpeed directory is verified file by file before DeepSpeed itself reads it (DeepSpeed's
+own loader unpickles without restriction; a file the restricted unpickler accepted holds
+nothing else).
+
+A run dir's checkpoint is the newest intact one (`newest_checkpoint`): `last.ckpt`, unless a
+kill fell between the save of `stepNNNNNN.ckpt` and the save of `last.ckpt` (the step file is
+newer), and never a damaged one: damaged candidates are skipped, and named.
+
+Writing (atomic files and directories, a full disk) is lmtrain/train/checkpoint_io.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import dataclass
+import pickle
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+# Classes DeepSpeed pickles into its checkpoints (optimizer shards of ZeRO 1/2/3, fp16/bf16).
+SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                "deepspeed.utils.tensor_fragment.fragment_address")
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to a temporary file in the same directory, fsyncs, then renames.
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unsafe, damaged, not a checkpoint, or missing); the
+    message is one line naming the file."""
 
-    A kill at any moment leaves either the old file or the new one, never a torn one.
-    """
 
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        if get_filesystem(path).protocol not in ("file", ("file", "local")):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+def _safe_globals(names=SAFE_GLOBALS) -> list:
+    """The allowed classes among `names`. DeepSpeed is imported only for a file that names
+    its classes (importing it costs seconds and logs to stdout, which `generate` owns)."""
+    import importlib
+
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # DeepSpeed absent (or another release): nothing to allow
+            continue
+    return found
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _unsafe_globals(path: Path) -> list[str]:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the archive's pickle cannot even be scanned
+        return ["unreadable objects"]
 
 
-def swap_in(new: Path, final: Path) -> None:
-    """Replace directory `final` by directory `new`. At every instant either `final` or its
-    `.NAME.old` copy is complete; `clean_partial` repairs an interrupted swap."""
-    for f in new.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+def _load(path: Path, mmap: bool) -> dict:
+    """torch.load, weights only; the allow-listed DeepSpeed classes are admitted when the
+    file names them and nothing else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        unsafe = _unsafe_globals(path)
+        if not unsafe or not set(unsafe) <= set(SAFE_GLOBALS):
+            raise
+    with torch.serialization.safe_globals(_safe_globals(unsafe)):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def clean_partial(ckpt_dir: Path) -> None:
-    """After a kill: drop half-written `.NAME.tmp*` files and directories; put back a
-    `.NAME.old` directory whose swap did not finish (or drop it when it did)."""
-    if not ckpt_dir.is_dir():
-        return
-    for p in ckpt_dir.glob(".*.tmp*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    for old in ckpt_dir.glob(".*.old"):
-        final = old.with_name(old.name[1 : -len(".old")])
-        if final.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, final)
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def safe_load(path: str | Path, *, mmap: bool = True) -> dict:
+    """A checkpoint file's contents, read by the weights-only unpickler (see the module
+    docstring). Raises CheckpointError for anything that is not a safe, intact checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: damaged or not a checkpoint (not a torch zip archive: truncated, "
+                              "overwritten, or another format)")
+    try:
+        obj = _load(path, mmap)
+    except pickle.UnpicklingError:
+        unsafe = ", ".join([g for g in _unsafe_globals(path) if g not in SAFE_GLOBALS][:3] or ["unreadable objects"])
+        raise CheckpointError(f"{path}: refused: it holds objects that unpickling would construct or run ({unsafe}); "
+                              "lmtrain checkpoints hold tensors and plain values only") from None
+    except Exception as e:  # zip members missing or cut short, storage errors
+        raise CheckpointError(f"{path}: damaged ({_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not an lmtrain checkpoint (it holds a {type(obj).__name__})")
+    return obj
 
 
 def is_deepspeed_checkpoint(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "latest").is_file()
 
 
+def _deepspeed_tag(path: Path) -> Path:
+    try:
+        tag = (path / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/latest: damaged ({_first_line(e)})") from None
+    if not re.fullmatch(r"[\w.-]+", tag) or not (path / tag).is_dir():
+        raise CheckpointError(f"{path}: damaged DeepSpeed checkpoint (`latest` names {tag!r}, which is not a "
+                              "directory beside it)")
+    return path / tag
+
+
 def _deepspeed_client_file(path: Path) -> Path:
-    tag = (path / "latest").read_text().strip()
+    tag = _deepspeed_tag(path)
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (path / tag / name).is_file():
-            return path / tag / name
-    raise FileNotFoundError(f"{path}: a DeepSpeed checkpoint without the model states of rank 0 under {tag}/")
+        if (tag / name).is_file():
+            return tag / name
+    raise CheckpointError(f"{path}: damaged DeepSpeed checkpoint (no model states of rank 0 under {tag.name}/)")
+
+
+def verify_deepspeed(path: Path) -> dict:
+    """Rank 0's model-states file (Lightning's state) of a DeepSpeed checkpoint directory,
+    after every file of the tag has passed `safe_load` and one optimizer shard per rank is
+    there."""
+    tag = _deepspeed_tag(path)
+    client = safe_load(_deepspeed_client_file(path))
+    for f in sorted(tag.glob("*.pt")):
+        safe_load(f)
+    ranks = client.get("dp_world_size")
+    shards = len(list(tag.glob("*optim_states.pt")))
+    if not isinstance(ranks, int) or shards != ranks:
+        raise CheckpointError(f"{path}: damaged DeepSpeed checkpoint ({shards} optimizer shards under {tag.name}/, "
+                              f"written by {ranks} ranks)")
+    return client
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The Lightning state of a checkpoint file or DeepSpeed directory, memory-mapped (cheap):
-    config, global step, loops, callbacks; for a file also the weights."""
+    """The Lightning state of a checkpoint file or DeepSpeed directory (config, global step,
+    loops, callbacks; for a file also the weights), read safely and memory-mapped (cheap),
+    and checked to be an lmtrain checkpoint."""
     path = Path(path)
-    file = _deepspeed_client_file(path) if is_deepspeed_checkpoint(path) else path
-    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    if path.is_dir() and not is_deepspeed_checkpoint(path):
+        raise CheckpointError(f"{path}: a directory, but not a DeepSpeed checkpoint (no `latest` file in it)")
+    ckpt = verify_deepspeed(path) if is_deepspeed_checkpoint(path) else safe_load(path)
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt.get("hyper_parameters"), dict) else None
+    if not isinstance(config, dict) or not isinstance(ckpt.get("global_step"), int):
+        raise CheckpointError(f"{path}: not an lmtrain checkpoint (no config and step in it)")
+    if not is_deepspeed_checkpoint(path) and not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not an lmtrain checkpoint (no weights in it)")
+    return ckpt
 
 
 def deepspeed_world_size(path: Path) -> int:
     """How many data-parallel ranks wrote a DeepSpeed checkpoint (one optimizer shard each)."""
-    tag = (path / "latest").read_text().strip()
-    return len(list((path / tag).glob("*optim_states.pt")))
+    return len(list(_deepspeed_tag(path).glob("*optim_states.pt")))
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(read_checkpoint(path).get("global_step", -1))
+    return int(read_checkpoint(path)["global_step"])
 
 
 def _is_checkpoint(path: Path) -> bool:
     return path.is_file() or is_deepspeed_checkpoint(path)
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of a run: `last.ckpt`, unless a kill fell between the save of
-    `stepNNNNNN.ckpt` and the save of `last.ckpt`, in which case the step file is newer."""
+def _named_step(path: Path) -> int:
+    m = re.fullmatch(r"step(\d+)", path.stem)
+    return int(m.group(1)) if m else -1
+
+
+@dataclass
+class Choice:
+    """The newest intact checkpoint of a run dir (None if there is none), its step, and the
+    newer candidates that were skipped because they are damaged, with the reasons."""
+
+    path: Optional[Path] = None
+    step: int = -1
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        return [f"{p.name} is unusable ({reason}); skipped" for p, reason in self.skipped]
+
+
+def newest_checkpoint(run_dir: Path) -> Choice:
+    """See the module docstring. Candidates are read newest first until one is intact."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    steps = sorted((p for p in ckpt_dir.glob("step*.ckpt") if _is_checkpoint(p)),
-                   key=lambda p: int("".join(filter(str.isdigit, p.stem)) or -1))
-    newest = steps[-1] if steps else None
-    if not _is_checkpoint(last):
-        return newest
-    if newest is not None and int("".join(filter(str.isdigit, newest.stem))) > checkpoint_step(last):
-        return newest
-    return last
+    choice = Choice()
+    last, last_step = ckpt_dir / "last.ckpt", -1
+    if _is_checkpoint(last) or last.exists():
+        try:
+            last_step = checkpoint_step(last)
+        except CheckpointError as e:
+            choice.skipped.append((last, str(e).removeprefix(f"{last}: ")))
+    steps = sorted((p for p in ckpt_dir.glob("step*.ckpt") if _named_step(p) >= 0), key=_named_step, reverse=True)
+    for p in steps:
+        if last_step >= 0 and _named_step(p) <= last_step:
+            break  # last.ckpt is at least as new
+        try:
+            choice.path, choice.step = p, checkpoint_step(p)
+            return choice
+        except CheckpointError as e:
+            choice.skipped.append((p, str(e).removeprefix(f"{p}: ")))
+    if last_step >= 0:
+        choice.path, choice.step = last, last_step
+    return choice
+
+
+def last_checkpoint(run_dir: Path, log: Optional[Callable[[str], None]] = None) -> Path | None:
+    """The newest intact checkpoint of a run dir (`newest_checkpoint`); damaged candidates
+    that were skipped are reported through `log`."""
+    choice = newest_checkpoint(run_dir)
+    if log is not None:
+        for note in choice.notes():
+            log(f"{Path(run_dir) / 'checkpoints'}/{note}")
+        if choice.skipped and choice.path is not None:
+            log(f"using {choice.path.name} (step {choice.step}), the newest intact checkpoint")
+    return choice.path
 
 
 def load_config_from_checkpoint(path: str | Path):
-    from lmtrain.config import from_dict
+    from lmtrain.config import ConfigError, from_dict
 
     ckpt = read_checkpoint(path)
-    return from_dict(ckpt["hyper_parameters"]["config"]), ckpt
+    try:
+        return from_dict(ckpt["hyper_parameters"]["config"]), ckpt
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config is not valid here ({e})") from None
 
 
 def model_state_dict(path: Path, ckpt: dict) -> dict:
     """The decoder's weights (fp32 for DeepSpeed: the optimizer's master copy), consolidated
-    from every rank's shard when the checkpoint is a ZeRO directory."""
+    from every rank's shard when the checkpoint is a ZeRO directory (whose files
+    `read_checkpoint` has verified)."""
     if is_deepspeed_checkpoint(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=(path / "latest").read_text().strip())
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_deepspeed_tag(path).name)
+        except Exception as e:  # shards that are safe but do not fit together
+            raise CheckpointError(f"{path}: damaged DeepSpeed checkpoint ({_first_line(e)})") from None
         # The engine wraps the LightningModule: _forward_module.model.<decoder keys>
         state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     else:
@@ -164,25 +267,39 @@ class Trained:
     run_dir: Path  # the run dir holding the checkpoint (its parent for a loose file)
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_model: bool = True) -> Trained:
-    """A run directory (its newest checkpoint), a checkpoint file or DeepSpeed checkpoint
-    directory, or an export directory -> Trained. With
-    `with_model=False` only the config and the checkpoint's facts (model None): cheap,
-    since the checkpoint is memory-mapped."""
+def note(msg: str) -> None:
+    print(f"lmtrain: note: {msg}", file=sys.stderr)
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_model: bool = True,
+                 log: Callable[[str], None] = note) -> Trained:
+    """A run directory (its newest intact checkpoint; a damaged newer one is skipped and named
+    through `log`), a checkpoint file or DeepSpeed checkpoint directory, or an export
+    directory -> Trained. With `with_model=False` only the config and the checkpoint's facts
+    (model None): cheap, since the checkpoint is memory-mapped. Raises CheckpointError."""
     from lmtrain.model import build_model
 
     path = Path(path)
     if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
         return _load_export(path, device, with_model)
-    ckpt_path = path if _is_checkpoint(path) else last_checkpoint(path) if path.is_dir() else path
-    if ckpt_path is None or not _is_checkpoint(ckpt_path):
-        raise FileNotFoundError(f"no checkpoint at {path} "
-                                "(expected a .ckpt file or a run dir with checkpoints/last.ckpt)")
+    if _is_checkpoint(path):
+        ckpt_path = path
+    elif path.is_dir():
+        ckpt_path = last_checkpoint(path, log)
+        if ckpt_path is None:
+            raise CheckpointError(f"{path}: no intact checkpoint under {path / 'checkpoints'} (expected a run dir, "
+                                  "a .ckpt file or an export dir)")
+    else:
+        raise CheckpointError(f"{path}: no checkpoint there (expected a .ckpt file, a run dir with "
+                              "checkpoints/last.ckpt, or an export dir)")
     cfg, ckpt = load_config_from_checkpoint(ckpt_path)
     model = None
     if with_model:
         model = build_model(cfg, device=device)
-        model.load_state_dict(model_state_dict(ckpt_path, ckpt))
+        try:
+            model.load_state_dict(model_state_dict(ckpt_path, ckpt))
+        except RuntimeError as e:  # missing, unexpected or misshapen weights
+            raise CheckpointError(f"{ckpt_path}: its weights do not fit its config ({_first_line(e)})") from None
         model.eval()
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     return Trained(cfg=cfg, model=model, checkpoint=ckpt_path, step=int(ckpt.get("global_step", -1)), run_dir=run_dir)
@@ -201,11 +318,18 @@ def _load_export(path: Path, device, with_model: bool) -> Trained:
     from lmtrain.model import build_model
 
     cfg = load_config(path / EXPORT_CONFIG)
-    meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
+    try:
+        meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / EXPORT_META}: damaged ({_first_line(e)})") from None
     model = None
     if with_model:
         model = build_model(cfg, device=device)
-        load_model(model, str(path / EXPORT_WEIGHTS), device=str(device))
+        try:
+            load_model(model, str(path / EXPORT_WEIGHTS), device=str(device))
+        except Exception as e:  # a truncated or foreign safetensors file, or weights of another model
+            raise CheckpointError(f"{path / EXPORT_WEIGHTS}: damaged or not this model's weights "
+                                  f"({_first_line(e)})") from None
         model.eval()
     return Trained(cfg=cfg, model=model, checkpoint=path / EXPORT_WEIGHTS, step=int(meta.get("step", -1)), run_dir=path)
 

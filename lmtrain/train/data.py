@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_pipelines.shards import DataDirError, check_matches, open_tokens, read_meta
+from data_pipelines.shards import DataDirError, check_matches, check_window, open_tokens, read_meta, verify_data_dir
 
 
 def epoch_permutation(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -61,10 +61,11 @@ class GlobalSampler(Sampler[int]):
 
 
 class WindowDataset(Dataset):
-    """Window w -> int64 tensor of L+1 tokens. The memmap opens lazily in each worker."""
+    """Window w -> int64 tensor of L+1 tokens. The memmap opens lazily in each worker. With
+    `vocab_size`, every window's ids are checked to be in the vocabulary as it is read."""
 
-    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
-        self.data_dir, self.split, self.seq_len = str(data_dir), split, seq_len
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, vocab_size: Optional[int] = None):
+        self.data_dir, self.split, self.seq_len, self.vocab_size = str(data_dir), split, seq_len, vocab_size
         self._tokens = None
         n_tokens = read_meta(data_dir)["splits"][split]["tokens"]
         self.n_windows = max(0, (n_tokens - 1) // seq_len)
@@ -80,7 +81,10 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, w: int) -> torch.Tensor:
         start = w * self.seq_len
-        return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        window = self.tokens[start : start + self.seq_len + 1]
+        if self.vocab_size is not None:
+            check_window(window, self.vocab_size, Path(self.data_dir) / f"{self.split}.bin", start)
+        return torch.from_numpy(window.astype(np.int64))
 
     def __getstate__(self):
         return {**self.__dict__, "_tokens": None}
@@ -109,8 +113,15 @@ class TokenDataModule(pl.LightningDataModule):
         self.cfg = cfg
         self.meta = read_meta(cfg.data.dir)
         check_matches(self.meta, vocab_size=cfg.data.vocab_size, data_dir=cfg.data.dir)
-        self.train_set = WindowDataset(cfg.data.dir, "train", cfg.data.seq_len)
-        self.val_set = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len)
+        verify_data_dir(cfg.data.dir, cfg.data.vocab_size)
+        vocab = cfg.data.vocab_size
+        self.train_set = WindowDataset(cfg.data.dir, "train", cfg.data.seq_len, vocab)
+        self.val_set = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len, vocab)
+        if self.train_set.n_windows < 1:
+            raise DataDirError(
+                f"data.seq_len: the training split of {cfg.data.dir} has "
+                f"{self.meta['splits']['train']['tokens']:,} tokens, fewer than one window of "
+                f"{cfg.data.seq_len + 1}; lower data.seq_len or data.val_fraction, or add data")
         if self.val_set.n_windows < 1:
             raise DataDirError(
                 f"data.seq_len: the validation split of {cfg.data.dir} has fewer than {cfg.data.seq_len + 1} tokens; "

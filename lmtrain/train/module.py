@@ -1,4 +1,16 @@
-"""The LightningModule: loss, optimizer, schedule, and the state that exact resume needs."""
+"""The LightningModule: loss, optimizer, schedule, the non-finite guard, and the state that
+exact resume needs.
+
+The non-finite guard (`trainer.max_bad_steps`): an optimizer step whose loss or gradient
+norm is not finite is skipped, not applied. Without DeepSpeed every gradient is dropped
+before the step (AdamW leaves a parameter without a gradient untouched: no update, no
+moment decay); DeepSpeed's ZeRO optimizer skips such steps itself (fp32 with gradient
+clipping, fp16, and bf16 with `check_grad_overflow`, which lmtrain sets). The ranks decide
+together (a max-reduce), one host synchronisation per optimizer step. Skipped steps are
+counted (`train/skipped_steps`); after `max_bad_steps` in a row training stops, no
+checkpoint having been written since the last good step (the one a resume finds), and
+`lmtrain train` exits 2.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +46,12 @@ class LMModule(pl.LightningModule):
             self.model.compile()
             self.model.features = torch.compile(self.model.features)  # the fused-loss path calls it
         self.consumed_samples = 0  # global samples consumed by training so far
+        self.bad_streak = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
+        self.bad_steps = 0  # all skipped steps
+        self.diverged: str | None = None  # why training stopped, when the guard stopped it
+        self._bad_loss = torch.zeros((), dtype=torch.bool)  # a micro-batch since the last step had a non-finite loss
+        self._skip = False
+        self._ds_skipped = 0  # DeepSpeed's count of skipped steps, as of the last step
         zero3 = cfg.trainer.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3
         self._fused_loss = not zero3 and hasattr(self.model, "head")
 
@@ -49,6 +67,10 @@ class LMModule(pl.LightningModule):
 
     def forward(self, idx_BL):
         return self.model(idx_BL)
+
+    def on_train_start(self):
+        engine = self._deepspeed_engine()
+        self._ds_skipped = engine.skipped_steps if engine is not None else 0  # restored by a resume
 
     def on_train_batch_start(self, batch, batch_idx):
         torch.manual_seed(step_seed(self.cfg.run.seed, self.consumed_samples, self.global_rank))
@@ -72,7 +94,9 @@ class LMModule(pl.LightningModule):
         # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)
         # run before the module's own batch-end hook.
         self.consumed_samples += x_BL.shape[0] * self.trainer.world_size
-        return loss if aux is None else loss + aux
+        total = loss if aux is None else loss + aux
+        self._bad_loss = self._bad_loss.to(total.device) | ~torch.isfinite(total.detach())
+        return total
 
     def validation_step(self, batch, batch_idx):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
@@ -90,18 +114,56 @@ class LMModule(pl.LightningModule):
         if self._deepspeed_engine() is not None:  # gradients live in DeepSpeed's buffers
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        bad = self._bad_loss
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm)
+            bad = bad.to(norm.device) | ~torch.isfinite(norm)
+        if self._agreed(bad):
+            for p in self.parameters():
+                p.grad = None  # the step changes nothing
+
+    def _agreed(self, bad: torch.Tensor) -> bool:
+        """Whether any rank saw a non-finite loss or gradient norm (one host sync per step)."""
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
+        self._skip = bool(bad)
+        return self._skip
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        self.model.after_optimizer_step()
         engine = self._deepspeed_engine()
+        if engine is not None:  # DeepSpeed skipped it, or its loss was not finite (DeepSpeed may not check)
+            self._agreed(self._bad_loss | torch.tensor(engine.skipped_steps > self._ds_skipped))
+            self._ds_skipped = engine.skipped_steps
+        self._bad_loss = torch.zeros((), dtype=torch.bool)
+        self._count_skip()
+        self.model.after_optimizer_step()
         if engine is not None:  # the norm DeepSpeed clipped with, before clipping
             norm = engine.get_global_grad_norm()
             if norm is not None:  # kept a tensor where it is one: no host sync per step
                 self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32))
+
+    def _count_skip(self) -> None:
+        if not self._skip:
+            self.bad_streak = 0
+            return
+        self._skip = False
+        self.bad_streak += 1
+        self.bad_steps += 1
+        # The trainer counts this step once the hook returns: it is step global_step + 1.
+        step, limit = self.trainer.global_step + 1, self.cfg.trainer.max_bad_steps
+        self.log("train/skipped_steps", float(self.bad_steps))
+        if self.trainer.is_global_zero:
+            print(f"step {step}: non-finite loss or gradient norm; step skipped ({self.bad_streak} in a row, "
+                  f"stop at {limit})", flush=True)
+        if self.bad_streak >= limit:
+            self.diverged = (f"training stopped at step {step}: {self.bad_streak} optimizer steps in a row "
+                             f"({step - self.bad_streak + 1}-{step}) had a non-finite loss or gradient norm and were "
+                             f"skipped (trainer.max_bad_steps={limit}); no checkpoint was written since step "
+                             f"{step - self.bad_streak}, the last good one; lower optim.lr (now {self.cfg.optim.lr:g}) "
+                             "or check the data, then run again")
+            self.trainer.should_stop = True
 
     def _deepspeed_engine(self):
         return getattr(self.trainer.strategy, "deepspeed_engine", None)
@@ -113,8 +175,11 @@ class LMModule(pl.LightningModule):
                 "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint[CKPT_KEY] = {"consumed_samples": self.consumed_samples, "format": 1}
+        checkpoint[CKPT_KEY] = {"consumed_samples": self.consumed_samples, "format": 1, "bad_steps": self.bad_steps,
+                                "bad_streak": self.bad_streak}
 
     def on_load_checkpoint(self, checkpoint):
-        self.consumed_samples = int(checkpoint.get(CKPT_KEY, {}).get("consumed_samples", 0))
+        state = checkpoint.get(CKPT_KEY, {})
+        self.consumed_samples = int(state.get("consumed_samples", 0))
+        self.bad_steps, self.bad_streak = int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
 

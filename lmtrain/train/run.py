@@ -32,6 +32,11 @@ class ResumeError(ValueError):
     """A checkpoint that cannot continue this config."""
 
 
+class TrainingStopped(ValueError):
+    """Training stopped before max_steps for a reason the user must act on (the non-finite
+    guard); exit 2."""
+
+
 def config_differences(a: dict, b: dict, allowed: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
     """(key, a's value, b's value) for every flattened key on which two config dicts differ,
     except keys starting with one of `allowed`."""
@@ -64,19 +69,32 @@ def wait_for_data(data_cfg, timeout_s: float = 3600.0) -> None:
         time.sleep(2.0)
 
 
-def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool) -> Optional[Path]:
-    from lmtrain.train.checkpoint import is_deepspeed_checkpoint, last_checkpoint
+def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool, log=print) -> Optional[Path]:
+    """The checkpoint to resume from: `--resume`'s file, or the newest intact checkpoint of
+    `--resume`'s run dir or of this run dir. Damaged newer checkpoints are skipped and named;
+    a run dir whose checkpoints are all damaged is refused (not silently started afresh)."""
+    from lmtrain.train.checkpoint import is_deepspeed_checkpoint, newest_checkpoint
 
     if resume and no_resume:
         raise ResumeError("--resume and --no-resume exclude each other")
-    if resume:
+    if resume and not (Path(resume).is_dir() and not is_deepspeed_checkpoint(Path(resume))):
         path = Path(resume)
-        if path.is_dir() and not is_deepspeed_checkpoint(path):
-            path = last_checkpoint(path) or path / "checkpoints" / "last.ckpt"
-        if not (path.is_file() or is_deepspeed_checkpoint(path)):
+        if not path.exists():
             raise ResumeError(f"--resume: no checkpoint at {resume}")
+    elif no_resume:
+        return None
     else:
-        path = None if no_resume else last_checkpoint(cfg.run_dir)
+        run_dir, what = (Path(resume), "--resume") if resume else (cfg.run_dir, "the run dir")
+        choice = newest_checkpoint(run_dir)
+        for note in choice.notes():
+            log(f"run: {run_dir / 'checkpoints'}/{note}")
+        if choice.path is None and (resume or choice.skipped):
+            why = "; ".join(choice.notes()) or "none there"
+            raise ResumeError(f"{what}: no intact checkpoint in {run_dir / 'checkpoints'} ({why}); pass --no-resume "
+                              "to start afresh (its files are set aside, not deleted)")
+        if choice.skipped and choice.path is not None:
+            log(f"run: resuming from {choice.path.name} (step {choice.step}), the newest intact checkpoint")
+        path = choice.path
     if path is not None:
         check_checkpoint_format(path, cfg)
     return path
@@ -85,12 +103,13 @@ def resolve_resume(cfg: Config, resume: Optional[str], no_resume: bool) -> Optio
 def init_weights(cfg: Config, log=print) -> dict:
     """The weights of `run.init_from` (an export, checkpoint or run dir, ZeRO shards included)
     for a fresh model: the same architecture and the same tokenizer, or refused."""
-    from lmtrain.train.checkpoint import load_trained, tokenizer_path
+    from lmtrain.config import ConfigError
+    from lmtrain.train.checkpoint import CheckpointError, load_trained, tokenizer_path
 
     src = Path(cfg.run.init_from).expanduser()
     try:
-        t = load_trained(src, device="cpu")
-    except FileNotFoundError as e:
+        t = load_trained(src, device="cpu", log=lambda s: log(f"run.init_from: {s}"))
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
         raise ResumeError(f"run.init_from: {e}") from None
     def shape(c: Config) -> dict:  # what the weights depend on
         return {"model": to_dict(c)["model"], "data": {"vocab_size": c.data.vocab_size}}
@@ -128,25 +147,21 @@ def check_checkpoint_format(path: Path, cfg: Config) -> None:
 def build_trainer(cfg: Config, *, extra_callbacks=()):
     import lightning.pytorch as pl
     from lightning.fabric.plugins.environments import SLURMEnvironment
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lmtrain.train.callbacks.checkpointing import RunCheckpoint
     from lmtrain.train.callbacks.metrics_file import MetricsFile
     from lmtrain.train.callbacks.preemption import Preemption
     from lmtrain.train.callbacks.progress import ProgressLines
     from lmtrain.train.callbacks.throughput import Throughput
-    from lmtrain.train.checkpoint import AtomicCheckpointIO
+    from lmtrain.train.checkpoint_io import AtomicCheckpointIO
     from lmtrain.train.strategy import build_strategy
 
     t = cfg.trainer
     run_dir = cfg.run_dir
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep_last,
-                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False,
-                        # last.ckpt is always the newest state, whoever wrote it (a preemption
-                        # save too): overwrite it, never write last-v1.ckpt beside it.
-                        enable_version_counter=False),
+        RunCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
         LearningRateMonitor(logging_interval="step"),
         Throughput(cfg.data.seq_len, every=t.log_every_n_steps, peak_tflops=t.peak_tflops),
         MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),
@@ -242,14 +257,21 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         "ignore", message=r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*")
 
     from data_pipelines.prepare import prepare
-    from lmtrain.train.checkpoint import clean_partial, load_config_from_checkpoint
-    from lmtrain.train.data import TokenDataModule, val_windows
-    from lmtrain.train.loss import perplexity
+    from lmtrain.train.checkpoint import CheckpointError, load_config_from_checkpoint
+    from lmtrain.train.checkpoint_io import clean_partial
+    from lmtrain.train.data import TokenDataModule
     from lmtrain.train.module import LMModule
+    from lmtrain.train.rundir import check_environment, check_run_dir, check_space_for_checkpoints
 
-    ckpt_path = resolve_resume(cfg, resume, no_resume)
+    quiet = log if is_rank_zero() else (lambda _: None)
+    check_environment(cfg)
+    check_run_dir(cfg)
+    ckpt_path = resolve_resume(cfg, resume, no_resume, log=quiet)
     if ckpt_path is not None:
-        saved, _ = load_config_from_checkpoint(ckpt_path)
+        try:
+            saved, _ = load_config_from_checkpoint(ckpt_path)
+        except CheckpointError as e:
+            raise ResumeError(f"--resume: {e}" if resume else str(e)) from None
         check_resume_compatible(saved, cfg)
 
     if is_rank_zero():
@@ -259,7 +281,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
     datamodule = TokenDataModule(cfg)  # checks data against the config before the run dir is touched
     init_state = None
     if ckpt_path is None and cfg.run.init_from:  # checked before the run dir is touched, too
-        init_state = init_weights(cfg, log=log if is_rank_zero() else (lambda _: None))
+        init_state = init_weights(cfg, log=quiet)
+    check_space_for_checkpoints(cfg, ckpt_path)  # a full disk fails here, before any step is spent
 
     run_dir = cfg.run_dir
     if is_rank_zero():
@@ -278,7 +301,37 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         module.model.load_state_dict(init_state)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        result = finish(cfg, trainer, module, datamodule, log=log)
+    except TrainingStopped:  # every rank raises it at the same step: no collective is left pending
+        release_process_group()
+        raise
+    release_process_group()
+    return result
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if this process joined one, before the interpreter exits.
+
+    Lightning never destroys it. Left to interpreter finalisation, gloo's worker threads may still
+    hold tensors of finished collectives, and freeing them then aborts the process ("terminate
+    called without an active exception"): the job reports FAILED although training completed.
+    Called only where every rank has left its last collective, so it never waits on a peer.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish(cfg: Config, trainer, module, datamodule, log=print) -> dict:
+    """After `fit`: the preemption report, the final checkpoint and the summary (on rank 0)."""
     from lmtrain.train.callbacks.preemption import Preemption
+    from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint
+    from lmtrain.train.data import val_windows
+    from lmtrain.train.loss import perplexity
+
+    run_dir = cfg.run_dir
 
     preempted = next((c for c in trainer.callbacks if isinstance(c, Preemption) and c.stopped_at is not None), None)
     if preempted is not None:
@@ -286,11 +339,11 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
             log(f"run: stopped at step {preempted.stopped_at} on a signal; "
                 + ("the job is requeued and resumes there" if preempted.requeued else "run the same command to resume"))
         return {"preempted": True, "step": preempted.stopped_at, "requeued": preempted.requeued}
+    if module.diverged:  # every rank decided the same (lmtrain/train/module.py)
+        raise TrainingStopped(module.diverged)
 
     # The final step is always in a checkpoint, whatever checkpoint.every_n_steps is: export,
     # generate and eval-length read the newest checkpoint, and the summary names last.ckpt.
-    from lmtrain.train.checkpoint import checkpoint_step, last_checkpoint
-
     newest = last_checkpoint(run_dir)  # every rank reads the same files and decides the same
     if newest is None or checkpoint_step(newest) < trainer.global_step:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -311,7 +364,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, no_resume: bool = False,
         "tensorboard": str(run_dir / "tb"),
         "metrics": str(run_dir / "metrics.jsonl"),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # Valid JSON whatever the numbers (json.dumps would write NaN and Infinity, which are not).
+    finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()}
+    (run_dir / "summary.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     log(format_summary(summary))
     return summary
 

@@ -9,7 +9,7 @@
   `RUN/deepspeed.json`;
 - writes checkpoint directories atomically: DeepSpeed writes every rank's shard into
   `.NAME.tmp/`, and once all ranks are done rank 0 swaps it in for `NAME` (the previous
-  copy is moved to `.NAME.old/` for the instant of the swap; `checkpoint.clean_partial`
+  copy is moved to `.NAME.old/` for the instant of the swap; `checkpoint_io.clean_partial`
   finishes or undoes an interrupted swap on the next start);
 - runs on the CPU. Lightning's `DeepSpeedStrategy.setup_environment` refuses any
   accelerator but CUDA, although DeepSpeed itself trains on the CPU (its `cpu`
@@ -32,7 +32,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
 from lmtrain.config import Config
-from lmtrain.train.checkpoint import swap_in
+from lmtrain.train.checkpoint import verify_deepspeed
+from lmtrain.train.checkpoint_io import check_space, disk_full, swap_in
 
 # DeepSpeed's defaults for its communication buckets, in elements.
 BUCKET_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
@@ -60,6 +61,9 @@ def deepspeed_json(cfg: Config) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     out = {
         "zero_optimization": zero,
+        # bf16: DeepSpeed skips steps with a non-finite gradient norm only when asked (fp16 and
+        # fp32 with clipping always do); lmtrain's guard counts them (lmtrain/train/module.py).
+        **({"bf16": {"enabled": True, "check_grad_overflow": True}} if "bf16" in cfg.trainer.precision else {}),
         # Our AdamW is torch's (DeepSpeedCPUAdam when the optimizer is offloaded).
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -121,12 +125,37 @@ class ZeroStrategy(DeepSpeedStrategy):
         tmp = final.with_name(f".{final.name}.tmp")
         if self.is_global_zero and tmp.exists():
             shutil.rmtree(tmp)
+        self._check_space(final)
         self.barrier("lmtrain_ckpt_clear")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("lmtrain_ckpt_written")
         if self.is_global_zero:
             swap_in(tmp, final)
         self.barrier("lmtrain_ckpt_swapped")
+
+    def _check_space(self, final: Path) -> None:
+        """Every rank's shards go to the same directory: the ranks agree (a min-reduce) that the
+        whole checkpoint fits before any rank writes, so that none fails alone and leaves the
+        others waiting. The size: the previous checkpoint's, else 16 bytes per parameter
+        (fp32 weights and master copy, Adam's two moments)."""
+        previous = [d for d in final.parent.glob("*.ckpt") if d.is_dir()]
+        if previous:
+            need = max(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in previous)
+        else:
+            need = 16 * sum(p.numel() for p in self.lightning_module.parameters()) * self.world_size
+        try:
+            check_space(final.parent, need)
+            ok = 1.0
+        except Exception:
+            ok = 0.0
+        if float(self.reduce(torch.tensor(ok), reduce_op="min")) < 1.0:
+            raise disk_full(final.parent, need, final.name if final.exists() else "")
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """DeepSpeed reads its shards with an unrestricted unpickler: every file is verified by
+        the weights-only one first (lmtrain/train/checkpoint.py)."""
+        verify_deepspeed(Path(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 def build_strategy(cfg: Config, on_cpu: bool):

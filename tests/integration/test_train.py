@@ -170,7 +170,7 @@ def test_no_resume_starts_fresh_and_keeps_the_old_files(workdir, base_args, base
 def test_interrupted_directory_swap_is_repaired(tmp_path):
     """DeepSpeed checkpoints are directories, swapped in as a whole (lmtrain/train/strategy.py).
     A kill at any point of the swap leaves a complete checkpoint after clean_partial."""
-    from lmtrain.train.checkpoint import clean_partial, swap_in
+    from lmtrain.train.checkpoint_io import clean_partial, swap_in
 
     ckpt = tmp_path / "checkpoints"
     def make(path, text):

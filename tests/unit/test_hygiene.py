@@ -19,7 +19,8 @@ def test_model_code_is_free_of_lightning_and_deepspeed():
 
 # A comparison of a config node's kind with a literal: code that branches on another axis's
 # kind name instead of asking the variant what it declares.
-KIND_TEST = re.compile(r"""\.kind\s*(==|!=|\bin\b|\bnot in\b)\s*[("'\[{]|["']\s*(==|!=)\s*\w+\.kind\b""")
+AXIS_KIND = r"\b(position|attention|ffn|residual|depth)\.kind\b"
+KIND_TEST = re.compile(AXIS_KIND + r"""\s*(==|!=|\bin\b|\bnot in\b)\s*[("'\[{]|["']\s*(==|!=)\s*[\w.]*""" + AXIS_KIND)
 # The peers of `bench train` are fixed external architectures: matching a config against them
 # by kind is their purpose.
 KIND_TEST_ALLOWED = {ROOT / "lmtrain" / "bench" / "peers.py"}

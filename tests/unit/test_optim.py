@@ -53,7 +53,7 @@ def test_flops_formula():
 
 
 def test_atomic_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
-    from lmtrain.train.checkpoint import AtomicCheckpointIO, clean_partial
+    from lmtrain.train.checkpoint_io import AtomicCheckpointIO, clean_partial
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -80,11 +80,16 @@ def test_resume_picks_the_newest_checkpoint(tmp_path):
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     assert last_checkpoint(tmp_path) is None
-    torch.save({"global_step": 15}, ckpts / "step000015.ckpt")
+    torch.save(checkpoint_at(15), ckpts / "step000015.ckpt")
     assert last_checkpoint(tmp_path) == ckpts / "step000015.ckpt"
-    torch.save({"global_step": 15}, ckpts / "last.ckpt")
+    torch.save(checkpoint_at(15), ckpts / "last.ckpt")
     assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"
-    torch.save({"global_step": 30}, ckpts / "step000030.ckpt")
+    torch.save(checkpoint_at(30), ckpts / "step000030.ckpt")
     assert last_checkpoint(tmp_path) == ckpts / "step000030.ckpt"
-    torch.save({"global_step": 31}, ckpts / "last.ckpt")  # a final save after the last period
+    torch.save(checkpoint_at(31), ckpts / "last.ckpt")  # a final save after the last period
     assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"
+
+
+def checkpoint_at(step: int) -> dict:
+    """The smallest dict that reads as an lmtrain checkpoint."""
+    return {"global_step": step, "hyper_parameters": {"config": {}}, "state_dict": {}}
