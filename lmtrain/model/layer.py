@@ -94,7 +94,8 @@ class SelfAttention(nn.Module):
         self.n_heads, self.index = cfg.n_heads, index
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = ResidualOut(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout)
+        self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout,
+                                      layer=index)
 
     def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable, rows_BQ: Optional[Tensor] = None) -> Tensor:
         """B x L x M, or B x Q x M for the query positions `rows_BQ` (keys and values always

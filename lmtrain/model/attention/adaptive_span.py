@@ -77,8 +77,8 @@ class AdaptiveSpanAttention(AttentionKernel):
 
     cfg: AdaptiveSpanConfig
 
-    def __init__(self, cfg: AdaptiveSpanConfig, *, d_model: int, n_heads: int, dropout: float):
-        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+    def __init__(self, cfg: AdaptiveSpanConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)
         self.max_span, self.ramp = cfg.max_span, cfg.ramp
         # z_h / S, one per head; no weight decay (1-D), clamped to [0, 1] after each step.
         self.span_frac = nn.Parameter(torch.empty(n_heads), requires_grad=not cfg.fixed)
