@@ -68,9 +68,15 @@ class Context:
     cache: Optional[KVCache] = None
     step: int = 0  # which application of shared layers this is (Universal Transformer); names cache slots
     readout: Optional[Readout] = None
-    # Room for per-forward inputs of kernels to come (document ids, global-token flags).
+    # Per-forward inputs of kernels: document ids (B x L, document masking), global-token flags.
     doc_ids: Optional[Tensor] = None
     global_mask: Optional[Tensor] = None
+    embed_pos: Optional[Tensor] = None  # B x L positions within documents (document masking)
+
+    @property
+    def embed_positions(self) -> Tensor:
+        """The positions absolute schemes embed: within the document when documents are masked."""
+        return self.pos_L if self.embed_pos is None else self.embed_pos
 
 
 def gather_rows(x_BLM: Tensor, rows_BQ: Tensor) -> Tensor:

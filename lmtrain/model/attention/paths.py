@@ -34,6 +34,26 @@ def triton_applies(x: Tensor) -> bool:
     return True
 
 
+# -- document masking ---------------------------------------------------------------------------
+def document_mask(inp: AttentionInputs, q_pos: Tensor, k_pos_S: Tensor) -> Optional[Tensor]:
+    """B x 1 x l x S: the key is in the query's document (None without document ids). q_pos (l,
+    or B x l per row) and k_pos index the sequence from its first key position."""
+    if inp.doc_ids is None:
+        return None
+    p0 = inp.k_pos[0]
+    doc_q = inp.doc_ids.gather(1, q_pos - p0) if q_pos.dim() == 2 else inp.doc_ids[:, q_pos - p0]
+    return (doc_q[:, :, None] == inp.doc_ids[:, k_pos_S - p0][:, None, :]).unsqueeze(1)
+
+
+def and_mask(mask: Tensor, allowed: Optional[Tensor]) -> Tensor:
+    """A boolean or additive (-inf) mask, further limited to `allowed` (boolean)."""
+    if allowed is None:
+        return mask
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
 # -- the query-block loop ------------------------------------------------------------------------
 def blockwise_sdpa(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, q_pos: Tensor, k_pos_S: Tensor, *, block: int,
                    mask: Callable[[Tensor, Tensor], Tensor], window: Optional[int] = None,
@@ -65,7 +85,8 @@ def dense_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: Attenti
     """The plain formula over all L x S scores, in float32 at least:
     softmax(q k^T / sqrt(D) + bias, masked to visible keys), optionally multiplied by
     `weights(dist_LS, dtype)` (H x L x S, e.g. adaptive span's soft mask) and renormalised,
-    then dropout, times v. Visible: k_pos <= q_pos (per-row q_pos: B x L x S)."""
+    then dropout, times v. Visible: k_pos <= q_pos (per-row q_pos: B x L x S), and in the
+    query's document when the inputs carry document ids."""
     dtype = q_BHLD.dtype
     q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q_BHLD, k_BHSD, v_BHSD))
     scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -73,6 +94,7 @@ def dense_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: Attenti
         scores_BHLS = scores_BHLS + inp.position.score_bias(inp.q_pos, inp.k_pos).to(scores_BHLS.dtype)
     dist_LS = inp.q_pos[..., None] - inp.k_pos  # L S, or B L S for per-row query positions
     scores_BHLS = scores_BHLS.masked_fill((dist_LS < 0).unsqueeze(-3), float("-inf"))
+    scores_BHLS = and_mask(scores_BHLS, document_mask(inp, inp.q_pos, inp.k_pos))
     probs = scores_BHLS.softmax(dim=-1)
     if weights is not None:
         probs = probs * weights(dist_LS, probs.dtype)

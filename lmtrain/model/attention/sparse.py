@@ -9,11 +9,11 @@ spec per layer, cycled (local layers with a global one every 4th:
     pattern: window+globals         the window and the global tokens
     pattern: strided|fixed          half the heads strided, half fixed
 
-Visible: causal (j <= i), and the pattern's rule, or token-id globals (`global_token_ids`,
-from AttentionInputs.global_mask). Every query sees some key: each pattern but `globals`
-guarantees it (block_shift keeps rows without a target to themselves); a head group whose
-union does not also sees the key at the query's own position (a fully masked row is NaN in
-SDPA and 0 in FlexAttention).
+Visible: causal (j <= i), in the query's document (data.document_mask), and the pattern's
+rule, or token-id globals (`global_token_ids`, from AttentionInputs.global_mask). Every
+query sees some key: each pattern but `globals` guarantees it (block_shift keeps rows
+without a target to themselves); a head group whose union does not also sees the key at
+the query's own position (a fully masked row is NaN in SDPA and 0 in FlexAttention).
 
 Paths, chosen per call from the inputs:
   * gathered  - CPU (and GPU without FlexAttention) with aligned positions: the sequence in
@@ -23,8 +23,9 @@ Paths, chosen per call from the inputs:
                 runs. Query blocks with the same number of key blocks run in one call. Time
                 and memory follow the non-zero blocks; `computed_blocks` counts them.
                 Score biases (ALiBi) apply on the gathered blocks from true positions.
-  * flex      - CUDA, aligned, no dropout: FlexAttention with a BlockMask built from the rule
-                (`create_block_mask`, block 128) and the positional score_mod, compiled.
+  * flex      - CUDA, aligned, no dropout, no document ids: FlexAttention with a BlockMask built
+                from the rule (`create_block_mask`, block 128) and the positional score_mod,
+                compiled.
   * masked    - a KV cache or per-row query positions (ACT): queries in chunks over all
                 keys with the rule as the mask (decoding: one query against the cache).
   * reference - the rule evaluated densely on all L x S pairs, in float32.
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import flex_fn
-from lmtrain.model.attention.paths import blockwise_sdpa, flex_applies
+from lmtrain.model.attention.paths import and_mask, blockwise_sdpa, document_mask, flex_applies
 from lmtrain.model.attention.patterns import PATTERNS, Pattern, parse_union
 
 
@@ -233,7 +234,7 @@ def row_flags(flags_BS: Tensor, q_pos: Tensor, k_pos_S: Tensor, p0: int) -> tupl
 @ATTENTION.register("sparse")
 class SparseAttention(AttentionKernel):
     Config = SparseConfig
-    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, global_tokens=True)
+    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, global_tokens=True, document_mask=True)
     backends = ("gathered", "flex")
     test_options = {"pattern": "window|bigbird", "window": 6, "block": 4, "random_blocks": 1}
 
@@ -312,6 +313,8 @@ class SparseAttention(AttentionKernel):
         path = super().route(q_BHLD, k_BHSD, inp)
         if path in ("gathered", "flex") and not self._aligned(inp):
             path = "masked"
+        if path == "flex" and inp.doc_ids is not None:
+            path = "gathered"  # the block mask is built from the pattern alone
         return path
 
     def _aligned(self, inp) -> bool:
@@ -346,6 +349,9 @@ class SparseAttention(AttentionKernel):
                       for t in (q_BHLD, k_BHSD, v_BHSD))
         if flags is not None and pad:
             flags = F.pad(flags, (0, pad))
+        docs = inp.doc_ids
+        if docs is not None and pad:
+            docs = F.pad(docs, (0, pad), value=-1)  # padded queries and keys: a document of their own
         dev = q_BHLD.device
         if flags is None:
             groups, computed = _gather_plan(plan, nb, p0, str(dev))
@@ -358,16 +364,26 @@ class SparseAttention(AttentionKernel):
         if plan.heads > 1:  # per-head key blocks: heads outside the blocks, B (H nb) T D
             k_h, v_h = (t.permute(0, 3, 1, 2, 4).reshape(B, H * nb, T, D) for t in (k_, v_))
             head_base = (torch.arange(H, device=dev) * nb)[:, None, None]
-        outs, order = [], []
-        for g in groups:  # kidx, valid: H' x G x C
+        # One gather each for q, k and v over every group (split per group after): one gradient
+        # buffer each in backward, not one per group.
+        sizes = [len(g.qsel) for g in groups]
+        q_parts = q_.index_select(1, torch.cat([g.qsel for g in groups])).split(sizes, dim=1)  # B G T H D
+        if plan.heads == 1:
+            flat = torch.cat([g.kidx[0].flatten() for g in groups])
+            k_parts, v_parts = (t.index_select(1, flat).split([n * g.kidx.shape[-1] for n, g in zip(sizes, groups)], 1)
+                                for t in (k_, v_))  # B (G C) T H D
+        else:
+            flat = torch.cat([(head_base + g.kidx).transpose(0, 1).flatten() for g in groups])  # G H C
+            k_parts, v_parts = (t.index_select(1, flat).split([n * H * g.kidx.shape[-1] for n, g in zip(sizes, groups)],
+                                                              1) for t in (k_h, v_h))  # B (G H C) T D
+        outs = []
+        for g, qp, kp, vp in zip(groups, q_parts, k_parts, v_parts):  # kidx, valid: H' x G x C
             G, C = g.qsel.shape[0], g.kidx.shape[-1]
-            qg = q_.index_select(1, g.qsel).transpose(2, 3).reshape(B * G, H, T, D)
+            qg = qp.transpose(2, 3).reshape(B * G, H, T, D)
             if plan.heads == 1:
-                kg, vg = (t.index_select(1, g.kidx[0].flatten()).view(B, G, C * T, H, D).transpose(2, 3)
-                          .reshape(B * G, H, C * T, D) for t in (k_, v_))
+                kg, vg = (t.view(B, G, C * T, H, D).transpose(2, 3).reshape(B * G, H, C * T, D) for t in (kp, vp))
             else:
-                flat = (head_base + g.kidx).transpose(0, 1).flatten()  # G H C
-                kg, vg = (t.index_select(1, flat).view(B * G, H, C * T, D) for t in (k_h, v_h))
+                kg, vg = (t.reshape(B * G, H, C * T, D) for t in (kp, vp))
             vis = g.visible
             if vis is None:
                 tq = tk = None
@@ -376,6 +392,10 @@ class SparseAttention(AttentionKernel):
                     tq = f3[:, g.qsel][:, None, :, :, None]  # B 1 G T 1
                     tk = f3[:, g.kidx].reshape(B, plan.heads, G, 1, C * T)  # B H' G 1 CT
                 vis = g.compute_visible(plan, tq, tk)  # [B] H' G T CT
+            if docs is not None:
+                dq = docs[:, g.q_pos - p0][:, None, :, :, None]  # B 1 G T 1
+                dk = docs[:, g.k_pos - p0][:, :, :, None, :]  # B H' G 1 CT
+                vis = vis & (dq == dk)
             mask = self._gathered_bias(vis, inp, g.q_pos, g.k_pos, q_BHLD.dtype) if inp.position.has_score_bias \
                 else vis
             # [B] H' G T CT -> (B G) H' T CT
@@ -386,10 +406,9 @@ class SparseAttention(AttentionKernel):
                 mask = mask.reshape(B * G, *mask.shape[2:])
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=self.attn_dropout)
             outs.append(o.view(B, G, H, T, D))
-            order.append(g.qsel)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         if len(outs) > 1:
-            out = out.index_select(1, torch.cat(order).argsort())
+            out = out.index_select(1, torch.cat([g.qsel for g in groups]).argsort())
         out = out.permute(0, 2, 1, 3, 4).reshape(B, H, nb * T, D)
         return out[:, :, :L] if pad else out
 
@@ -420,7 +439,7 @@ class SparseAttention(AttentionKernel):
             tq = tk = None
             if flags is not None:  # no cache with token globals: positions index the sequence
                 tq, tk = row_flags(flags, qp, kp, int(inp.k_pos[0]))
-            vis = plan.visible(i, j, h[:, None, None], tq, tk)
+            vis = and_mask(plan.visible(i, j, h[:, None, None], tq, tk), document_mask(inp, qp, kp))
             if inp.position.has_score_bias:
                 bias = inp.position.score_bias(qp, kp).to(q_BHLD.dtype)
                 return bias.masked_fill(~vis, float("-inf"))
@@ -464,6 +483,7 @@ class SparseAttention(AttentionKernel):
         if flags is not None:
             tq, tk = row_flags(flags, inp.q_pos, inp.k_pos, int(inp.k_pos[0]))
         vis = plan.visible(inp.q_pos[..., None, :, None], inp.k_pos[None, None, :], h[:, None, None], tq, tk)
+        vis = and_mask(vis, document_mask(inp, inp.q_pos, inp.k_pos))
         probs = scores.masked_fill(~vis, float("-inf")).softmax(-1)
         probs = F.dropout(probs, p=self.attn_dropout, training=self.attn_dropout > 0)
         return (probs @ v).to(dtype)
