@@ -34,6 +34,23 @@ def triton_applies(x: Tensor) -> bool:
     return True
 
 
+# -- a linear bias folded into the dot product ---------------------------------------------------
+def fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, slopes_H, pos_L):
+    """q, k and v with extra dimensions that carry the bias m_h (k - q) through the dot product
+    (softmax ignores the per-query constant): q gets m_h sqrt(D), k its position (centred), v
+    zeros; padded to a multiple of 8. Scale the dot product by 1 / sqrt(D) of the original D."""
+    B, H, L, D = q_BHLD.shape
+    E = (D + 1 + 7) // 8 * 8 - D  # extra dimensions: the bias's, then zeros
+    q_extra = q_BHLD.new_zeros(1, H, 1, E)
+    q_extra[0, :, 0, 0] = slopes_H.to(q_BHLD.dtype) * math.sqrt(D)
+    k_extra = k_BHSD.new_zeros(1, 1, L, E)
+    # Centred, so that the largest product stays small (fp32 keeps ~1e-5 of the bias).
+    k_extra[0, 0, :, 0] = pos_L.to(k_BHSD.dtype) - (pos_L[0] + pos_L[-1]).to(k_BHSD.dtype) / 2
+    q = torch.cat((q_BHLD, q_extra.expand(B, H, L, E)), dim=-1)
+    k = torch.cat((k_BHSD, k_extra.expand(B, H, L, E)), dim=-1)
+    return q, k, F.pad(v_BHSD, (0, E))
+
+
 # -- document masking ---------------------------------------------------------------------------
 def document_mask(inp: AttentionInputs, q_pos: Tensor, k_pos_S: Tensor) -> Optional[Tensor]:
     """B x 1 x l x S: the key is in the query's document (None without document ids). q_pos (l,

@@ -33,7 +33,14 @@ import torch.nn.functional as F
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import causal_block_mask, flex_fn
-from lmtrain.model.attention.paths import and_mask, blockwise_sdpa, dense_attention, document_mask, flex_applies
+from lmtrain.model.attention.paths import (
+    and_mask,
+    blockwise_sdpa,
+    dense_attention,
+    document_mask,
+    flex_applies,
+    fold_linear_bias,
+)
 
 
 @dataclass
@@ -46,22 +53,6 @@ class SoftmaxConfig(AttentionConfig):
     # Fold a linear distance bias (ALiBi) into the dot product on the sdpa path (fp32/fp64,
     # aligned positions), instead of materialising it as a mask.
     fold_linear_bias: bool = True
-
-
-def fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, slopes_H, pos_L):
-    """q, k and v with extra dimensions that carry the bias m_h (k - q) through the dot product
-    (softmax ignores the per-query constant): q gets m_h sqrt(D), k its position (centred), v
-    zeros; padded to a multiple of 8. Scale the dot product by 1 / sqrt(D) of the original D."""
-    B, H, L, D = q_BHLD.shape
-    E = (D + 1 + 7) // 8 * 8 - D  # extra dimensions: the bias's, then zeros
-    q_extra = q_BHLD.new_zeros(1, H, 1, E)
-    q_extra[0, :, 0, 0] = slopes_H.to(q_BHLD.dtype) * math.sqrt(D)
-    k_extra = k_BHSD.new_zeros(1, 1, L, E)
-    # Centred, so that the largest product stays small (fp32 keeps ~1e-5 of the bias).
-    k_extra[0, 0, :, 0] = pos_L.to(k_BHSD.dtype) - (pos_L[0] + pos_L[-1]).to(k_BHSD.dtype) / 2
-    q = torch.cat((q_BHLD, q_extra.expand(B, H, L, E)), dim=-1)
-    k = torch.cat((k_BHSD, k_extra.expand(B, H, L, E)), dim=-1)
-    return q, k, F.pad(v_BHSD, (0, E))
 
 
 def document_starts(doc_BL):

@@ -23,6 +23,10 @@ Paths, chosen per call from the inputs:
                 runs. Query blocks with the same number of key blocks run in one call. Time
                 and memory follow the non-zero blocks; `computed_blocks` counts them.
                 Score biases (ALiBi) apply on the gathered blocks from true positions.
+  * band      - CPU, one `window` pattern for every head, aligned, no documents, no dropout:
+                two causal flash-attention calls per chunk of W queries, merged by their
+                log-sum-exps (band.py): no mask, no gather, O(L W) at the fused kernel's speed.
+                ALiBi is folded into the dot product (fp32/fp64).
   * flex      - CUDA, aligned, no dropout, no document ids: FlexAttention with a BlockMask built
                 from the rule (`create_block_mask`, block 128) and the positional score_mod,
                 compiled.
@@ -45,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmtrain.model.attention import band
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import flex_fn
-from lmtrain.model.attention.paths import and_mask, blockwise_sdpa, document_mask, flex_applies
+from lmtrain.model.attention.paths import and_mask, blockwise_sdpa, document_mask, flex_applies, fold_linear_bias
 from lmtrain.model.attention.patterns import PATTERNS, Pattern, parse_union
 
 
@@ -235,7 +240,7 @@ def row_flags(flags_BS: Tensor, q_pos: Tensor, k_pos_S: Tensor, p0: int) -> tupl
 class SparseAttention(AttentionKernel):
     Config = SparseConfig
     caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, global_tokens=True, document_mask=True)
-    backends = ("gathered", "flex")
+    backends = ("gathered", "band", "flex")
     test_options = {"pattern": "window|bigbird", "window": 6, "block": 4, "random_blocks": 1}
 
     cfg: SparseConfig
@@ -307,10 +312,24 @@ class SparseAttention(AttentionKernel):
 
     # -- routing ---------------------------------------------------------------------------
     def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
-        return "flex" if flex_applies(q_BHLD, inp, self.attn_dropout) else "gathered"
+        if flex_applies(q_BHLD, inp, self.attn_dropout):
+            return "flex"
+        return "band" if self._band_applies(q_BHLD, inp) else "gathered"
+
+    def _band_applies(self, q_BHLD, inp) -> bool:
+        """One sliding window for every head, aligned positions, no documents, no dropout, on CPU,
+        with no score bias or a linear one folded in fp32/fp64."""
+        plan = self.plan
+        window_only = len(plan.groups) == 1 and [p.name for p in plan.groups[0].patterns] == ["window"]
+        bias_ok = not inp.position.has_score_bias or (
+            inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in (torch.float32, torch.float64))
+        return (window_only and bias_ok and self.cfg.window >= 2 and not q_BHLD.is_cuda and inp.aligned
+                and inp.doc_ids is None and self.attn_dropout == 0.0 and band.available())
 
     def route(self, q_BHLD, k_BHSD, inp) -> str:
         path = super().route(q_BHLD, k_BHSD, inp)
+        if path == "band" and not self._band_applies(q_BHLD, inp):
+            path = "gathered"
         if path in ("gathered", "flex") and not self._aligned(inp):
             path = "masked"
         if path == "flex" and inp.doc_ids is not None:
@@ -329,6 +348,8 @@ class SparseAttention(AttentionKernel):
         return inp.global_mask
 
     def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
+        if path == "band":
+            return self._band(q_BHLD, k_BHSD, v_BHSD, inp)
         if path == "flex":
             return self._flex(q_BHLD, k_BHSD, v_BHSD, inp)
         if path == "gathered":
@@ -411,6 +432,14 @@ class SparseAttention(AttentionKernel):
             out = out.index_select(1, torch.cat([g.qsel for g in groups]).argsort())
         out = out.permute(0, 2, 1, 3, 4).reshape(B, H, nb * T, D)
         return out[:, :, :L] if pad else out
+
+    def _band(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        D = q_BHLD.shape[-1]
+        if inp.position.has_score_bias:
+            q_BHLD, k_BHSD, v_BHSD = fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, inp.position.linear_bias_slopes(),
+                                                      inp.q_pos)
+        out = band.sliding_window_attention(q_BHLD, k_BHSD, v_BHSD, self.cfg.window, 1 / math.sqrt(D))
+        return out[..., :D]
 
     def _gathered_bias(self, vis, inp, q_pos_GT, k_pos_HGK, dtype):
         """The score bias on gathered blocks from their true positions, -inf where not visible:
