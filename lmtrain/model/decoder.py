@@ -80,7 +80,11 @@ class Decoder(nn.Module):
         if self.document_mask:
             if cache is not None:
                 raise ValueError("a document-masked model decodes without a KV cache (supports_kv_cache is False)")
-            ctx.doc_ids, ctx.embed_pos = documents(idx_BL, self.document_eot)
+            doc_BL, pos_BL = documents(idx_BL, self.document_eot)
+            # A window inside one document in every row (long documents, short windows) needs no
+            # mask at all: the kernels keep their unmasked fast paths (one host sync per forward).
+            if bool(doc_BL[:, -1].any()):
+                ctx.doc_ids, ctx.embed_pos = doc_BL, pos_BL
         if self.global_token_ids is not None:
             ctx.global_mask = torch.isin(idx_BL, self.global_token_ids)
         tok_BLM = self.embed(idx_BL)

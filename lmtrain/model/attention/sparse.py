@@ -323,7 +323,8 @@ class SparseAttention(AttentionKernel):
         window_only = len(plan.groups) == 1 and [p.name for p in plan.groups[0].patterns] == ["window"]
         bias_ok = not inp.position.has_score_bias or (
             inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in (torch.float32, torch.float64))
-        return (window_only and bias_ok and self.cfg.window >= 2 and not q_BHLD.is_cuda and inp.aligned
+        return (window_only and bias_ok and min(self.cfg.window, q_BHLD.shape[2]) >= 2 and not q_BHLD.is_cuda
+                and inp.aligned
                 and inp.doc_ids is None and self.attn_dropout == 0.0 and band.available())
 
     def route(self, q_BHLD, k_BHSD, inp) -> str:
