@@ -1,8 +1,7 @@
 """GPU paths: compiled FlexAttention (softmax, adaptive span and sparse patterns), bf16 SDPA,
-bf16-mixed training, ACT in bf16, kernelized attention through Triton in bf16, MFU of a 350M model at 4k in bf16 and the cost of
-ALiBi there, DeepSpeed ZeRO-2/3 in bf16
-on one GPU. Skipped without CUDA;
-`scripts/gpu_check.sh` runs them on a GPU machine."""
+bf16-mixed training, ACT in bf16, kernelized attention through Triton in bf16, MFU of a 350M
+model at 4k in bf16 and the cost of ALiBi there, DeepSpeed ZeRO-2/3 in bf16 on one GPU.
+Skipped without CUDA; `scripts/gpu_check.sh` runs them on a GPU machine."""
 
 from __future__ import annotations
 
