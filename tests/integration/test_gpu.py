@@ -127,6 +127,12 @@ def test_sparse_compiled_flex_matches_reference(pattern):
         "data.seq_len=1024"])
     torch.manual_seed(0)
     model = build_model(cfg, device="cuda")
+    _assert_flex_matches_reference(model)
+
+
+def _assert_flex_matches_reference(model) -> dict:
+    """Outputs and gradients of the compiled flex path against the reference (fp32, L = 1024);
+    returns the gradients."""
     x = torch.randint(0, 1024, (2, 1024), device="cuda")
     (out, grads), (ref, ref_grads) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
     tol = dict(rtol=2e-3, atol=2e-3)
@@ -134,6 +140,7 @@ def test_sparse_compiled_flex_matches_reference(pattern):
     for n in grads:
         torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), **tol, msg=n)
     assert all(k.path_counts["flex"] >= 1 for k in model.attention_kernels())
+    return grads
 
 
 @pytest.mark.parametrize("position", ["alibi", "none"])
@@ -149,14 +156,8 @@ def test_adaptive_span_compiled_flex_matches_reference(position):
     for k in model.attention_kernels():
         with torch.no_grad():
             k.span_frac.copy_(torch.tensor([0.05, 0.2, 0.51, 0.9], device="cuda"))
-    x = torch.randint(0, 1024, (2, 1024), device="cuda")
-    (out, grads), (ref, ref_grads) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
-    tol = dict(rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(out.float(), ref.float(), **tol)
-    for n in grads:
-        torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), **tol, msg=n)
+    grads = _assert_flex_matches_reference(model)
     assert any("span_frac" in n for n in grads)
-    assert all(k.path_counts["flex"] >= 1 for k in model.attention_kernels())
 
 
 def test_act_bf16_running_positions_only_matches_every_position():
