@@ -83,6 +83,9 @@ class DataConfig:
     num_proc: int = 2  # tokenization processes
     num_workers: int = 1  # DataLoader workers per rank
     val_batches: int = 8  # validation batches per evaluation
+    # Packed windows hold several documents: attention stops at their boundaries (each ends with
+    # the end-of-document token) and absolute positions restart per document.
+    document_mask: bool = False
 
 
 @dataclass
@@ -433,7 +436,12 @@ def validate(cfg: Config) -> list[str]:
     need(m.norm in NORMS, f"model.norm: {m.norm!r} is not one of {', '.join(NORMS)}")
     need(m.init_std > 0, "model.init_std: must be positive")
     if not errs:  # the kind checks assume the basic shape is sane
-        errs += Assembly.of(m, d.seq_len).check()
+        a = Assembly.of(m, d.seq_len)
+        errs += a.check()
+        if d.document_mask and not a.attention.caps.document_mask:
+            able = ", ".join(k for k, c in AXES["attention"].items() if c.caps.document_mask)
+            errs.append(f"data.document_mask=true: model.attention.kind={m.attention.kind} cannot stop attention at "
+                        f"document boundaries; use one of {able}, or data.document_mask=false")
 
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr: must be positive")
     need(0 <= o.min_lr <= o.lr, "optim.min_lr: must be between 0 and optim.lr")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Validates lmtrain's GPU paths on a machine with one CUDA GPU and prints a short table:
-# compiled FlexAttention (ALiBi score_mod) forward+backward against the reference, bf16
+# compiled FlexAttention (ALiBi score_mod; softmax, adaptive span, sparse patterns with a
+# BlockMask from the rule) forward+backward against the reference, bf16
 # SDPA, bf16-mixed training, ACT in bf16, the Triton kernels of kernelized attention
 # (performer, rfa, linear) against their PyTorch reference, and DeepSpeed ZeRO-2 / ZeRO-3 in
 # bf16 on one GPU (train, resume from a sharded checkpoint, export). Results go into

@@ -5,7 +5,13 @@ call, for several configurations side by side.
 causal softmax attention through SDPA (no bias: its fused causal kernel), each in its own
 process. The table gives both times and memories, their ratio, time(L) / time(first L) for
 each, and the crossover: the shortest L at which the kind is faster. Every registered kind
-can be swept; `--chunk` and `--features` reach kinds that have those options.
+can be swept; `--chunk` and `--features` reach kinds that have those options, and
+`--option KEY=VALUE` any option of the kind (`--kind sparse --option pattern=window
+--option window=256`).
+
+`--kind sparse --patterns window,bigbird,window+globals` runs each pattern at `--length`
+beside dense causal softmax and reports, per pattern, the blocks it computed and its time
+against what the first pattern's time per block predicts.
 
 `--kind adaptive_span` compares every head's span at S (`--max-span`, default the kind's
 default S = 1024) with every span at S/8, at length `--length` (default 4096), and shows
@@ -60,13 +66,38 @@ def adaptive_span_cases(args) -> list[Case]:
             Case(label="softmax, all keys", **plain)]
 
 
-def sweep_cases(args) -> list[Case]:
+def kind_options(args) -> dict:
+    """The kind's options from --chunk/--features (where it has them) and every --option KEY=VALUE."""
     from dataclasses import fields
 
+    import yaml
+
+    from lmtrain.config import ConfigError
     from lmtrain.model.attention import ATTENTION
 
     options = {f.name for f in fields(ATTENTION.get(args.kind).Config)}
     opts = {name: getattr(args, name) for name in ("chunk", "features") if name in options}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in options or key == "kind":
+            raise ConfigError(f"bench attention: --option {item!r}: give KEY=VALUE with KEY one of "
+                              f"{', '.join(sorted(options - {'kind'}))}")
+        opts[key] = yaml.safe_load(value)
+    return opts
+
+
+def sparse_cases(args) -> list[Case]:
+    """--patterns: each pattern at --length beside dense causal softmax, so that time per
+    computed block can be compared with the first pattern's (the window, usually)."""
+    common = dict(length=args.length, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                  position=args.position, threads=args.threads, repeats=args.repeats)
+    opts = kind_options(args)
+    cases = [Case(label=p, kind="sparse", options={**opts, "pattern": p}, **common) for p in args.pattern_list]
+    return cases + [Case(label="softmax, all keys", kind=BASELINE, options={"backend": "sdpa"}, **common)]
+
+
+def sweep_cases(args) -> list[Case]:
+    opts = kind_options(args)
     cases = []
     for L in args.length_list:
         common = dict(length=L, batch=args.batch, heads=args.heads, head_dim=args.head_dim, position="none",
@@ -124,6 +155,8 @@ def measure(case: Case) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     extra = {"window": kernel.window()} if hasattr(kernel, "window") else {}
+    if hasattr(kernel, "computed_blocks"):
+        extra["blocks"] = kernel.computed_blocks
     return {"label": case.label, "time_s": statistics.median(times), "times_s": times,
             "peak_mb": (peak - before) / 1024 if peak_ok else None, "threads": torch.get_num_threads(),
             "paths": dict(kernel.path_counts), **extra}
@@ -148,6 +181,22 @@ def format_results(results: list[dict]) -> str:
         m_ratio = (base["peak_mb"] / r["peak_mb"]) if r["peak_mb"] and base["peak_mb"] else float("nan")
         lines.append(f"| {r['label']} | {r.get('window', '-')} | {r['time_s'] * 1e3:.1f} | "
                      f"{r['peak_mb']:.1f} | {t_ratio:.2f}x faster | {m_ratio:.2f}x less |")
+    return "\n".join(lines)
+
+
+def format_patterns(results: list[dict]) -> str:
+    """Patterns side by side: time against the blocks each computed, relative to the first."""
+    first = results[0]
+    per_block = first["time_s"] / first["blocks"]
+    lines = ["| case | blocks computed (per head) | fwd+bwd (ms) | peak memory (MB) | time / predicted from "
+             f"{first['label']}'s time per block | time vs dense |", "|---|---:|---:|---:|---:|---:|"]
+    dense = results[-1]
+    for r in results:
+        blocks = r.get("blocks")
+        predicted = f"{r['time_s'] / (per_block * blocks):.2f}" if blocks else "-"
+        mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
+        lines.append(f"| {r['label']} | {blocks if blocks else '-'} | {r['time_s'] * 1e3:.1f} | {mem} | {predicted} | "
+                     f"{r['time_s'] / dense['time_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -194,6 +243,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per process (median)")
     p.add_argument("--rounds", type=int, default=3, help="processes per case, alternating (median)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="an option of the kind (repeatable), e.g. --option pattern=window --option window=256")
+    p.add_argument("--patterns", help="sparse: patterns to compare side by side at --length (e.g. "
+                                      "window,bigbird,window+globals), beside dense softmax")
     p.add_argument("--out", help="also write the results as JSON here")
 
 
@@ -214,15 +267,24 @@ def main(args) -> int:
     if args.kind not in ATTENTION or args.kind == BASELINE:
         others = ", ".join(k for k in sorted(ATTENTION) if k != BASELINE)
         raise ConfigError(f"bench attention: --kind {args.kind}: choose one of {others} (softmax is the baseline)")
-    sweep = args.kind not in COMPARISONS
-    cases = sweep_cases(args) if sweep else COMPARISONS[args.kind](args)
+    args.pattern_list = [p for p in (args.patterns or "").split(",") if p]
+    if args.pattern_list and args.kind != "sparse":
+        raise ConfigError("bench attention: --patterns is for --kind sparse")
+    if args.pattern_list:
+        cases, sweep = sparse_cases(args), False
+    else:
+        sweep = args.kind not in COMPARISONS
+        cases = sweep_cases(args) if sweep else COMPARISONS[args.kind](args)
     lengths = args.lengths if sweep else args.length
     print(f"bench attention: {args.kind}, L={lengths}, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
           f"position {args.position}, fp32, forward+backward; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; {args.rounds} rounds x {args.repeats} steps", flush=True)
     results = run_cases(cases, args.rounds)
     print()
-    print(format_sweep(results, args.kind) if sweep else format_results(results))
+    if args.pattern_list:
+        print(format_patterns(results))
+    else:
+        print(format_sweep(results, args.kind) if sweep else format_results(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=2)

@@ -23,11 +23,16 @@ from lmtrain.model.residual import RESIDUAL
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, *, vocab_size: int, seq_len: int):
+    def __init__(self, cfg, *, vocab_size: int, seq_len: int, document_mask: bool = False):
         """cfg: ModelConfig. seq_len: the training length (tables of schemes that have one are
-        sized by it unless their config says otherwise)."""
+        sized by it unless their config says otherwise). document_mask: attention stops at the
+        end-of-document token, whose id the buffer `document_eot` holds (set from the data's
+        tokenizer; saved in the state dict, so every copy of the model masks alike)."""
         super().__init__()
         self.cfg = cfg
+        self.document_mask = document_mask
+        if document_mask:
+            self.register_buffer("document_eot", torch.tensor(-1, dtype=torch.int64))
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.position = build_position(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads, seq_len=seq_len)
@@ -41,6 +46,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.readout = Readout(self.norm, self.head)  # references, not submodules
+        # Token ids that kernels treat as global tokens (sparse `globals`): flagged per forward.
+        ids = sorted({int(t) for k in self.attention_kernels() for t in getattr(k.cfg, "global_token_ids", ())})
+        self.register_buffer("global_token_ids", torch.tensor(ids, dtype=torch.int64) if ids else None,
+                             persistent=False)
         self.hooks = Hooks.collect(self)  # modules with lifecycle hooks, found once
 
     @property
@@ -68,10 +77,20 @@ class Decoder(nn.Module):
         start = cache.length if cache is not None else 0
         pos_L = torch.arange(start, start + L, device=idx_BL.device)
         ctx = Context(pos_L=pos_L, position=self.position, aux=Aux(), cache=cache, readout=self.readout)
+        if self.document_mask:
+            if cache is not None:
+                raise ValueError("a document-masked model decodes without a KV cache (supports_kv_cache is False)")
+            doc_BL, pos_BL = documents(idx_BL, self.document_eot)
+            # A window inside one document in every row (long documents, short windows) needs no
+            # mask at all: the kernels keep their unmasked fast paths (one host sync per forward).
+            if bool(doc_BL[:, -1].any()):
+                ctx.doc_ids, ctx.embed_pos = doc_BL, pos_BL
+        if self.global_token_ids is not None:
+            ctx.global_mask = torch.isin(idx_BL, self.global_token_ids)
         tok_BLM = self.embed(idx_BL)
         if self.embed_scale != 1.0:
             tok_BLM = tok_BLM * self.embed_scale
-        x_BLM = self.drop(self.position.embed(tok_BLM, pos_L))
+        x_BLM = self.drop(self.position.embed(tok_BLM, ctx.embed_positions))
         x_BLM = self.norm(self.depth(x_BLM, ctx))
         if cache is not None:
             cache.length += L
@@ -106,10 +125,24 @@ class Decoder(nn.Module):
         return [m for m in self.modules() if isinstance(m, AttentionKernel)]
 
     def supports_kv_cache(self) -> bool:
-        return all(k.caps.kv_cache for k in self.attention_kernels())
+        # Document masks need the document of every cached key: decoding recomputes instead.
+        return not self.document_mask and all(k.caps.kv_cache for k in self.attention_kernels())
+
+
+def documents(idx_BL: Tensor, eot: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token: its document (the end-of-document tokens before it, counted) and its position
+    within that document (B x L each). A document's end token belongs to it."""
+    is_end = idx_BL == eot
+    doc_BL = is_end.cumsum(1) - is_end.long()
+    t = torch.arange(idx_BL.shape[1], device=idx_BL.device)
+    # The first position of each token's document: one past the last end token before it.
+    after_end = torch.where(is_end, t + 1, 0)
+    start_BL = torch.cat((after_end.new_zeros(idx_BL.shape[0], 1), after_end[:, :-1]), 1).cummax(1).values
+    return doc_BL, t - start_BL
 
 
 def build_model(cfg, device: torch.device | str | None = None) -> Decoder:
     """cfg: the full Config. The vocabulary and the training length come from the data section."""
     with torch.device(device or "cpu"):
-        return Decoder(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
+        return Decoder(cfg.model, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len,
+                       document_mask=cfg.data.document_mask)

@@ -68,9 +68,15 @@ class Context:
     cache: Optional[KVCache] = None
     step: int = 0  # which application of shared layers this is (Universal Transformer); names cache slots
     readout: Optional[Readout] = None
-    # Room for per-forward inputs of kernels to come (document ids, global-token flags).
+    # Per-forward inputs of kernels: document ids (B x L, document masking), global-token flags.
     doc_ids: Optional[Tensor] = None
     global_mask: Optional[Tensor] = None
+    embed_pos: Optional[Tensor] = None  # B x L positions within documents (document masking)
+
+    @property
+    def embed_positions(self) -> Tensor:
+        """The positions absolute schemes embed: within the document when documents are masked."""
+        return self.pos_L if self.embed_pos is None else self.embed_pos
 
 
 def gather_rows(x_BLM: Tensor, rows_BQ: Tensor) -> Tensor:
@@ -94,7 +100,8 @@ class SelfAttention(nn.Module):
         self.n_heads, self.index = cfg.n_heads, index
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = ResidualOut(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout)
+        self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout,
+                                      layer=index)
 
     def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable, rows_BQ: Optional[Tensor] = None) -> Tensor:
         """B x L x M, or B x Q x M for the query positions `rows_BQ` (keys and values always

@@ -227,11 +227,12 @@ class Learned(Position):
 
 
 def sinusoids(pos_L: Tensor, d_model: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """L x M: sin(p / 10000^(2i/M)) at dimension 2i and cos at 2i + 1 (Vaswani et al. 2017, Sec. 3.5).
+    """L x M (or B x L x M for per-row positions): sin(p / 10000^(2i/M)) at dimension 2i and
+    cos at 2i + 1 (Vaswani et al. 2017, Sec. 3.5).
     The Universal Transformer's timestep signal is the same function of the step number."""
     inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=dtype, device=pos_L.device) * (-math.log(10000.0) / d_model))
-    angles = pos_L.to(dtype)[:, None] * inv_freq[None, :]
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d_model]
+    angles = pos_L.to(dtype)[..., None] * inv_freq
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :d_model]
 
 
 def _angle_dtype(x: Tensor) -> torch.dtype:

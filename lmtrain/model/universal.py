@@ -134,7 +134,7 @@ class SharedBlock(Depth):
     def step_input(self, h_BLM: Tensor, t: int, ctx: Context) -> Tensor:
         """The state plus the position and timestep signals of step t (1-based)."""
         if self.cfg.position_signal:
-            h_BLM = ctx.position.embed(h_BLM, ctx.pos_L)
+            h_BLM = ctx.position.embed(h_BLM, ctx.embed_positions)
         if self.cfg.timestep_signal:
             dt = torch.float64 if h_BLM.dtype == torch.float64 else torch.float32
             t_1 = torch.tensor([t], device=h_BLM.device)

@@ -40,6 +40,11 @@ class LMModule(pl.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.model = build_model(cfg)
+        if cfg.data.document_mask:
+            from data_pipelines.shards import read_meta
+
+            # The tokenizer's end-of-document id, from the prepared data (then in the state dict).
+            self.model.document_eot.fill_(int(read_meta(cfg.data.dir)["eot_id"]))
         self.model.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         if cfg.trainer.compile:
             # In place: the module (and its kernels, state dict) stay the same objects.

@@ -11,11 +11,12 @@ from lmtrain.model.attention.base import (
 )
 
 # Each import registers one kind.
-from lmtrain.model.attention import softmax, adaptive_span, performer, rfa, linear  # noqa: E402,F401  isort: skip
+from lmtrain.model.attention import softmax, adaptive_span, performer, rfa, linear, sparse  # noqa: E402,F401  isort: skip
 
 __all__ = ["ATTENTION", "AttentionConfig", "AttentionInputs", "AttentionKernel", "Capabilities", "Tolerance",
            "build_attention", "reference_paths"]
 
 
-def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float) -> AttentionKernel:
-    return ATTENTION.get(cfg.kind)(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float,
+                    layer: int = 0) -> AttentionKernel:
+    return ATTENTION.get(cfg.kind)(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import causal_block_mask, flex_fn
-from lmtrain.model.attention.paths import blockwise_sdpa, dense_attention, flex_applies
+from lmtrain.model.attention.paths import and_mask, blockwise_sdpa, dense_attention, document_mask, flex_applies
 
 
 @dataclass
@@ -70,15 +70,15 @@ def log_span_mask(z_H: Tensor, dist: Tensor, ramp: int) -> Tensor:
 @ATTENTION.register("adaptive_span")
 class AdaptiveSpanAttention(AttentionKernel):
     Config = AdaptiveSpanConfig
-    caps = Capabilities(score_bias=True, kv_cache=True)
+    caps = Capabilities(score_bias=True, kv_cache=True, document_mask=True)
     backends = ("chunked", "flex")
     init_options = {"init_span": ("span_frac", lambda cfg: cfg.init_span / cfg.max_span)}
     test_options = {"init_span": 6.0, "max_span": 64, "ramp": 8, "block": 8}
 
     cfg: AdaptiveSpanConfig
 
-    def __init__(self, cfg: AdaptiveSpanConfig, *, d_model: int, n_heads: int, dropout: float):
-        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+    def __init__(self, cfg: AdaptiveSpanConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)
         self.max_span, self.ramp = cfg.max_span, cfg.ramp
         # z_h / S, one per head; no weight decay (1-D), clamped to [0, 1] after each step.
         self.span_frac = nn.Parameter(torch.empty(n_heads), requires_grad=not cfg.fixed)
@@ -142,28 +142,31 @@ class AdaptiveSpanAttention(AttentionKernel):
 
     def route(self, q_BHLD, k_BHSD, inp) -> str:
         path = super().route(q_BHLD, k_BHSD, inp)
-        return "chunked" if path == "flex" and not inp.aligned else path  # a KV cache: no block mask
+        # A KV cache or documents: no shared block mask.
+        return "chunked" if path == "flex" and (not inp.aligned or inp.doc_ids is not None) else path
 
     def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
         if path == "flex":
             return self._flex(q_BHLD, k_BHSD, v_BHSD, inp.position)
-        return self._chunked(q_BHLD, k_BHSD, v_BHSD, inp.position, inp.q_pos, inp.k_pos)
+        return self._chunked(q_BHLD, k_BHSD, v_BHSD, inp.position, inp.q_pos, inp.k_pos, inp)
 
-    def _chunked(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S):
+    def _chunked(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S, inp=None):
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
         # Training and full-sequence evaluation: positions are consecutive and queries align
         # with keys. If the bias depends on distance only, every block of queries sees the
         # same distances, and the banded path runs all blocks in two SDPA calls.
         W = self.window()  # read once per call (a host sync)
         relative = not position.has_score_bias or position.relative_bias
-        if (L == S and relative and self._banded_is_cheaper(L, W) and bool(q_pos_L[-1] - q_pos_L[0] == L - 1)
-                and torch.equal(q_pos_L, k_pos_S)):
+        docs = inp is not None and inp.doc_ids is not None
+        if (L == S and relative and not docs and self._banded_is_cheaper(L, W)
+                and bool(q_pos_L[-1] - q_pos_L[0] == L - 1) and torch.equal(q_pos_L, k_pos_S)):
             return self._banded(q_BHLD, k_BHSD, v_BHSD, position, W)
         # Any positions (decoding with a KV cache), or a window as long as the sequence: a loop
         # over blocks of queries, each with the keys of its own window (at most its causal prefix).
         z_H = self.spans().to(q_BHLD.dtype)
         return blockwise_sdpa(q_BHLD, k_BHSD, v_BHSD, q_pos_L, k_pos_S, block=self.cfg.block, window=W,
-                              mask=lambda q_pos, k_pos: self._mask(z_H, position, q_pos, k_pos, W),
+                              mask=lambda q_pos, k_pos: and_mask(self._mask(z_H, position, q_pos, k_pos, W),
+                                                                 document_mask(inp, q_pos, k_pos) if docs else None),
                               dropout=self.attn_dropout)
 
     def _banded_is_cheaper(self, L: int, W: int) -> bool:

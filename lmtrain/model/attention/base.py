@@ -120,9 +120,10 @@ class AttentionKernel(Variant, nn.Module):
     backends_without_dropout: ClassVar[tuple[str, ...]] = ("flex",)
     tolerances: ClassVar[dict[torch.dtype, Tolerance]] = DEFAULT_TOLERANCES
 
-    def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer  # which layer this kernel serves (patterns may differ by layer)
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout

@@ -217,8 +217,8 @@ class RandomFeatureAttention(KernelizedAttention):
     features_per_projection = 1  # features each random projection gives (RFA: sin and cos)
     cfg: RandomFeatureConfig
 
-    def __init__(self, cfg: RandomFeatureConfig, *, d_model: int, n_heads: int, dropout: float):
-        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+    def __init__(self, cfg: RandomFeatureConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)
         self.features = RandomFeatures(cfg.features, self.head_dim, cfg.redraw_interval, cfg.orthogonal)
 
     @classmethod

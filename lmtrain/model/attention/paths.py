@@ -34,6 +34,43 @@ def triton_applies(x: Tensor) -> bool:
     return True
 
 
+# -- a linear bias folded into the dot product ---------------------------------------------------
+def fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, slopes_H, pos_L):
+    """q, k and v with extra dimensions that carry the bias m_h (k - q) through the dot product
+    (softmax ignores the per-query constant): q gets m_h sqrt(D), k its position (centred), v
+    zeros; padded to a multiple of 8. Scale the dot product by 1 / sqrt(D) of the original D."""
+    B, H, L, D = q_BHLD.shape
+    E = (D + 1 + 7) // 8 * 8 - D  # extra dimensions: the bias's, then zeros
+    q_extra = q_BHLD.new_zeros(1, H, 1, E)
+    q_extra[0, :, 0, 0] = slopes_H.to(q_BHLD.dtype) * math.sqrt(D)
+    k_extra = k_BHSD.new_zeros(1, 1, L, E)
+    # Centred, so that the largest product stays small (fp32 keeps ~1e-5 of the bias).
+    k_extra[0, 0, :, 0] = pos_L.to(k_BHSD.dtype) - (pos_L[0] + pos_L[-1]).to(k_BHSD.dtype) / 2
+    q = torch.cat((q_BHLD, q_extra.expand(B, H, L, E)), dim=-1)
+    k = torch.cat((k_BHSD, k_extra.expand(B, H, L, E)), dim=-1)
+    return q, k, F.pad(v_BHSD, (0, E))
+
+
+# -- document masking ---------------------------------------------------------------------------
+def document_mask(inp: AttentionInputs, q_pos: Tensor, k_pos_S: Tensor) -> Optional[Tensor]:
+    """B x 1 x l x S: the key is in the query's document (None without document ids). q_pos (l,
+    or B x l per row) and k_pos index the sequence from its first key position."""
+    if inp.doc_ids is None:
+        return None
+    p0 = inp.k_pos[0]
+    doc_q = inp.doc_ids.gather(1, q_pos - p0) if q_pos.dim() == 2 else inp.doc_ids[:, q_pos - p0]
+    return (doc_q[:, :, None] == inp.doc_ids[:, k_pos_S - p0][:, None, :]).unsqueeze(1)
+
+
+def and_mask(mask: Tensor, allowed: Optional[Tensor]) -> Tensor:
+    """A boolean or additive (-inf) mask, further limited to `allowed` (boolean)."""
+    if allowed is None:
+        return mask
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
 # -- the query-block loop ------------------------------------------------------------------------
 def blockwise_sdpa(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, q_pos: Tensor, k_pos_S: Tensor, *, block: int,
                    mask: Callable[[Tensor, Tensor], Tensor], window: Optional[int] = None,
@@ -65,7 +102,8 @@ def dense_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: Attenti
     """The plain formula over all L x S scores, in float32 at least:
     softmax(q k^T / sqrt(D) + bias, masked to visible keys), optionally multiplied by
     `weights(dist_LS, dtype)` (H x L x S, e.g. adaptive span's soft mask) and renormalised,
-    then dropout, times v. Visible: k_pos <= q_pos (per-row q_pos: B x L x S)."""
+    then dropout, times v. Visible: k_pos <= q_pos (per-row q_pos: B x L x S), and in the
+    query's document when the inputs carry document ids."""
     dtype = q_BHLD.dtype
     q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q_BHLD, k_BHSD, v_BHSD))
     scores_BHLS = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -73,6 +111,7 @@ def dense_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, inp: Attenti
         scores_BHLS = scores_BHLS + inp.position.score_bias(inp.q_pos, inp.k_pos).to(scores_BHLS.dtype)
     dist_LS = inp.q_pos[..., None] - inp.k_pos  # L S, or B L S for per-row query positions
     scores_BHLS = scores_BHLS.masked_fill((dist_LS < 0).unsqueeze(-3), float("-inf"))
+    scores_BHLS = and_mask(scores_BHLS, document_mask(inp, inp.q_pos, inp.k_pos))
     probs = scores_BHLS.softmax(dim=-1)
     if weights is not None:
         probs = probs * weights(dist_LS, probs.dtype)

@@ -58,8 +58,8 @@ class RFAAttention(RandomFeatureAttention):
                     "gate_bias_init": ("gate_bias", lambda cfg: cfg.gate_bias_init)}
     test_options = {"gate": True, "features": 32}
 
-    def __init__(self, cfg: RFAConfig, *, d_model: int, n_heads: int, dropout: float):
-        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout)
+    def __init__(self, cfg: RFAConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)
         H, D = n_heads, self.head_dim
         self.log_scale = nn.Parameter(torch.empty(H, D), requires_grad=cfg.learn_scale)
         if cfg.gate:

@@ -14,6 +14,9 @@ Paths, chosen once per call from the inputs, never from a kind name:
                 the fused kernel needs equal head dims), about 12% more attention FLOPs for
                 D = 64 against 2.4x for a materialised mask. Not in bf16/fp16, where k's
                 positions would lose their precision.
+  * documents - aligned positions with document ids (data.document_mask): query blocks over the
+                keys from the start of their document, with a boolean mask (causal, same
+                document) so that the fused kernel runs; ALiBi folded as on `folded`.
   * flex      - FlexAttention with the bias as a `score_mod` and a causal block mask
                 (compiled; used on CUDA for biased attention, where it skips the masked
                 half of the work instead of materialising a mask).
@@ -30,7 +33,14 @@ import torch.nn.functional as F
 
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import causal_block_mask, flex_fn
-from lmtrain.model.attention.paths import blockwise_sdpa, dense_attention, flex_applies
+from lmtrain.model.attention.paths import (
+    and_mask,
+    blockwise_sdpa,
+    dense_attention,
+    document_mask,
+    flex_applies,
+    fold_linear_bias,
+)
 
 
 @dataclass
@@ -45,10 +55,18 @@ class SoftmaxConfig(AttentionConfig):
     fold_linear_bias: bool = True
 
 
+def document_starts(doc_BL):
+    """B x L: the index of the first token of each token's document (document ids never decrease)."""
+    t = torch.arange(doc_BL.shape[1], device=doc_BL.device)
+    new = torch.ones_like(doc_BL, dtype=torch.bool)
+    new[:, 1:] = doc_BL[:, 1:] != doc_BL[:, :-1]
+    return torch.where(new, t, 0).cummax(1).values
+
+
 @ATTENTION.register("softmax")
 class SoftmaxAttention(AttentionKernel):
     Config = SoftmaxConfig
-    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True)
+    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, document_mask=True)
     backends = ("sdpa", "flex")
 
     cfg: SoftmaxConfig
@@ -65,14 +83,24 @@ class SoftmaxAttention(AttentionKernel):
 
     def route(self, q_BHLD, k_BHSD, inp) -> str:
         path = super().route(q_BHLD, k_BHSD, inp)
-        if path == "flex" and not inp.aligned:
-            path = "sdpa"  # a KV cache or a subset of queries per row (ACT): block masks do not apply
+        if path == "flex" and (not inp.aligned or inp.doc_ids is not None):
+            path = "sdpa"  # a KV cache, a subset of queries per row (ACT) or documents: a mask per row
+        if path == "sdpa" and inp.aligned and inp.doc_ids is not None and (
+                not inp.position.has_score_bias or self._foldable(q_BHLD, inp)):
+            return "documents"
         if (path == "sdpa" and inp.position.has_score_bias and self.cfg.fold_linear_bias and inp.aligned
+                and inp.doc_ids is None
                 and inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in (torch.float32, torch.float64)):
             path = "folded"
         return path
 
+    def _foldable(self, q_BHLD, inp) -> bool:
+        return (self.cfg.fold_linear_bias and inp.position.linear_bias_slopes() is not None
+                and q_BHLD.dtype in (torch.float32, torch.float64))
+
     def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
+        if path == "documents":
+            return self._documents(q_BHLD, k_BHSD, v_BHSD, inp)
         if path == "flex":
             return self._flex(q_BHLD, k_BHSD, v_BHSD, inp.position)
         if path == "folded":
@@ -81,27 +109,43 @@ class SoftmaxAttention(AttentionKernel):
 
     def _folded(self, q_BHLD, k_BHSD, v_BHSD, slopes_H, pos_L):
         """SDPA with `is_causal=True` and the linear bias folded into an extra dimension."""
-        B, H, L, D = q_BHLD.shape
-        E = (D + 1 + 7) // 8 * 8 - D  # extra dimensions: the bias's, then zeros
-        q_extra = q_BHLD.new_zeros(1, H, 1, E)
-        q_extra[0, :, 0, 0] = slopes_H.to(q_BHLD.dtype) * math.sqrt(D)
-        k_extra = k_BHSD.new_zeros(1, 1, L, E)
-        # Centred, so that the largest product stays small (fp32 keeps ~1e-5 of the bias).
-        k_extra[0, 0, :, 0] = pos_L.to(k_BHSD.dtype) - (pos_L[0] + pos_L[-1]).to(k_BHSD.dtype) / 2
-        q = torch.cat((q_BHLD, q_extra.expand(B, H, L, E)), dim=-1)
-        k = torch.cat((k_BHSD, k_extra.expand(B, H, L, E)), dim=-1)
-        v = F.pad(v_BHSD, (0, E))
+        D = q_BHLD.shape[-1]
+        q, k, v = fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, slopes_H, pos_L)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout, is_causal=True,
                                              scale=1 / math.sqrt(D))
         return out[..., :D]
 
+    def _documents(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        """Aligned positions with document ids: queries in blocks, each over the keys from the
+        start of its first query's document to its last query (earlier documents are never
+        computed), with a boolean mask (causal, same document), so the fused kernel runs. A
+        linear bias (ALiBi) is folded into the dot product as on the `folded` path."""
+        B, H, L, D = q_BHLD.shape
+        slopes = inp.position.linear_bias_slopes() if inp.position.has_score_bias else None
+        q, k, v = (fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, slopes, inp.q_pos) if slopes is not None
+                   else (q_BHLD, k_BHSD, v_BHSD))
+        starts_BL = document_starts(inp.doc_ids)
+        first_keys = starts_BL.amin(0).tolist()  # per query: the earliest key any row needs
+        block = max(1, min(L, (self.cfg.mask_budget_mb << 20) // max(1, B * L)))
+        pos, doc = inp.q_pos, inp.doc_ids
+        outs = []
+        for s0 in range(0, L, block):
+            e = min(L, s0 + block)
+            f = first_keys[s0]
+            visible = (pos[f:e][None, :] <= pos[s0:e][:, None]) & (doc[:, s0:e, None] == doc[:, None, f:e])
+            outs.append(F.scaled_dot_product_attention(q[:, :, s0:e], k[:, :, f:e], v[:, :, f:e],
+                                                       attn_mask=visible[:, None], dropout_p=self.attn_dropout,
+                                                       scale=1 / math.sqrt(D)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out[..., :D]
+
     def _sdpa(self, q_BHLD, k_BHSD, v_BHSD, inp):
         position, q_pos, k_pos_S = inp.position, inp.q_pos, inp.k_pos
-        if not position.has_score_bias and inp.aligned:
+        if not position.has_score_bias and inp.aligned and inp.doc_ids is None:
             # Aligned positions without a bias: the kernel's own causal mask, no buffer.
             return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, dropout_p=self.attn_dropout, is_causal=True)
         S = k_BHSD.shape[2]
-        batch = q_pos.shape[0] if inp.per_row else 1
+        batch = q_pos.shape[0] if inp.per_row or inp.doc_ids is not None else 1
         if position.has_score_bias:
             bytes_per_row = batch * self.n_heads * S * q_BHLD.element_size()
         else:
@@ -112,8 +156,10 @@ class SoftmaxAttention(AttentionKernel):
             visible_LS = k_pos <= q_pos_l[..., None]  # ([B] l S)
             if position.has_score_bias:
                 bias = position.score_bias(q_pos_l, k_pos).to(q_BHLD.dtype)  # ([B] H l S)
-                return bias.masked_fill(~visible_LS.unsqueeze(-3), float("-inf"))
-            return visible_LS.unsqueeze(-3) if inp.per_row else visible_LS
+                m = bias.masked_fill(~visible_LS.unsqueeze(-3), float("-inf"))
+            else:
+                m = visible_LS.unsqueeze(-3) if inp.per_row else visible_LS
+            return and_mask(m, document_mask(inp, q_pos_l, k_pos))
 
         return blockwise_sdpa(q_BHLD, k_BHSD, v_BHSD, q_pos, k_pos_S, block=chunk, mask=mask,
                               dropout=self.attn_dropout)
