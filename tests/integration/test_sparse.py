@@ -27,3 +27,12 @@ def test_sparse_with_document_masks_trains_resumes_exactly_and_generates(tiny_da
 
     out = run_cli("generate", str(run), "--prompt", "def ", "--max-new-tokens", "8", check=True)
     assert out.stdout.strip()
+
+    # The density of every layer and head: TensorBoard and inspect.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert {"density/layer0/head0", "density/layer1/head3"} <= set(acc.Tags()["scalars"])
+    assert "density/heatmap" in acc.Tags()["images"]
+    assert "density per layer and head" in run_cli("inspect", str(run), check=True).stdout

@@ -278,3 +278,17 @@ def test_bad_options_fail_at_load_time_with_one_line(override, needle):
 
 def test_every_pattern_is_tested_here():
     assert set(PATTERNS) <= {p for spec in CASES for p in spec.replace("|", "+").split("+")}
+
+
+def test_density_per_layer_and_head_is_reported_as_a_head_statistic():
+    model = make_model("model.attention.kind=sparse", "model.attention.block=4", "model.attention.window=3",
+                       "model.attention.layer_patterns=[window,window|bigbird]")
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 40)))
+    stats, limits = model.head_stats()
+    L, W = 40, 3
+    window = (L * W - W * (W - 1) / 2) / (L * (L + 1) / 2)
+    assert limits["density"] == 1.0
+    assert stats["density"][0].tolist() == pytest.approx([window] * 4)
+    second = stats["density"][1].tolist()  # half the heads a window, half bigbird (denser)
+    assert second[:2] == pytest.approx([window] * 2) and min(second[2:]) > window

@@ -77,6 +77,10 @@ class SparseConfig(AttentionConfig):
     mask_budget_mb: int = 64  # masked path: most bytes one mask chunk may take
 
 
+DEFAULT_DENSITY_LENGTH = 2048  # where densities are reported before the kernel has run
+DENSITY_MAX_LENGTH = 4096  # densities are counted on the dense rule: L^2 pairs at most this long
+
+
 @dataclass(frozen=True)
 class HeadGroup:
     index: int
@@ -253,6 +257,8 @@ class SparseAttention(AttentionKernel):
         self.register_buffer("pattern_seed", torch.tensor(seed, dtype=torch.int64))
         self._plan: Optional[tuple[int, SparsePlan]] = None
         self.computed_blocks = 0  # block pairs (T x T) the last gathered call computed, per row and head
+        self.stat_length = 0  # the length of the last full-sequence call: densities are reported there
+        self._density: dict[tuple[int, int], Tensor] = {}
         if cfg.global_token_ids and any("globals" in g for g in spec_groups(layer_spec(cfg, layer))):
             # The cache keeps no global flags of earlier tokens: generation recomputes.
             self.caps = replace(type(self).caps, kv_cache=False)
@@ -296,6 +302,19 @@ class SparseAttention(AttentionKernel):
             reasons.append("model.attention.global_token_ids: token ids are >= 0")
         return reasons
 
+    # -- statistics (a HeadStatistics hook, lmtrain/model/hooks.py) ---------------------------
+    def head_stats(self) -> dict[str, Tensor]:
+        """Per head: the share of the causal query-key pairs the pattern keeps, at the length of
+        the last full-sequence call (at most DENSITY_MAX_LENGTH; DEFAULT_DENSITY_LENGTH before any)."""
+        L = min(self.stat_length or DEFAULT_DENSITY_LENGTH, DENSITY_MAX_LENGTH)
+        key = (L, int(self.pattern_seed))
+        if key not in self._density:
+            self._density[key] = self.plan.density(L).float().expand(self.n_heads).clone()
+        return {"density": self._density[key]}
+
+    def head_stat_limits(self) -> dict[str, float]:
+        return {"density": 1.0}
+
     @classmethod
     def attention_flops(cls, model, seq_len: int) -> float:
         """12 d x the keys a query reads on average, from the first layer's plan at seq_len."""
@@ -328,6 +347,8 @@ class SparseAttention(AttentionKernel):
                 and inp.doc_ids is None and self.attn_dropout == 0.0 and band.available())
 
     def route(self, q_BHLD, k_BHSD, inp) -> str:
+        if inp.aligned:
+            self.stat_length = q_BHLD.shape[2]
         path = super().route(q_BHLD, k_BHSD, inp)
         if path == "band" and not self._band_applies(q_BHLD, inp):
             path = "gathered"
