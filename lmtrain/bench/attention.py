@@ -86,6 +86,19 @@ def kind_options(args) -> dict:
     return opts
 
 
+def check_cases(cases: list[Case]) -> None:
+    """Each case's kind and options, checked as the config loader checks a model (one line per
+    error, naming the key), before any process starts."""
+    from lmtrain.config import load_config
+
+    for c in cases:
+        opts = [f"model.attention.{k}={v if not isinstance(v, list) else '[' + ','.join(map(str, v)) + ']'}"
+                for k, v in c.options.items()]
+        load_config(None, [f"model.attention.kind={c.kind}", *opts, f"model.n_heads={c.heads}",
+                           f"model.d_model={c.heads * c.head_dim}", f"model.position={c.position}",
+                           f"data.seq_len={c.length}"])
+
+
 def sparse_cases(args) -> list[Case]:
     """--patterns: each pattern at --length beside dense causal softmax, so that time per
     computed block can be compared with the first pattern's (the window, usually)."""
@@ -275,6 +288,7 @@ def main(args) -> int:
     else:
         sweep = args.kind not in COMPARISONS
         cases = sweep_cases(args) if sweep else COMPARISONS[args.kind](args)
+    check_cases(cases)
     lengths = args.lengths if sweep else args.length
     print(f"bench attention: {args.kind}, L={lengths}, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
           f"position {args.position}, fp32, forward+backward; {platform.processor() or platform.machine()}, "
