@@ -292,3 +292,14 @@ def test_density_per_layer_and_head_is_reported_as_a_head_statistic():
     assert stats["density"][0].tolist() == pytest.approx([window] * 4)
     second = stats["density"][1].tolist()  # half the heads a window, half bigbird (denser)
     assert second[:2] == pytest.approx([window] * 2) and min(second[2:]) > window
+
+
+def test_attention_flops_count_the_keys_a_query_reads():
+    from lmtrain.model.attention.sparse import SparseAttention
+
+    m = property_config("model.attention.kind=sparse", "model.attention.window=64", "model.attention.block=16").model
+    L, nb = 1024, 64
+    keys = sum(min(qb + 1, 1 + (64 + 14) // 16) for qb in range(nb)) * 16 / nb  # the window's blocks
+    assert SparseAttention.attention_flops(m, L) == pytest.approx(12 * m.d_model * 2 * keys)  # softmax's halves
+    wide = property_config("model.attention.kind=sparse", "model.attention.window=4096").model
+    assert SparseAttention.attention_flops(wide, L) == pytest.approx(12 * wide.d_model * L)  # softmax's count

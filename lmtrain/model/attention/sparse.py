@@ -255,7 +255,7 @@ class SparseAttention(AttentionKernel):
         # the state dict, so a checkpoint brings its layout with it.
         seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         self.register_buffer("pattern_seed", torch.tensor(seed, dtype=torch.int64))
-        self._plan: Optional[tuple[int, SparsePlan]] = None
+        self._plan: Optional[tuple[tuple[int, int], SparsePlan]] = None
         self.computed_blocks = 0  # block pairs (T x T) the last gathered call computed, per row and head
         self.stat_length = 0  # the length of the last full-sequence call: densities are reported there
         self._density: dict[tuple[int, int], Tensor] = {}
@@ -265,9 +265,12 @@ class SparseAttention(AttentionKernel):
 
     @property
     def plan(self) -> SparsePlan:
-        seed = int(self.pattern_seed)
-        if self._plan is None or self._plan[0] != seed:
-            self._plan = (seed, SparsePlan(self.cfg, n_heads=self.n_heads, layer=self.layer, seed=seed))
+        """Rebuilt only when the seed buffer changes (a load_state_dict): its version is compared,
+        so no call reads the buffer's value (no host sync on GPU)."""
+        stamp = (self.pattern_seed.data_ptr(), self.pattern_seed._version)
+        if self._plan is None or self._plan[0] != stamp:
+            seed = int(self.pattern_seed)
+            self._plan = (stamp, SparsePlan(self.cfg, n_heads=self.n_heads, layer=self.layer, seed=seed))
         return self._plan[1]
 
     @classmethod
@@ -317,17 +320,19 @@ class SparseAttention(AttentionKernel):
 
     @classmethod
     def attention_flops(cls, model, seq_len: int) -> float:
-        """12 d x the keys a query reads on average, from the first layer's plan at seq_len."""
+        """Softmax's convention (12 d L: both halves of the causal L x L products, PaLM) applied
+        to the blocks the layout computes: 12 d x twice the keys a query reads on average, at
+        most L, averaged over the layers (token-id globals depend on the data: not counted)."""
         cfg = model.attention
-        groups = spec_groups(layer_spec(cfg, 0))
-        if "bigbird" in {n for g in groups for n in g} or "globals" in {n for g in groups for n in g}:
-            return 12.0 * model.d_model * seq_len  # data- or seed-dependent: the dense bound
-        plan = SparsePlan(cfg, n_heads=model.n_heads, layer=0, seed=0)
         nb = -(-seq_len // cfg.block)
         idx = torch.arange(nb)
-        computed = int(plan.layout(idx, idx, 0).sum(-1).amax(0).sum())
-        keys_per_query = computed * cfg.block / max(1, seq_len)
-        return 12.0 * model.d_model * min(seq_len, keys_per_query)
+        blocks = 0
+        for layer in range(model.n_layers):
+            plan = SparsePlan(cfg, n_heads=model.n_heads, layer=layer, seed=0)
+            plan.prepare(nb * cfg.block - 1, "cpu")
+            blocks += int(plan.layout(idx, idx, 0).sum(-1).amax(0).sum())
+        keys_per_query = blocks / model.n_layers * cfg.block / nb  # key blocks per query block, in keys
+        return 12.0 * model.d_model * min(seq_len, 2 * keys_per_query)
 
     # -- routing ---------------------------------------------------------------------------
     def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
