@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized
+.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse
 
 env: $(STAMP)
 
@@ -76,6 +76,29 @@ kernelized: $(STAMP)
 	$(VENV)/bin/lmtrain train configs/experiments/performer_softmax.yaml $(ARGS)
 	$(VENV)/bin/lmtrain bench attention --kind performer --rounds 1 --repeats 2
 	@echo "validation: runs/performer/summary.json vs runs/performer-softmax/summary.json"
+
+# Structured sparse attention (issue 18): each pattern against dense attention at equal steps,
+# at L=2048 on the stdlib corpus (auto-resumes), then perplexity against length; the copy
+# probe (a curriculum per model: L=128, then L=1024 from it) and passkey retrieval.
+SPARSE_PRESETS := dense window
+COPY_PRESETS   := dense window
+COPY_SHORT     := "run.init_from=''" data.seq_len=128 data.dir=data/copy-128 data.batch_size=16 \
+                  optim.lr=3e-3 optim.warmup_steps=50
+SPARSE_OUT     := runs/sparse
+sparse: $(STAMP)
+	for p in $(SPARSE_PRESETS); do \
+	  $(VENV)/bin/lmtrain train configs/experiments/sparse/$$p.yaml $(ARGS) || exit 1; done
+	$(VENV)/bin/lmtrain eval-length $(foreach p,$(SPARSE_PRESETS),runs/sparse-$(p)) --lengths 512,1024,2048,4096 \
+	  --max-tokens 16384 --out $(SPARSE_OUT)
+	for p in $(COPY_PRESETS); do \
+	  $(VENV)/bin/lmtrain train configs/experiments/sparse/copy_$$p.yaml run.name=copy-$$p-short $(COPY_SHORT) \
+	    $(ARGS) || exit 1; \
+	  $(VENV)/bin/lmtrain train configs/experiments/sparse/copy_$$p.yaml $(ARGS) || exit 1; done
+	$(VENV)/bin/lmtrain eval-retrieval $(foreach p,$(COPY_PRESETS),runs/copy-$(p)) --task copy \
+	  --lengths 256,512,1024 --trials 16 --out $(SPARSE_OUT)
+	$(VENV)/bin/lmtrain eval-retrieval $(foreach p,$(SPARSE_PRESETS),runs/sparse-$(p)) --lengths 512,1024,2048 \
+	  --trials 10 --out $(SPARSE_OUT)
+	@echo "results: $(SPARSE_OUT)/ (length_nonoverlap.md, retrieval_copy.md, retrieval_passkey.md and plots)"
 
 clean-runs:
 	rm -rf runs

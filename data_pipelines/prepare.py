@@ -18,15 +18,16 @@ from typing import Callable
 
 import numpy as np
 
+from data_pipelines import probes
 from data_pipelines.shards import (
     FORMAT_VERSION,
     SPLITS,
     DataDirError,
     atomic_write_text,
     read_meta,
-    sample_digest,
     token_dtype,
     verify_data_dir,
+    write_meta,
 )
 from data_pipelines.sources import FileSource, SourceError, resolve_source
 from data_pipelines.tokenizer import EOT, eot_id, file_sha256, load_tokenizer, train_tokenizer
@@ -119,10 +120,17 @@ def source_of(data_cfg):
                           encoding=data_cfg.encoding)
 
 
+def inputs_of(data_cfg) -> dict:
+    """What data.dir is prepared from (meta.json's `inputs`): a change means prepare again."""
+    if data_cfg.source == probes.COPY:
+        return probes.copy_inputs(data_cfg)
+    return _inputs(data_cfg, source_of(data_cfg))
+
+
 def is_prepared(data_cfg) -> bool:
     """True when data.dir is complete and was prepared from exactly these inputs."""
     try:
-        old, changed = _changed(data_cfg, _inputs(data_cfg, source_of(data_cfg)))
+        old, changed = _changed(data_cfg, inputs_of(data_cfg))
     except DataDirError:  # damaged: not prepared (rank 0 reports it)
         return False
     return old is not None and not changed
@@ -247,22 +255,17 @@ def _write(out: Path, ds, parts: dict, data_cfg, inputs: dict, source, t0: float
         "eot_id": eot_id(tok),
         "dtype": np.dtype(dtype).name,
         "splits": splits,
-        # Digests of sampled blocks of each file, which `verify_data_dir` checks at every start.
-        "checks": {name: sample_digest(out / name) for name in
-                   ["tokenizer.json", *(f"{s}.bin" for s in SPLITS), *(f"{s}.idx.npy" for s in SPLITS)]},
-        "seconds": round(time.time() - t0, 1),
     }
-    atomic_write_text(meta_path, json.dumps(meta, indent=2))
-    log(f"data: wrote {out} in {meta['seconds']} s")
-    return out
+    return write_meta(out, meta, t0, log)
 
 
 def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Prepare `data_cfg.dir` from `data_cfg.source`; returns the directory."""
 
     out = Path(data_cfg.dir)
-    source = source_of(data_cfg)
-    inputs = _inputs(data_cfg, source)
+    synthetic = data_cfg.source == probes.COPY
+    source = None if synthetic else source_of(data_cfg)
+    inputs = inputs_of(data_cfg) if synthetic else _inputs(data_cfg, source)
     meta_path = out / "meta.json"
     old, changed = _changed(data_cfg, inputs, force)
     if old is not None and not changed:
@@ -296,6 +299,13 @@ def prepare(data_cfg, *, force: bool = False, log: Callable[[str], None] = print
         probe.unlink()
     except OSError as e:
         raise DataDirError(f"data.dir: cannot write {out} ({e.strerror}); choose a writable data.dir") from None
+    if synthetic:
+        try:
+            return probes.write_copy(out, data_cfg, inputs, t0, log)
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     cache_dir = out / ".hf_cache"  # datasets' Arrow files while preparing; removed at the end
     try:  # every document is read (and checked) before any file of data.dir is replaced
         ds, parts = _read(source, data_cfg, inputs, cache_dir, log)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,19 @@ def sample_digest(path: Path) -> dict:
             f.seek(off)
             h.update(f.read(1 << 20 if off in (0, max(0, size - (1 << 20))) else BLOCK))
     return {"size": size, "digest": h.hexdigest()}
+
+
+DATA_FILES = ("tokenizer.json", *(f"{s}.bin" for s in SPLITS), *(f"{s}.idx.npy" for s in SPLITS))
+
+
+def write_meta(out: Path, meta: dict, t0: float, log) -> Path:
+    """meta.json, written last (atomically) with the digests of every data file (`sample_digest`,
+    which `verify_data_dir` checks at every start) and the seconds since t0."""
+    meta = {**meta, "checks": {name: sample_digest(out / name) for name in DATA_FILES},
+            "seconds": round(time.time() - t0, 1)}
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    log(f"data: wrote {out} in {meta['seconds']} s")
+    return out
 
 
 def verify_data_dir(data_dir: str | Path, vocab_size: int) -> dict:

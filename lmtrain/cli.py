@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--windows", type=int, default=16,
                    help="validation windows to measure per-token statistics on (default 16)")
+    p.add_argument("--pattern-png", metavar="PATH",
+                   help="also draw each layer's attention pattern (sparse kinds) into this PNG")
 
     p = sub.add_parser("generate", help="sample text from a run dir, checkpoint or export")
     p.add_argument("source", metavar="RUN_OR_CKPT")
@@ -117,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward batch (memory bound)")
     p.add_argument("--buckets-per-octave", type=int, default=4,
                    help="resolution of the per-position loss curve (buckets are log-spaced)")
+    p.add_argument("--out", metavar="DIR", help="also write the combined report of all runs here")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not log to the runs' TensorBoard")
+
+    p = sub.add_parser("eval-retrieval", help="long-range probes: passkey retrieval by length and depth, or the "
+                                              "copy task, for one or more runs",
+                       description="passkey: a key hidden at each depth of filler text, retrieved or not (a table and "
+                                   "a heatmap); copy: accuracy on the copied half of fresh copy-task documents (models "
+                                   "trained on data.source=copy). Writes into RUN/eval/ (and --out).")
+    p.add_argument("sources", nargs="+", metavar="RUN_OR_CKPT")
+    p.add_argument("--task", default="passkey", choices=("passkey", "copy"))
+    p.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default: passkey L/4,L/2,L; "
+                                     "copy L/2,L,2L of the training length L)")
+    p.add_argument("--depths", type=int, default=5, help="passkey: depths from 0 (start) to 1 (end), evenly spaced")
+    p.add_argument("--trials", type=int, default=10, help="keys (passkey) or documents (copy) per cell")
+    p.add_argument("--seed", type=int, default=0, help="draws the keys, filler stretches and copy documents")
+    p.add_argument("--filler", default="template", metavar="template|data|SOURCE",
+                   help="passkey filler: the repeated sentence of the original test (template), the run's validation "
+                        "text (data), or any data source")
     p.add_argument("--out", metavar="DIR", help="also write the combined report of all runs here")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-tensorboard", action="store_true", help="do not log to the runs' TensorBoard")
@@ -202,7 +223,7 @@ def cmd_inspect(args) -> int:
 
     if args.windows < 1:
         return _fail("--windows: must be at least 1")
-    print(inspect(args.source, windows=args.windows))
+    print(inspect(args.source, windows=args.windows, pattern_png=args.pattern_png))
     return 0
 
 
@@ -290,7 +311,33 @@ def cmd_eval_length(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
+def cmd_eval_retrieval(args) -> int:
+    from pathlib import Path
+
+    from lmtrain.evaluate.probes import evaluate_retrieval, log_tensorboard, markdown, write_report
+    from lmtrain.evaluate.runner import parse_lengths
+
+    report = evaluate_retrieval(args.sources, task=args.task,
+                                lengths=parse_lengths(args.lengths) if args.lengths else None, depths=args.depths,
+                                trials=args.trials, seed=args.seed, filler=args.filler, device=args.device,
+                                log=lambda s: print(s, file=sys.stderr))
+    print(markdown(report), end="")
+    written = []
+    for run in report["runs"]:
+        run_dir = Path(run["run_dir"])
+        one = {**report, "runs": [run]}
+        written += write_report(one, run_dir / "eval")
+        if not args.no_tensorboard and (run_dir / "tb").is_dir():
+            log_tensorboard(report, run_dir, run)
+    if args.out:
+        written += write_report(report, Path(args.out))
+    print(f"\nwrote {len(written)} files into {', '.join(sorted({str(p.parent) for p in written}))} "
+          f"({report['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "eval-retrieval": cmd_eval_retrieval,
+            "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
             "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit,
             "export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}
 

@@ -66,8 +66,19 @@ class RunConfig:
 
 
 @dataclass
+class CopyConfig:
+    # data.source=copy (data_pipelines/probes.py): documents of data.seq_len tokens, n = L/2 - 1
+    # distinct symbols, a separator, the same symbols again, end-of-document.
+    symbols: int = 0  # distinct symbols drawn from (0: data.vocab_size - 2, all there are)
+    train_documents: int = 16384
+    val_documents: int = 256
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
-    # stdlib | path or glob of text files | *.jsonl / *.parquet (glob ok) | HF dataset name
+    # stdlib | copy (the synthetic copy task, data.copy) | path or glob of text files |
+    # *.jsonl / *.parquet (glob ok) | HF dataset name
     source: str = "stdlib"
     dir: str = "data/stdlib"
     vocab_size: int = 8192
@@ -86,6 +97,7 @@ class DataConfig:
     # Packed windows hold several documents: attention stops at their boundaries (each ends with
     # the end-of-document token) and absolute positions restart per document.
     document_mask: bool = False
+    copy: CopyConfig = field(default_factory=CopyConfig)
 
 
 @dataclass
@@ -424,6 +436,10 @@ def validate(cfg: Config) -> list[str]:
     need(d.num_workers >= 0, "data.num_workers: must be 0 or more")
     need(d.val_batches >= 1, "data.val_batches: must be at least 1")
     need(bool(d.source.strip()), "data.source: must not be empty")
+    if d.source == "copy" and d.seq_len >= 2:
+        from data_pipelines.probes import check_copy
+
+        errs += check_copy(d)
     need(_known_encoding(d.encoding), f"data.encoding: {d.encoding!r} is not a text encoding Python knows "
                                       "(e.g. utf-8, latin-1, cp1252, utf-16)")
 

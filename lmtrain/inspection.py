@@ -80,7 +80,7 @@ def axis_line(node) -> str:
     return node.kind + (f" ({opts})" if opts else "")
 
 
-def inspect(source, windows: int = 16) -> str:
+def inspect(source, windows: int = 16, pattern_png: str | None = None) -> str:
     t = load_trained(source, device="cpu")
     m = t.cfg.model
     params = sum(p.numel() for p in t.model.parameters())
@@ -94,4 +94,12 @@ def inspect(source, windows: int = 16) -> str:
     for name, rows in stats.items():
         out += [""] + stat_table(name, rows, limits.get(name))
     out += token_sections(t, windows)
+    if pattern_png:
+        from lmtrain.evaluate.patterns import picture_length, write_pattern_png
+
+        L = picture_length(t.cfg.data.seq_len)
+        written = write_pattern_png(t.model, t.cfg.data.seq_len, pattern_png,
+                                    title=f"{t.run_dir.name}: patterns at L={L}")
+        out += ["", f"attention patterns at L={L}: {written}" if written else
+                "attention patterns: no layer of this model has one (a --pattern-png is drawn for sparse kinds)"]
     return "\n".join(out)

@@ -115,6 +115,11 @@ class Decoder(nn.Module):
             limits.update(module.head_stat_limits())
         return stats, limits
 
+    def pattern_masks(self, L: int) -> list[Tensor]:
+        """One H' x L x L visibility mask (key j to query i) per module with an attention
+        pattern (the PatternPicture hook), in layer order; empty when no module has one."""
+        return [m.pattern_mask(L) for m in self.hooks.patterns]
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each layer's activations in backward (less memory, about a third more compute)."""
         self.depth.residual.checkpoint_layers = enabled

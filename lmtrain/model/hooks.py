@@ -12,7 +12,9 @@ implement any of these; the decoder finds the implementers once, at construction
                                without a graph by the reversible wiring);
   * `head_stats()` and `head_stat_limits()` - learned per-head quantities (name -> H
                                values) and their upper limits, logged per layer and head
-                               and printed by `lmtrain inspect`.
+                               and printed by `lmtrain inspect`;
+  * `pattern_mask(L)`        - which keys each query may see on positions 0 .. L - 1
+                               (H' x L x L; sparse patterns), drawn as a picture per layer.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class HeadStatistics(Protocol):
     def head_stat_limits(self) -> dict[str, float]: ...
 
 
+@runtime_checkable
+class PatternPicture(Protocol):
+    def pattern_mask(self, L: int) -> Tensor: ...
+
+
 @dataclass
 class Hooks:
     """The model's modules that implement each hook, in module order (layer order)."""
@@ -47,10 +54,12 @@ class Hooks:
     after_step: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     head_stats: list = field(default_factory=list)
+    patterns: list = field(default_factory=list)
 
     @classmethod
     def collect(cls, model: nn.Module) -> "Hooks":
         mods = [m for m in model.modules() if m is not model]
         return cls(after_step=[m for m in mods if isinstance(m, AfterOptimizerStep)],
                    losses=[m for m in mods if isinstance(m, ParameterLosses)],
-                   head_stats=[m for m in mods if isinstance(m, HeadStatistics)])
+                   head_stats=[m for m in mods if isinstance(m, HeadStatistics)],
+                   patterns=[m for m in mods if isinstance(m, PatternPicture)])

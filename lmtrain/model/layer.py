@@ -36,6 +36,15 @@ class KVCache:
         self.entries[key] = (k_BHLD, v_BHLD, pos_L)
         return k_BHLD, v_BHLD, pos_L
 
+    def keep(self, key: Hashable, keep_S: Tensor) -> None:
+        """Drop the keys and values of slot `key` where keep_S is False (no later query sees them)."""
+        k, v, pos = self.entries[key]
+        self.entries[key] = (k[:, :, keep_S], v[:, :, keep_S], pos[keep_S])
+
+    def size(self) -> int:
+        """Positions held over all slots (what bounded caches keep small)."""
+        return sum(int(pos.shape[0]) for _, _, pos in self.entries.values())
+
     def repeat_last(self, src: Hashable, dst: Hashable, n: int) -> None:
         """Append to slot `dst` the last `n` positions of slot `src` (ACT: a position that has
         halted offers the same keys and values at every later step)."""
@@ -126,6 +135,14 @@ class SelfAttention(nn.Module):
         inp = AttentionInputs(position=ctx.position, q_pos=q_pos, k_pos=k_pos, aux=ctx.aux, doc_ids=ctx.doc_ids,
                               global_mask=ctx.global_mask)
         o_BLM = self.kernel(q, k, v, inp).transpose(1, 2).reshape(B, -1, M)
+        if ctx.cache is not None:
+            # Keys no later query can see leave the cache (a window keeps its last W and the global
+            # ones); this call's own keys stay (ACT repeats them into later steps' slots).
+            keep = self.kernel.cache_keep(k_pos, int(ctx.pos_L[-1]) + 1)
+            if keep is not None:
+                keep = keep | (k_pos >= ctx.pos_L[0])
+                if not bool(keep.all()):
+                    ctx.cache.keep(key, keep)
         if rows_BQ is not None and not rows_supported:
             o_BLM = gather_rows(o_BLM, rows_BQ)  # every query was attended; project the asked-for ones
         return self.proj(o_BLM)

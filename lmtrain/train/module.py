@@ -105,8 +105,18 @@ class LMModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
-        loss, _ = self._loss(x_BL, y_BL)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=x_BL.shape[0], prog_bar=True)
+        B = x_BL.shape[0]
+        if self.cfg.data.source == "copy":  # the copy probe: also scored on its copied half
+            from lmtrain.evaluate.probes import copy_scores
+
+            logits = self.model(x_BL).logits_BLV
+            loss = lm_loss(logits, y_BL)
+            copy_loss, copy_acc = copy_scores(logits, y_BL, x_BL.shape[1])
+            self.log("val/copy_loss", copy_loss, on_epoch=True, sync_dist=True, batch_size=B)
+            self.log("val/copy_acc", copy_acc, on_epoch=True, sync_dist=True, batch_size=B, prog_bar=True)
+        else:
+            loss, _ = self._loss(x_BL, y_BL)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=B, prog_bar=True)
         return loss
 
     def on_validation_epoch_end(self):

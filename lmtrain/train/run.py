@@ -171,9 +171,10 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         from lmtrain.train.callbacks.eval_length import EvalLength
 
         callbacks.append(EvalLength(cfg, metrics_path=run_dir / "metrics.jsonl"))
-    from lmtrain.train.callbacks.head_stats import HeadStats
+    from lmtrain.train.callbacks.head_stats import HeadStats, PatternPictures
 
     callbacks.append(HeadStats(every=t.log_every_n_steps, metrics_path=run_dir / "metrics.jsonl"))
+    callbacks.append(PatternPictures(cfg.data.seq_len, run_dir / "attention_patterns.png"))
     from lmtrain.train.callbacks.token_stats import TokenStats
 
     callbacks.append(TokenStats(Path(cfg.data.dir) / "tokenizer.json", metrics_path=run_dir / "metrics.jsonl"))
@@ -364,6 +365,9 @@ def finish(cfg: Config, trainer, module, datamodule, log=print) -> dict:
         "tensorboard": str(run_dir / "tb"),
         "metrics": str(run_dir / "metrics.jsonl"),
     }
+    if "val/copy_acc" in results[0]:  # the copy probe: accuracy and loss on the copied half
+        summary["val_copy_acc"] = float(results[0]["val/copy_acc"])
+        summary["val_copy_loss"] = float(results[0]["val/copy_loss"])
     # Valid JSON whatever the numbers (json.dumps would write NaN and Infinity, which are not).
     finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
@@ -379,6 +383,8 @@ def format_summary(s: dict) -> str:
         f"  validation loss           {s['val_loss']:.4f}  ({s['val_tokens_scored']:,} tokens)",
         f"  validation perplexity     {s['val_ppl']:.2f}",
         f"  unigram perplexity        {s['unigram_val_ppl']:.2f}  (same tokens; add-one unigram of the train split)",
+        *([f"  copy accuracy             {s['val_copy_acc']:.4f}  (loss {s['val_copy_loss']:.4f}, on the copied half)"]
+          if "val_copy_acc" in s else []),
         f"  checkpoint                {s['last_checkpoint']}",
         f"  TensorBoard logs          {s['tensorboard']}",
         f"  open them with            tensorboard --logdir {s['tensorboard']}   (then http://localhost:6006)",

@@ -294,6 +294,10 @@ CASES = [
     Case("document-mask-kind", cfg("model.attention.kind=performer", "model.position=rope", "data.document_mask=true"),
          "data.document_mask=true: model.attention.kind=performer cannot stop attention at document boundaries"),
     Case("document-mask-type", cfg("data.document_mask=maybe"), "data.document_mask"),
+    Case("copy-odd-length", cfg("data.source=copy", "data.seq_len=63"), "data.seq_len=63: the copy task needs an even"),
+    Case("copy-few-symbols", cfg("data.source=copy", "data.seq_len=64", "data.copy.symbols=10"),
+         "data.copy.symbols: 10 symbols cannot fill a half of 31"),
+    Case("copy-unknown-key", cfg("data.source=copy", "data.copy.lenght=3"), "data.copy.lenght"),
     Case("scalar-for-mapping", cfg("data=5"), "data: expected a mapping"),
     Case("legacy-key", cfg("model.rope_theta=5"), "model.rope_theta: this key moved; write model.position.theta"),
     Case("negative-seed", cfg("run.seed=-1"), "run.seed"),
@@ -402,6 +406,11 @@ CASES = [
     Case("eval-lengths", cmd("eval-length", "{w.run}", "--lengths", "64,x"), "--lengths"),
     Case("eval-batch-tokens", cmd("eval-length", "{w.run}", "--batch-tokens", "0"), "--batch-tokens"),
     Case("eval-data-missing", cmd("eval-length", "{w.run}", "--data", "{w.root}/nothing"), "--data: no files match"),
+    Case("retrieval-crafted", cmd("eval-retrieval", "{w.root}/evil.ckpt"), "evil.ckpt: refused"),
+    Case("retrieval-lengths", cmd("eval-retrieval", "{w.run}", "--lengths", "64,x"), "--lengths"),
+    Case("retrieval-trials", cmd("eval-retrieval", "{w.run}", "--trials", "0"), "--trials: must be at least 1"),
+    Case("retrieval-task", cmd("eval-retrieval", "{w.run}", "--task", "sort"), "--task"),
+    Case("retrieval-copy-on-text", cmd("eval-retrieval", "{w.run}", "--task", "copy"), "not on the copy task"),
     Case("export-crafted", cmd("export", "{w.root}/evil.ckpt", "--out", "{w.root}/o"), "evil.ckpt: refused"),
     Case("export-truncated", cmd("export", "{w.root}/trunc.ckpt", "--out", "{w.root}/o"), "trunc.ckpt: damaged"),
     Case("export-onto-foreign", cmd("export", "{w.run}", "--out", "{w.root}/foreign"), "foreign: exists and is not"),
@@ -473,7 +482,7 @@ def test_the_catalogue_is_large_and_covers_every_command():
     commands = {c.argv(Workspace(Path("/w"), Path("/w/d"), Path("/w/r"), Path("/m"), Path("/ro")))[0] for c in CASES}
     assert len(CASES) >= 60
     assert commands >= {"config", "train", "prepare-data", "generate", "eval-length", "export", "inspect", "bench",
-                        "plan", "submit"}
+                        "plan", "submit", "eval-retrieval"}
     assert len({c.id for c in CASES}) == len(CASES)
 
 

@@ -303,3 +303,39 @@ def test_attention_flops_count_the_keys_a_query_reads():
     assert SparseAttention.attention_flops(m, L) == pytest.approx(12 * m.d_model * 2 * keys)  # softmax's halves
     wide = property_config("model.attention.kind=sparse", "model.attention.window=4096").model
     assert SparseAttention.attention_flops(wide, L) == pytest.approx(12 * wide.d_model * L)  # softmax's count
+
+
+@pytest.mark.parametrize("spec, bounded", [
+    ("window", True), ("dilated", True), ("fixed", True), ("block_shift", True), ("window+globals", True),
+    ("window|fixed", True), ("bigbird", False), ("strided", False)])
+def test_the_kv_cache_keeps_what_later_queries_see_and_stays_bounded(spec, bounded):
+    """Cached generation equals a full recompute, and a bounded pattern's cache holds at most
+    what its queries can see (the last W keys plus the global ones), whatever the length."""
+    from lmtrain.generate import generate
+    from lmtrain.model.layer import KVCache
+
+    opts = ["model.attention.kind=sparse", f"model.attention.pattern={spec}", "model.attention.block=4",
+            "model.attention.window=6", "model.attention.dilation=2", "model.attention.stride=8",
+            "model.attention.summary=2", "model.attention.global_first=3", "model.attention.random_blocks=1",
+            "model.attention.shifts=[0,1]", "model.position.kind=alibi"]
+    model = make_model(*opts)
+    for k in model.attention_kernels():
+        assert k.caps.kv_cache
+    prompt = torch.randint(1, 97, (2, 5))
+    cached = generate(model, prompt, 40, temperature=0.0)
+    assert torch.equal(cached, generate(model, prompt, 40, temperature=0.0, use_cache=False))
+    # The cache after 45 positions, and how much of it a pattern needs.
+    cache = KVCache()
+    seq = cached[:, :45]
+    model(seq[:, :5], cache=cache)
+    for t in range(5, 45):
+        model(seq[:, t : t + 1], cache=cache)
+    per_layer = {k: int(pos.shape[0]) for k, (_, _, pos) in cache.entries.items()}
+    if not bounded:
+        assert set(per_layer.values()) == {45}
+        return
+    plan = model.attention_kernels()[0].plan
+    need = int(plan.keeps(torch.arange(45), 45).sum()) + 1  # the last call's key stays too
+    assert max(per_layer.values()) <= need < 45
+    if spec == "window":  # W - 1 keys wait for the next query, whose own key makes W
+        assert set(per_layer.values()) == {5}

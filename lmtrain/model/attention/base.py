@@ -160,6 +160,11 @@ class AttentionKernel(Variant, nn.Module):
         full L x L product (PaLM's convention), so 12 L d."""
         return 12.0 * model.d_model * seq_len
 
+    def cache_keep(self, k_pos: Tensor, next_pos: int) -> Optional[Tensor]:
+        """Which cached keys (positions k_pos) a query at next_pos or later may still see; the
+        KV cache drops the others. None: all of them (dense attention)."""
+        return None
+
     # -- paths ----------------------------------------------------------------------------
     def route(self, q_BHLD: Tensor, k_BHSD: Tensor, inp: AttentionInputs) -> str:
         """The path this call takes: the configured backend, or `auto_backend`'s choice."""

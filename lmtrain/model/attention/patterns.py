@@ -89,6 +89,11 @@ class Pattern:
     def layout(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def keeps(self, j: Tensor, nxt: int) -> Tensor | None:
+        """Whether some future query (position >= nxt) may see key j < nxt, in any head: what
+        a KV cache must keep. None: any key may be needed again (the cache keeps everything)."""
+        return None
+
     @classmethod
     def build(cls, cfg, *, n_heads: int, layer: int, seed: int) -> "Pattern":
         raise NotImplementedError
@@ -115,6 +120,9 @@ class Window(Pattern):
         a, b = distance_range(qlo, qhi, klo, khi)
         return (b >= 0) & (a < self.w)
 
+    def keeps(self, j, nxt):
+        return nxt - j < self.w
+
     @classmethod
     def build(cls, cfg, **kw):
         return cls(cfg.window)
@@ -137,6 +145,9 @@ class Dilated(Pattern):
     def layout(self, qlo, qhi, klo, khi, h):
         a, b = distance_range(qlo, qhi, klo, khi)
         return (b >= 0) & has_multiple(a, b.clamp(max=(self.w - 1) * self.d), self.d)
+
+    def keeps(self, j, nxt):
+        return nxt - j <= (self.w - 1) * self.d
 
     @classmethod
     def build(cls, cfg, **kw):
@@ -191,6 +202,9 @@ class Fixed(Pattern):
             out = out | ((t * l <= khi) & (imin <= imax) & (jmin <= imax))
         return out
 
+    def keeps(self, j, nxt):
+        return (j // self.stride == nxt // self.stride) | (j % self.stride >= self.stride - self.summary)
+
     @classmethod
     def build(cls, cfg, **kw):
         return cls(cfg.stride, cfg.summary, cfg.block)
@@ -220,6 +234,9 @@ class BlockShift(Pattern):
     def layout(self, qlo, qhi, klo, khi, h):
         qb, kb, s = qlo // self.block, klo // self.block, self._shift(h)
         return (kb == qb - s) | ((qb - s < 0) & (kb == qb))
+
+    def keeps(self, j, nxt):
+        return j // self.block >= nxt // self.block - max(self.shifts)
 
     @classmethod
     def build(cls, cfg, *, n_heads, **kw):
@@ -256,6 +273,11 @@ class Globals(Pattern):
         keys = self._any(klo, torch.minimum(khi, qhi))  # a global key at or before some query
         queries = self._any(torch.maximum(qlo, klo), qhi)  # a global query with some key before it
         return keys | queries
+
+    def keeps(self, j, nxt):
+        if self.every or nxt < self.first:  # a future query is global: it reads every earlier key
+            return None
+        return j < self.first
 
     @classmethod
     def build(cls, cfg, **kw):
@@ -333,6 +355,11 @@ class BigBird(Pattern):
         qb, kb = qlo // self.block, klo // self.block
         fixed = (b >= 0) & ((a < self.w) | (kb < self.global_blocks) | (qb < self.global_blocks))
         return fixed | self._random(qb, kb, h)
+
+    def keeps(self, j, nxt):
+        if self.random_blocks or nxt // self.block < self.global_blocks:  # random blocks: any earlier block
+            return None
+        return (nxt - j < self.w) | (j // self.block < self.global_blocks)
 
     @classmethod
     def build(cls, cfg, *, layer, seed, **kw):

@@ -168,13 +168,31 @@ class SparsePlan:
                           q_blocks[:, None] == k_blocks[None, :]) & causal
         return torch.broadcast_to(m, (self.heads, len(q_blocks), len(k_blocks)))
 
-    def density(self, L: int) -> Tensor:
-        """Per head (H'): the fraction of the L (L + 1) / 2 causal pairs that are visible."""
+    def keeps(self, j: Tensor, nxt: int) -> Optional[Tensor]:
+        """Keys j < nxt that a future query (position >= nxt) may see in some head: what the KV
+        cache keeps. None: any key may be needed again."""
+        if self.token_globals:
+            return None
+        out = None
+        for g in self.groups:
+            for p in g.patterns:
+                k = p.keeps(j, nxt)
+                if k is None:
+                    return None
+                out = k if out is None else out | k
+        return out
+
+    def mask(self, L: int) -> Tensor:
+        """H' x L x L: key j visible to query i, on positions 0 .. L - 1 (one document, no
+        token-id globals): the pattern itself, for densities and pictures."""
         pos = torch.arange(L)
         self.prepare(L - 1, "cpu")
         h = self.head_index("cpu")[:, None, None]
-        vis = self.visible(pos[:, None], pos[None, :], h) & (pos[None, :] <= pos[:, None])
-        return vis.sum((-1, -2)).double() / (L * (L + 1) / 2)
+        return torch.broadcast_to(self.visible(pos[:, None], pos[None, :], h), (self.heads, L, L))
+
+    def density(self, L: int) -> Tensor:
+        """Per head (H'): the fraction of the L (L + 1) / 2 causal pairs that are visible."""
+        return self.mask(L).sum((-1, -2)).double() / (L * (L + 1) / 2)
 
 
 @dataclass
@@ -317,6 +335,15 @@ class SparseAttention(AttentionKernel):
 
     def head_stat_limits(self) -> dict[str, float]:
         return {"density": 1.0}
+
+    def cache_keep(self, k_pos: Tensor, next_pos: int) -> Optional[Tensor]:
+        """The cached keys still visible to some later query: the last W keys of a window plus the
+        global ones, so decoding memory is bounded by the pattern (None where it is not)."""
+        return self.plan.keeps(k_pos, next_pos)
+
+    def pattern_mask(self, L: int) -> Tensor:
+        """A PatternPicture hook (lmtrain/model/hooks.py): H' x L x L, key j visible to query i."""
+        return self.plan.mask(L)
 
     @classmethod
     def attention_flops(cls, model, seq_len: int) -> float:

@@ -5,6 +5,10 @@ On logging steps: `NAME/layerI/headH` scalars, `NAME/mean` and `NAME/max` over a
 (TensorBoard), and a line in metrics.jsonl with the per-layer values. At each validation
 and at the end of training: a histogram per layer (`NAME/layerI`) and a heatmap image of
 layers x heads (`NAME/heatmap`).
+
+`PatternPictures`: at the start of training, a picture of each layer's attention pattern
+(`attention/pattern` in TensorBoard, and RUN/attention_patterns.png), for models whose
+kernels have one (sparse).
 """
 
 from __future__ import annotations
@@ -86,3 +90,22 @@ class HeadStats(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._pictures(trainer, pl_module)
+
+
+class PatternPictures(pl.Callback):
+    def __init__(self, seq_len: int, png_path: Path):
+        self.seq_len, self.png_path = seq_len, png_path
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        from lmtrain.evaluate.patterns import pattern_figure, picture_length, write_pattern_png
+
+        model = pl_module.model
+        if not model.hooks.patterns:
+            return
+        write_pattern_png(model, self.seq_len, self.png_path)
+        writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        if writer is not None and hasattr(writer, "add_figure"):
+            writer.add_figure("attention/pattern", pattern_figure(model.pattern_masks(picture_length(self.seq_len))),
+                              global_step=trainer.global_step)

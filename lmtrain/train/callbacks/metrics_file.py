@@ -38,7 +38,11 @@ class MetricsFile(pl.Callback):
             return
         m = trainer.callback_metrics
         if "val/loss" in m:
-            self._write(trainer, {"step": trainer.global_step, "val/loss": float(m["val/loss"])})
+            self._write(trainer, {"step": trainer.global_step,
+                                  **{k: float(m[k]) for k in VAL_KEYS if k in m}})
+
+
+VAL_KEYS = ("val/loss", "val/copy_acc", "val/copy_loss")  # copy_*: the copy probe (data.source=copy)
 
 
 def read_metrics(path: str | Path, key: str = "train/loss") -> dict[int, float]:

@@ -33,6 +33,8 @@ class ProgressLines(pl.Callback):
             parts.append(f"loss {float(m['train/loss']):.4f}")
         if "val/loss" in m:
             parts.append(f"val {float(m['val/loss']):.4f}")
+        if "val/copy_acc" in m:
+            parts.append(f"copy acc {float(m['val/copy_acc']):.3f}")
         parts.append(f"lr {getattr(pl_module, 'last_lr', 0.0):.2e}")
         if "perf/tokens_per_s" in m:
             parts.append(f"{float(m['perf/tokens_per_s']):,.0f} tok/s")
