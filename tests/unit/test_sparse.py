@@ -144,7 +144,7 @@ def test_the_blocks_computed_are_the_non_zero_blocks(W, T):
     run(k, L)
     assert k.computed_blocks == L // T
     for spec in ("dilated", "fixed", "bigbird"):  # the same count in every head
-        k = kernel(spec, block=T)
+        k = kernel(spec, block=T, backend="gathered")
         run(k, L)
         assert k.computed_blocks * k.plan.heads == int(dense_block_layout(k.plan, L, T).sum()), spec
 
@@ -339,3 +339,51 @@ def test_the_kv_cache_keeps_what_later_queries_see_and_stays_bounded(spec, bound
     assert max(per_layer.values()) <= need < 45
     if spec == "window":  # W - 1 keys wait for the next query, whose own key makes W
         assert set(per_layer.values()) == {5}
+
+
+MERGED = {  # unions with a window of W in every head group: the band plus the blocks beyond it
+    "bigbird": dict(window=8, random_blocks=2, global_blocks=2),
+    "window+globals": dict(window=8, global_first=3, global_every=7),
+    "window|bigbird": dict(window=8, random_blocks=1),
+    "window+fixed": dict(window=8, stride=6, summary=2),
+}
+
+
+@pytest.mark.parametrize("position", ["none", "alibi"])
+@pytest.mark.parametrize("spec", list(MERGED))
+def test_merged_equals_the_dense_reference(spec, position):
+    """The window on the band, the blocks beyond it gathered, merged by log-sum-exp: outputs and
+    every gradient equal the reference in float64, and float32 within the tolerance."""
+    k = kernel(spec, backend="merged", **MERGED[spec])
+    for L in (37, 64):  # padded to a multiple of W, and whole chunks
+        fast, ref = run(k, L, position)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert k.path_counts["merged"] == 2
+    k32 = kernel(spec, dtype=torch.float32, backend="merged", **MERGED[spec])
+    tol = SparseAttention.tolerances[torch.float32]
+    for a, b in zip(*run(k32, 64, position, dtype=torch.float32)):
+        torch.testing.assert_close(a, b, rtol=tol.rtol, atol=tol.atol)
+    auto = kernel(spec, **MERGED[spec])
+    run(auto, 64, position)
+    assert auto.path_counts["merged"] == 1  # what auto picks on CPU
+
+
+@pytest.mark.parametrize("spec", ["window", *MERGED])
+def test_band_and_merged_compute_exactly_the_blocks_they_need(spec):
+    """The band computes exactly the window's non-zero blocks; the merged path adds, per query
+    block, the blocks holding a visible key beyond the window (the most any head needs), from
+    the dense rule."""
+    T, L, W = 4, 64, 8
+    k = kernel(spec, **{"window": W, **MERGED.get(spec, {})})
+    run(k, L)
+    assert k.path_counts["band" if spec == "window" else "merged"] == 1
+    beyond = 0
+    if spec != "window":
+        pos = torch.arange(L)
+        h = k.plan.head_index("cpu")[:, None, None]
+        vis = k.plan.visible(pos[:, None], pos[None, :], h) & (pos[:, None] - pos[None, :] >= W)
+        blocks = vis.reshape(k.plan.heads, L // T, T, L // T, T).any(4).any(2)  # H' x QB x KB
+        beyond = int(blocks.sum(-1).amax(0).sum())
+        assert beyond > 0
+    assert k.computed_blocks == window_blocks(L, T, W) + beyond

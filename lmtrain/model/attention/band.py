@@ -54,56 +54,72 @@ def _pieces(q4: Tensor) -> list[tuple[int, int]]:
     return [(c0, min(n, c0 + per)) for c0 in range(0, n, per)]
 
 
+def band_forward(q4: Tensor, k4: Tensor, v4: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Chunks (B H) x n x W x D -> (out, lse, part B's mask): the window's attention and its
+    log-sum-exp per query (float32, float64 for float64 inputs)."""
+    fwd, _ = _ops()
+    BH, n, W, D = q4.shape
+    out = q4.new_empty(BH, n, W, D)
+    lse = q4.new_empty(BH, n, W, dtype=torch.float32 if q4.dtype != torch.float64 else q4.dtype)
+    mask = _upper_mask(W, q4) if n > 1 else None
+    # In pieces: every temporary stays small (reused by the allocator, in cache); the results
+    # are written once into `out` and `lse`.
+    for c0, c1 in _pieces(q4):
+        o, lse_p = fwd(q4[:, c0:c1], k4[:, c0:c1], v4[:, c0:c1], 0.0, True, scale=scale)
+        s0 = max(c0, 1)
+        if s0 < c1:
+            o_b, l_b = fwd(q4[:, s0:c1], k4[:, s0 - 1 : c1 - 1], v4[:, s0 - 1 : c1 - 1], 0.0, False,
+                           attn_mask=mask, scale=scale)
+            l_b[..., W - 1] = float("-inf")  # the last row sees no key of the previous chunk
+            l_a = lse_p[:, s0 - c0 :]
+            merged = torch.logaddexp(l_a, l_b)
+            o[:, s0 - c0 :].mul_(torch.exp(l_a - merged)[..., None]).add_(
+                o_b.mul_(torch.exp(l_b - merged)[..., None]))
+            lse_p[:, s0 - c0 :] = merged
+        out[:, c0:c1] = o
+        lse[:, c0:c1] = lse_p
+    return out, lse, mask
+
+
+def band_backward(g4: Tensor, q4: Tensor, k4: Tensor, v4: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The window's share of the gradients, given the output and log-sum-exp of the whole
+    attention (the window's own, or a merge of the window with other keys)."""
+    _, bwd = _ops()
+    BH, n, W, D = q4.shape
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q4, k4, v4))
+    for c0, c1 in _pieces(q4):  # in order: each piece's part A sets its chunks before part B adds
+        sl = slice(c0, c1)
+        dq[:, sl], dk[:, sl], dv[:, sl] = bwd(g4[:, sl], q4[:, sl], k4[:, sl], v4[:, sl], out[:, sl], lse[:, sl],
+                                              0.0, True, scale=scale)
+        s0 = max(c0, 1)
+        if s0 < c1:
+            prev = slice(s0 - 1, c1 - 1)
+            dq_b, dk_b, dv_b = bwd(g4[:, s0:c1], q4[:, s0:c1], k4[:, prev], v4[:, prev], out[:, s0:c1],
+                                   lse[:, s0:c1], 0.0, False, attn_mask=mask, scale=scale)
+            dq[:, s0:c1] += dq_b
+            dk[:, prev] += dk_b
+            dv[:, prev] += dv_b
+    return dq, dk, dv
+
+
 class _SlidingWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> Tensor:
-        fwd, _ = _ops()
         B, H, L, D = q.shape
         W, n = window, L // window
         # (B H) n W D: a view of contiguous inputs, whose chunk slices are views too.
         q4, k4, v4 = (t.reshape(B * H, n, W, D) for t in (q, k, v))
-        out = q4.new_empty(B * H, n, W, D)
-        lse = q4.new_empty(B * H, n, W, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
-        mask = _upper_mask(W, q) if n > 1 else None
-        # In pieces: every temporary stays small (reused by the allocator, in cache); the results
-        # are written once into `out` and `lse`.
-        for c0, c1 in _pieces(q4):
-            o, lse_p = fwd(q4[:, c0:c1], k4[:, c0:c1], v4[:, c0:c1], 0.0, True, scale=scale)
-            s0 = max(c0, 1)
-            if s0 < c1:
-                o_b, l_b = fwd(q4[:, s0:c1], k4[:, s0 - 1 : c1 - 1], v4[:, s0 - 1 : c1 - 1], 0.0, False,
-                               attn_mask=mask, scale=scale)
-                l_b[..., W - 1] = float("-inf")  # the last row sees no key of the previous chunk
-                l_a = lse_p[:, s0 - c0 :]
-                merged = torch.logaddexp(l_a, l_b)
-                o[:, s0 - c0 :].mul_(torch.exp(l_a - merged)[..., None]).add_(
-                    o_b.mul_(torch.exp(l_b - merged)[..., None]))
-                lse_p[:, s0 - c0 :] = merged
-            out[:, c0:c1] = o
-            lse[:, c0:c1] = lse_p
+        out, lse, mask = band_forward(q4, k4, v4, scale)
         ctx.save_for_backward(q4, k4, v4, out, lse, *(() if mask is None else (mask,)))
         ctx.scale = scale
         return out.view(B, H, L, D)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        _, bwd = _ops()
         q4, k4, v4, out, lse, *mask = ctx.saved_tensors
-        BH, n, W, D = q4.shape
-        g4 = grad.reshape(BH, n, W, D)
-        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q4, k4, v4))
-        for c0, c1 in _pieces(q4):  # in order: each piece's part A sets its chunks before part B adds
-            sl = slice(c0, c1)
-            dq[:, sl], dk[:, sl], dv[:, sl] = bwd(g4[:, sl], q4[:, sl], k4[:, sl], v4[:, sl], out[:, sl], lse[:, sl],
-                                                  0.0, True, scale=ctx.scale)
-            s0 = max(c0, 1)
-            if s0 < c1:
-                prev = slice(s0 - 1, c1 - 1)
-                dq_b, dk_b, dv_b = bwd(g4[:, s0:c1], q4[:, s0:c1], k4[:, prev], v4[:, prev], out[:, s0:c1],
-                                       lse[:, s0:c1], 0.0, False, attn_mask=mask[0], scale=ctx.scale)
-                dq[:, s0:c1] += dq_b
-                dk[:, prev] += dk_b
-                dv[:, prev] += dv_b
+        g4 = grad.reshape(q4.shape)
+        dq, dk, dv = band_backward(g4, q4, k4, v4, out, lse, mask[0] if mask else None, ctx.scale)
         shape = grad.shape
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None
 

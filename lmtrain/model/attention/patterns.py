@@ -89,6 +89,11 @@ class Pattern:
     def layout(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def beyond(self, qlo: Tensor, qhi: Tensor, klo: Tensor, khi: Tensor, h: Tensor, w: int) -> Tensor:
+        """Like `layout`, for the pairs at distance >= w only (what a window of w leaves to other
+        key blocks): exact or a superset (the engine masks pair by pair)."""
+        return self.layout(qlo, qhi, klo, khi, h) & (qhi - klo >= w)
+
     def keeps(self, j: Tensor, nxt: int) -> Tensor | None:
         """Whether some future query (position >= nxt) may see key j < nxt, in any head: what
         a KV cache must keep. None: any key may be needed again (the cache keeps everything)."""
@@ -119,6 +124,10 @@ class Window(Pattern):
     def layout(self, qlo, qhi, klo, khi, h):
         a, b = distance_range(qlo, qhi, klo, khi)
         return (b >= 0) & (a < self.w)
+
+    def beyond(self, qlo, qhi, klo, khi, h, w):
+        a, b = distance_range(qlo, qhi, klo, khi)
+        return (b >= 0) & (a < self.w) & (b >= w) & (self.w > w)
 
     def keeps(self, j, nxt):
         return nxt - j < self.w
@@ -355,6 +364,13 @@ class BigBird(Pattern):
         qb, kb = qlo // self.block, klo // self.block
         fixed = (b >= 0) & ((a < self.w) | (kb < self.global_blocks) | (qb < self.global_blocks))
         return fixed | self._random(qb, kb, h)
+
+    def beyond(self, qlo, qhi, klo, khi, h, w):
+        a, b = distance_range(qlo, qhi, klo, khi)
+        qb, kb = qlo // self.block, klo // self.block
+        far = (b >= w) & (b >= 0)
+        own = far & (a < self.w) & (self.w > w)  # its own window, where wider than w
+        return own | far & ((kb < self.global_blocks) | (qb < self.global_blocks)) | self._random(qb, kb, h)
 
     def keeps(self, j, nxt):
         if self.random_blocks or nxt // self.block < self.global_blocks:  # random blocks: any earlier block

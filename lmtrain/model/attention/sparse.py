@@ -190,6 +190,25 @@ class SparsePlan:
         h = self.head_index("cpu")[:, None, None]
         return torch.broadcast_to(self.visible(pos[:, None], pos[None, :], h), (self.heads, L, L))
 
+    def layout_beyond(self, q_blocks: Tensor, k_blocks: Tensor, p0: int, w: int) -> Tensor:
+        """H' x Qb x Kb: key block kb holds a key visible to some query of block qb at distance
+        >= w (what the `merged` path gathers beside a window of w; no token-id globals)."""
+        T = self.block
+        qlo, klo = (p0 + q_blocks * T)[:, None], (p0 + k_blocks * T)[None, :]
+        qhi, khi = qlo + T - 1, klo + T - 1
+        h = self.head_index(q_blocks.device)[:, None, None]
+        out = None
+        gid = self._group_of_head.to(h.device)[h] if len(self.groups) > 1 else None
+        for g in self.groups:
+            m = None
+            for p in g.patterns:
+                r = p.beyond(qlo, qhi, klo, khi, h, w)
+                m = r if m is None else m | r
+            if gid is not None:
+                m = m & (gid == g.index)
+            out = m if out is None else out | m
+        return torch.broadcast_to(out & (klo <= qhi), (self.heads, len(q_blocks), len(k_blocks)))
+
     def density(self, L: int) -> Tensor:
         """Per head (H'): the fraction of the L (L + 1) / 2 causal pairs that are visible."""
         return self.mask(L).sum((-1, -2)).double() / (L * (L + 1) / 2)
@@ -250,6 +269,36 @@ def _groups(plan: "SparsePlan", layout: Tensor, p0: int, *, cache_masks: bool):
     return groups, computed
 
 
+def _band_blocks(L: int, W: int, T: int) -> int:
+    """T x T blocks the band computes for L (a multiple of W, itself a multiple of T): per
+    chunk of W, the lower triangle of its causal call and the upper triangle (diagonal
+    included) of the call on the previous chunk, which the first chunk has not; that is the
+    window's W/T + 1 key blocks per query block (fewer in the first chunk), its exact count."""
+    c = W // T
+    return (L // W) * c * (c + 1) - c * (c + 1) // 2
+
+
+@lru_cache(maxsize=64)
+def _merged_plan(plan: "SparsePlan", n_blocks: int, p0: int, device: str, window: int):
+    """The key blocks beyond a window of `window` (merged path), per group of query blocks with
+    the same count, with their masks where some pair is not visible; cached per length."""
+    from lmtrain.model.attention.merged import ExtraGroup
+
+    idx = torch.arange(n_blocks, device=device)
+    plan.prepare(p0 + n_blocks * plan.block - 1, device)
+    layout = plan.layout_beyond(idx, idx, p0, window)
+    groups, computed = _groups(plan, layout, p0, cache_masks=False)
+    extras = []
+    for g in groups:
+        if g.kidx.shape[-1] == 0:
+            continue
+        vis = g.compute_visible(plan) & (g.q_pos[None, :, :, None] - g.k_pos[:, :, None, :] >= window)
+        empty = ~vis.any(-1)
+        extras.append(ExtraGroup(g.qsel, g.kidx, None if bool(vis.all()) else vis,
+                                 empty if bool(empty.any()) else None))
+    return extras, computed
+
+
 def row_flags(flags_BS: Tensor, q_pos: Tensor, k_pos_S: Tensor, p0: int) -> tuple[Tensor, Tensor]:
     """Token-id global flags of the queries (B 1 L 1) and keys (B 1 1 S) from the sequence's
     flags; q_pos may be per row (B x L)."""
@@ -262,7 +311,7 @@ def row_flags(flags_BS: Tensor, q_pos: Tensor, k_pos_S: Tensor, p0: int) -> tupl
 class SparseAttention(AttentionKernel):
     Config = SparseConfig
     caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, global_tokens=True, document_mask=True)
-    backends = ("gathered", "band", "flex")
+    backends = ("gathered", "band", "merged", "flex")
     test_options = {"pattern": "window|bigbird", "window": 6, "block": 4, "random_blocks": 1}
 
     cfg: SparseConfig
@@ -365,24 +414,40 @@ class SparseAttention(AttentionKernel):
     def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
         if flex_applies(q_BHLD, inp, self.attn_dropout):
             return "flex"
-        return "band" if self._band_applies(q_BHLD, inp) else "gathered"
+        if self._band_applies(q_BHLD, inp):
+            return "band"
+        return "merged" if self._merged_applies(q_BHLD, inp) else "gathered"
 
-    def _band_applies(self, q_BHLD, inp) -> bool:
-        """One sliding window for every head, aligned positions, no documents, no dropout, on CPU,
-        with no score bias or a linear one folded in fp32/fp64."""
-        plan = self.plan
-        window_only = len(plan.groups) == 1 and [p.name for p in plan.groups[0].patterns] == ["window"]
+    def _band_ready(self, q_BHLD, inp) -> bool:
+        """What the band needs: aligned positions, no documents, no dropout, CPU, and no score
+        bias or a linear one folded in fp32/fp64."""
         bias_ok = not inp.position.has_score_bias or (
             inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in (torch.float32, torch.float64))
-        return (window_only and bias_ok and min(self.cfg.window, q_BHLD.shape[2]) >= 2 and not q_BHLD.is_cuda
-                and inp.aligned
-                and inp.doc_ids is None and self.attn_dropout == 0.0 and band.available())
+        return (bias_ok and not q_BHLD.is_cuda and inp.aligned and inp.doc_ids is None and self.attn_dropout == 0.0
+                and band.available())
+
+    def _band_applies(self, q_BHLD, inp) -> bool:
+        """One sliding window for every head, and what the band needs."""
+        plan = self.plan
+        window_only = len(plan.groups) == 1 and [p.name for p in plan.groups[0].patterns] == ["window"]
+        return window_only and min(self.cfg.window, q_BHLD.shape[2]) >= 2 and self._band_ready(q_BHLD, inp)
+
+    def _merged_applies(self, q_BHLD, inp) -> bool:
+        """Every head group holds a window of W (window or bigbird), W is a multiple of the block,
+        the sequence is longer than W, no token-id globals, and what the band needs."""
+        plan, W = self.plan, self.cfg.window
+        windowed = all(any(p.name in ("window", "bigbird") for p in g.patterns) for g in plan.groups)
+        return (windowed and not plan.token_globals and W >= 2 and W % self.cfg.block == 0
+                and q_BHLD.shape[2] > W and int(inp.k_pos[0]) % self.cfg.block == 0
+                and self._band_ready(q_BHLD, inp))
 
     def route(self, q_BHLD, k_BHSD, inp) -> str:
         if inp.aligned:
             self.stat_length = q_BHLD.shape[2]
         path = super().route(q_BHLD, k_BHSD, inp)
         if path == "band" and not self._band_applies(q_BHLD, inp):
+            path = "gathered"
+        if path == "merged" and not self._merged_applies(q_BHLD, inp):
             path = "gathered"
         if path in ("gathered", "flex") and not self._aligned(inp):
             path = "masked"
@@ -404,6 +469,8 @@ class SparseAttention(AttentionKernel):
     def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
         if path == "band":
             return self._band(q_BHLD, k_BHSD, v_BHSD, inp)
+        if path == "merged":
+            return self._merged(q_BHLD, k_BHSD, v_BHSD, inp)
         if path == "flex":
             return self._flex(q_BHLD, k_BHSD, v_BHSD, inp)
         if path == "gathered":
@@ -493,7 +560,28 @@ class SparseAttention(AttentionKernel):
             q_BHLD, k_BHSD, v_BHSD = fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, inp.position.linear_bias_slopes(),
                                                       inp.q_pos)
         out = band.sliding_window_attention(q_BHLD, k_BHSD, v_BHSD, self.cfg.window, 1 / math.sqrt(D))
+        W, T, L = min(self.cfg.window, q_BHLD.shape[2]), self.cfg.block, q_BHLD.shape[2]
+        if W % T == 0:  # counted in blocks of T where the chunks are made of them
+            self.computed_blocks = _band_blocks(L + (-L % W), W, T)
         return out[..., :D]
+
+    def _merged(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        """The window on the band and the blocks beyond it gathered, merged by log-sum-exp (merged.py)."""
+        from lmtrain.model.attention.merged import window_and_extras
+
+        B, H, L, D = q_BHLD.shape
+        W, T = self.cfg.window, self.cfg.block
+        if inp.position.has_score_bias:
+            q_BHLD, k_BHSD, v_BHSD = fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, inp.position.linear_bias_slopes(),
+                                                      inp.q_pos)
+        pad = -L % W
+        if pad:  # padded keys come after every real query
+            q_BHLD, k_BHSD, v_BHSD = (F.pad(t, (0, 0, 0, pad)) for t in (q_BHLD, k_BHSD, v_BHSD))
+        n_blocks = (L + pad) // T
+        extras, beyond = _merged_plan(self.plan, n_blocks, int(inp.k_pos[0]), str(q_BHLD.device), W)
+        self.computed_blocks = beyond + _band_blocks(L + pad, W, T)
+        out = window_and_extras(q_BHLD, k_BHSD, v_BHSD, W, T, 1 / math.sqrt(D), extras)
+        return out[:, :, :L, :D]
 
     def _gathered_bias(self, vis, inp, q_pos_GT, k_pos_HGK, dtype):
         """The score bias on gathered blocks from their true positions, -inf where not visible:
