@@ -45,15 +45,22 @@ class ExtraGroup:
         return self.masks[dtype]
 
 
-def _gather(x5: Tensor, kidx: Tensor) -> Tensor:
-    """x5: B H nb T D; kidx: H' x G x C -> (B H) x G x (C T) x D."""
-    B, H, nb, T, D = x5.shape
-    Hp, G, C = kidx.shape
-    if Hp == 1:
-        g = x5[:, :, kidx[0]]  # B H G C T D
-    else:
-        g = x5[:, torch.arange(H, device=x5.device)[:, None, None], kidx]  # B H G C T D
-    return g.reshape(B * H, G, C * T, D)
+def _flat_index(kidx: Tensor, B: int, H: int, nb: int) -> Tensor:
+    """H' x G x C key blocks -> (B H G C) rows of a (B H nb) x T x D view."""
+    base = (torch.arange(B * H, device=kidx.device) * nb).view(B, H, 1, 1)
+    return (base + kidx[None]).reshape(-1)
+
+
+def _gather(x: Tensor, flat: Tensor, B: int, H: int, G: int, C: int) -> Tensor:
+    """x: (B H nb) x T x D -> (B H) x G x (C T) x D, the key blocks of `flat` (_flat_index)."""
+    T, D = x.shape[-2:]
+    return x.index_select(0, flat).view(B * H, G, C * T, D)
+
+
+def _blocks(qsel: Tensor):
+    """A slice when the query blocks are consecutive (views, no copies), else the index."""
+    first, n = int(qsel[0]), len(qsel)
+    return slice(first, first + n) if int(qsel[-1]) - first + 1 == n else qsel
 
 
 def _bh(t: Optional[Tensor], B: int, H: int) -> Optional[Tensor]:
@@ -75,19 +82,22 @@ class _BandExtras(torch.autograd.Function):
         q4, k4, v4 = (t.reshape(B * H, n, W, D) for t in (q, k, v))
         out, lse, bmask = band.band_forward(q4, k4, v4, scale)
         out_t, lse_t = out.view(B * H, nb, T, D), lse.view(B * H, nb, T)
-        q5, k5, v5 = (t.view(B, H, nb, T, D) for t in (q, k, v))
+        q_t = q.view(B * H, nb, T, D)
+        k_r, v_r = k.view(B * H * nb, T, D), v.view(B * H * nb, T, D)
         for g in groups:
-            G = len(g.qsel)
-            qg = q5[:, :, g.qsel].reshape(B * H, G, T, D)
-            o, lg = fwd(qg, _gather(k5, g.kidx), _gather(v5, g.kidx), 0.0, False,
+            G, C = len(g.qsel), g.kidx.shape[-1]
+            sel, flat = _blocks(g.qsel), _flat_index(g.kidx, B, H, nb)
+            o, lg = fwd(q_t[:, sel], _gather(k_r, flat, B, H, G, C), _gather(v_r, flat, B, H, G, C), 0.0, False,
                         attn_mask=_bh(g.mask(q.dtype), B, H), scale=scale)
             if g.empty is not None:  # rows with no key here: the kernel reports lse 0, not -inf
                 lg = lg.masked_fill(_bh(g.empty, B, H), float("-inf"))
-            la = lse_t[:, g.qsel]
+            la = lse_t[:, sel]
             merged = torch.logaddexp(la, lg)
-            out_t[:, g.qsel] = out_t[:, g.qsel] * torch.exp(la - merged)[..., None] + \
-                o * torch.exp(lg - merged)[..., None]
-            lse_t[:, g.qsel] = merged
+            o_a = out_t[:, sel]
+            o_a.mul_(torch.exp(la - merged)[..., None]).add_(o.mul_(torch.exp(lg - merged)[..., None]))
+            if not isinstance(sel, slice):
+                out_t[:, sel] = o_a
+            lse_t[:, sel] = merged
         ctx.save_for_backward(q4, k4, v4, out, lse, *(() if bmask is None else (bmask,)))
         ctx.groups, ctx.scale, ctx.dims = groups, scale, (B, H, L, D, W, T)
         return out.view(B, H, L, D)
@@ -100,23 +110,19 @@ class _BandExtras(torch.autograd.Function):
         nb = L // T
         g4 = grad.reshape(q4.shape)
         dq, dk, dv = band.band_backward(g4, q4, k4, v4, out, lse, bmask[0] if bmask else None, ctx.scale)
-        q5, k5, v5 = (t.view(B, H, nb, T, D) for t in (q4, k4, v4))
-        dq_t = dq.view(B * H, nb, T, D)
-        dk5, dv5 = dk.view(B, H, nb, T, D), dv.view(B, H, nb, T, D)
+        q_t, dq_t = q4.view(B * H, nb, T, D), dq.view(B * H, nb, T, D)
+        k_r, v_r = k4.reshape(B * H * nb, T, D), v4.reshape(B * H * nb, T, D)
+        dk_r, dv_r = dk.view(B * H * nb, T * D), dv.view(B * H * nb, T * D)
         g_t, out_t, lse_t = g4.reshape(B * H, nb, T, D), out.view(B * H, nb, T, D), lse.view(B * H, nb, T)
-        dev = q4.device
         for g in ctx.groups:
             G, C = len(g.qsel), g.kidx.shape[-1]
-            qg = q5[:, :, g.qsel].reshape(B * H, G, T, D)
-            dqg, dkg, dvg = bwd(g_t[:, g.qsel].contiguous(), qg, _gather(k5, g.kidx), _gather(v5, g.kidx),
-                                out_t[:, g.qsel].contiguous(), lse_t[:, g.qsel].contiguous(), 0.0, False,
+            sel, flat = _blocks(g.qsel), _flat_index(g.kidx, B, H, nb)
+            dqg, dkg, dvg = bwd(g_t[:, sel], q_t[:, sel], _gather(k_r, flat, B, H, G, C),
+                                _gather(v_r, flat, B, H, G, C), out_t[:, sel], lse_t[:, sel], 0.0, False,
                                 attn_mask=_bh(g.mask(q4.dtype), B, H), scale=ctx.scale)
-            dq_t[:, g.qsel] += dqg
-            b_i = torch.arange(B, device=dev)[:, None, None, None]
-            h_i = torch.arange(H, device=dev)[None, :, None, None]
-            k_i = g.kidx[None].expand(1, H, G, C) if g.kidx.shape[0] == 1 else g.kidx[None]
-            dk5.index_put_((b_i, h_i, k_i), dkg.view(B, H, G, C, T, D), accumulate=True)
-            dv5.index_put_((b_i, h_i, k_i), dvg.view(B, H, G, C, T, D), accumulate=True)
+            dq_t[:, sel] += dqg
+            dk_r.index_add_(0, flat, dkg.reshape(-1, T * D))
+            dv_r.index_add_(0, flat, dvg.reshape(-1, T * D))
         shape = (B, H, L, D)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None
 

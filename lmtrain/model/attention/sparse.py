@@ -27,6 +27,10 @@ Paths, chosen per call from the inputs:
                 two causal flash-attention calls per chunk of W queries, merged by their
                 log-sum-exps (band.py): no mask, no gather, O(L W) at the fused kernel's speed.
                 ALiBi is folded into the dot product (fp32/fp64).
+  * merged    - CPU, every head group's union holds a window of W (window or bigbird; W a
+                multiple of the block), aligned, no documents, no token-id globals, no dropout:
+                the window on the band and only the blocks beyond it (global, random, ...)
+                gathered per head, merged by log-sum-exp in one autograd Function (merged.py).
   * flex      - CUDA, aligned, no dropout, no document ids: FlexAttention with a BlockMask built
                 from the rule (`create_block_mask`, block 128) and the positional score_mod,
                 compiled.
