@@ -41,10 +41,6 @@ class KVCache:
         k, v, pos = self.entries[key]
         self.entries[key] = (k[:, :, keep_S], v[:, :, keep_S], pos[keep_S])
 
-    def size(self) -> int:
-        """Positions held over all slots (what bounded caches keep small)."""
-        return sum(int(pos.shape[0]) for _, _, pos in self.entries.values())
-
     def repeat_last(self, src: Hashable, dst: Hashable, n: int) -> None:
         """Append to slot `dst` the last `n` positions of slot `src` (ACT: a position that has
         halted offers the same keys and values at every later step)."""
