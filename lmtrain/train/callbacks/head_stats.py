@@ -99,13 +99,18 @@ class PatternPictures(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        from lmtrain.evaluate.patterns import pattern_figure, picture_length, write_pattern_png
+        from lmtrain.evaluate.patterns import pattern_figure, picture_length
 
         model = pl_module.model
         if not model.hooks.patterns:
             return
-        write_pattern_png(model, self.seq_len, self.png_path)
+        fig = pattern_figure(model.pattern_masks(picture_length(self.seq_len)))  # drawn once: PNG and TensorBoard
+        fig.savefig(self.png_path, bbox_inches="tight")
+        self.png_path.chmod(0o644)
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
         if writer is not None and hasattr(writer, "add_figure"):
-            writer.add_figure("attention/pattern", pattern_figure(model.pattern_masks(picture_length(self.seq_len))),
-                              global_step=trainer.global_step)
+            writer.add_figure("attention/pattern", fig, global_step=trainer.global_step)  # closes it
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
