@@ -125,6 +125,10 @@ class OptimConfig:
     min_lr: float = 1e-4
     weight_decay: float = 0.1
     warmup_steps: int = 100
+    # The cosine reaches min_lr here (GPT-NeoX's lr_decay_iters); null: at trainer.max_steps.
+    # Longer than max_steps: training stops on a schedule that has not decayed yet (a probe read
+    # at equal steps, or the first part of a longer run).
+    decay_steps: Optional[int] = None
     grad_clip: float = 1.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -463,6 +467,9 @@ def validate(cfg: Config) -> list[str]:
     need(0 <= o.min_lr <= o.lr, "optim.min_lr: must be between 0 and optim.lr")
     need(o.weight_decay >= 0, "optim.weight_decay: must be 0 or more")
     need(o.warmup_steps >= 0, "optim.warmup_steps: must be 0 or more")
+    need(o.decay_steps is None or o.decay_steps > o.warmup_steps,
+         f"optim.decay_steps: {o.decay_steps} must exceed optim.warmup_steps={o.warmup_steps} (or be null: "
+         "decay over trainer.max_steps)")
     need(o.grad_clip >= 0, "optim.grad_clip: must be 0 (off) or positive")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas: must be two numbers in [0, 1)")
 

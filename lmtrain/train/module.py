@@ -185,7 +185,8 @@ class LMModule(pl.LightningModule):
 
     def configure_optimizers(self):
         offload = self.cfg.trainer.strategy == "deepspeed" and self.cfg.deepspeed.offload_optimizer
-        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps, cpu_offload=offload)
+        decay = self.cfg.optim.decay_steps or self.cfg.trainer.max_steps
+        opt, sched = build_optimizer(self.model, self.cfg.optim, decay, cpu_offload=offload)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}
 

@@ -283,6 +283,8 @@ CASES = [
     Case("unknown-key", cfg("model.n_layer=3"), "model.n_layer: unknown key (did you mean model.n_layers?)"),
     Case("wrong-type", cfg("model.n_layers=abc"), "model.n_layers: wrong type"),
     Case("bad-value", cfg("data.val_fraction=2"), "data.val_fraction"),
+    Case("decay-before-warmup", cfg("optim.warmup_steps=50", "optim.decay_steps=40"),
+         "optim.decay_steps: 40 must exceed optim.warmup_steps=50"),
     Case("unknown-kind", cfg("model.attention.kind=nope"), "model.attention.kind: unknown kind 'nope'"),
     Case("list-for-mapping", cfg("model=[1,2]"), "model: expected a mapping"),
     Case("sparse-unknown-pattern", cfg("model.attention.kind=sparse", "model.attention.pattern=windw"),

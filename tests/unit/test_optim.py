@@ -39,6 +39,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(steps, steps[1:]))
 
 
+def test_decay_steps_sets_the_cosine_not_the_stop():
+    """optim.decay_steps stretches the schedule past trainer.max_steps; null decays at max_steps."""
+    from lmtrain.train.module import LMModule
+
+    def lrs(*overrides):
+        cfg = load_config(CONFIGS / "debug.yaml", ["optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=10",
+                                                   "trainer.max_steps=110", *overrides])
+        sched = LMModule(cfg).configure_optimizers()["lr_scheduler"]["scheduler"]
+        return [sched.lr_lambdas[0](s) for s in (60, 110)]
+
+    assert lrs() == pytest.approx([0.55, 0.1])
+    assert lrs("optim.decay_steps=210") == pytest.approx([lr_at(s, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=210)
+                                                          for s in (60, 110)])
+    assert lrs("optim.decay_steps=210")[1] == pytest.approx(0.55)
+
+
 def test_flops_formula():
     cfg = load_config(CONFIGS / "debug.yaml")
     model = build_model(cfg)
