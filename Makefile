@@ -81,7 +81,7 @@ kernelized: $(STAMP)
 # at L=2048 on the stdlib corpus (auto-resumes), then perplexity against length; the copy
 # probe at L=1024 for each (the same budget) and passkey retrieval.
 SPARSE_PRESETS := dense window
-COPY_PRESETS   := dense window
+COPY_PRESETS   := dense window strided bigbird fixed shift
 SPARSE_OUT     := runs/sparse
 sparse: $(STAMP)
 	for p in $(SPARSE_PRESETS); do \
