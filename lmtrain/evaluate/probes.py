@@ -64,7 +64,12 @@ def passkey_prompt(tok, template: PasskeyTemplate, length: int, depth: float, ke
     before the question) of a prompt of exactly `length` tokens with the answer. Filler: the
     template's sentence repeated, or `filler_ids` (tokens of real text) in order."""
     intro, line = tok.encode(template.intro).ids, tok.encode(template.line.format(key=key)).ids
-    question, answer = tok.encode(template.question).ids, tok.encode(key).ids
+    # The question's trailing whitespace goes with the answer (as lm-evaluation-harness moves it
+    # into the continuation): byte-level BPE writes " 12345" as one word, so the answer's tokens
+    # are the ones the key line holds, which a model can copy; a lone space token then "12345"
+    # never occurs in training text.
+    ask = template.question.rstrip()
+    question, answer = tok.encode(ask).ids, tok.encode(template.question[len(ask):] + key).ids
     n_fill = length - len(intro) - len(line) - len(question) - len(answer)
     if n_fill < 0:
         raise EvalError(f"--lengths: {length} tokens cannot hold the passkey prompt "

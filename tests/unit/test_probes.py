@@ -113,6 +113,23 @@ def test_passkey_prompt_has_the_length_and_puts_the_key_at_its_depth():
         passkey_prompt(tok, t, 8, 0.5, "12345")
 
 
+def test_passkey_answer_tokens_are_the_key_lines_tokens():
+    """With a byte-level BPE the answer is the key as the key line writes it (space-prefixed),
+    so the prompt's key and the scored answer are the same tokens."""
+    from data_pipelines.tokenizer import train_tokenizer
+    from lmtrain.evaluate.probes import PasskeyTemplate, passkey_prompt
+
+    text = ["The pass key is 48213. Remember it. What is the pass key? The grass is green. 120 77"] * 50
+    tok = train_tokenizer(text, 300, show_progress=False)
+    t = PasskeyTemplate()
+    for key in ("48213", "90517"):
+        prompt, answer = passkey_prompt(tok, t, 200, 0.5, key)
+        assert tok.decode(answer) == " " + key and tok.decode(prompt).endswith("The pass key is")
+        line = tok.encode(t.line.format(key=key)).ids
+        assert any(line[i:i + len(answer)] == answer for i in range(len(line))), "answer tokens absent from the line"
+        assert tok.decode(prompt + answer).count(key) == 3
+
+
 def test_pattern_pictures_show_each_layer_and_distinct_head_group(tmp_path):
     from lmtrain.evaluate.patterns import _distinct_heads, write_pattern_png
 
