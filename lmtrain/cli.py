@@ -60,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-length", metavar="ARGS",
                    help="also submit `lmtrain eval-length RUN ARGS` to run after training succeeds (afterok)")
 
-    p = sub.add_parser("export", help="write consolidated fp32 safetensors, the config and the tokenizer")
+    p = sub.add_parser("export", help="write consolidated fp32 safetensors, the config and the tokenizer "
+                                      "(lmtrain's own layout, or a Hugging Face model directory)")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="the export directory (generate and eval-length accept it)")
+                   help="the export directory (generate and eval-length accept an lmtrain export)")
+    p.add_argument("--format", default="lmtrain", choices=("lmtrain", "hf"),
+                   help="hf: config.json, HF-named model.safetensors, tokenizer files; a native transformers "
+                        "architecture (MPT, GPT-NeoX, Llama) where the model is exactly one, else remote code")
+    p.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="hf: the longest sequence the export declares (default: 4x the training length)")
 
     p = sub.add_parser("bench", help="side-by-side benchmarks that report ratios (see docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -208,7 +214,9 @@ def cmd_submit(args) -> int:
 def cmd_export(args) -> int:
     from lmtrain.export import export
 
-    export(args.source, args.out)
+    if args.max_length is not None and args.max_length < 1:
+        return _fail(f"--max-length {args.max_length}: must be positive (the longest sequence the export declares)")
+    export(args.source, args.out, fmt=args.format, max_length=args.max_length)
     return 0
 
 

@@ -47,10 +47,18 @@ class Decoder(nn.Module):
             self.head.weight = self.embed.weight
         self.readout = Readout(self.norm, self.head)  # references, not submodules
         # Token ids that kernels treat as global tokens (sparse `globals`): flagged per forward.
-        ids = sorted({int(t) for k in self.attention_kernels() for t in getattr(k.cfg, "global_token_ids", ())})
-        self.register_buffer("global_token_ids", torch.tensor(ids, dtype=torch.int64) if ids else None,
-                             persistent=False)
+        self.register_buffer("global_token_ids", self._global_token_ids(), persistent=False)
         self.hooks = Hooks.collect(self)  # modules with lifecycle hooks, found once
+
+    def _global_token_ids(self) -> Optional[Tensor]:
+        ids = sorted({int(t) for k in self.attention_kernels() for t in getattr(k.cfg, "global_token_ids", ())})
+        return torch.tensor(ids, dtype=torch.int64) if ids else None
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (see ALiBi.reset_buffers)."""
+        if self.global_token_ids is not None:
+            self.global_token_ids.copy_(self._global_token_ids())
 
     @property
     def max_len(self) -> Optional[int]:

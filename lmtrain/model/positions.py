@@ -101,6 +101,12 @@ class ALiBi(Position):
         # A buffer, not a parameter: the paper's slopes are fixed.
         self.register_buffer("slopes", torch.tensor(alibi_slopes(n_heads)), persistent=False)
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (loaders that build on the meta device and
+        fill only the saved tensors call this: lmtrain/hf/remote.py)."""
+        self.slopes.copy_(torch.tensor(alibi_slopes(len(self.slopes)), dtype=self.slopes.dtype))
+
     def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
         """H L S for query positions L; B H L S for per-row query positions B L."""
         dist_LS = (k_pos_S - q_pos_L[..., None]).to(self.slopes.dtype)  # ([B] L S)

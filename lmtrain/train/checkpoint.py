@@ -307,6 +307,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_m
 
 # An export dir (`lmtrain export`): consolidated fp32 weights, the config, the tokenizer.
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_META = "model.safetensors", "config.yaml", "export.json"
+HF_EXPORT_CONFIG = "lmtrain.yaml"  # beside config.json in `--format hf` exports
 
 
 def _load_export(path: Path, device, with_model: bool) -> Trained:
@@ -317,16 +318,29 @@ def _load_export(path: Path, device, with_model: bool) -> Trained:
     from lmtrain.config import load_config
     from lmtrain.model import build_model
 
-    cfg = load_config(path / EXPORT_CONFIG)
     try:
         meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / EXPORT_META}: damaged ({_first_line(e)})") from None
+    prefix = ""
+    if meta.get("format_name") == "hf":  # `lmtrain export --format hf`
+        if meta.get("hf_family") != "remote":
+            raise CheckpointError(f"{path}: a Hugging Face export as {meta.get('hf_architecture')}; load it with "
+                                  "transformers, or point lmtrain at the run (or an `lmtrain export` without --format)")
+        cfg, prefix = load_config(path / HF_EXPORT_CONFIG), "model."
+    else:
+        cfg = load_config(path / EXPORT_CONFIG)
     model = None
     if with_model:
         model = build_model(cfg, device=device)
         try:
-            load_model(model, str(path / EXPORT_WEIGHTS), device=str(device))
+            if prefix:
+                from safetensors.torch import load_file
+
+                sd = load_file(str(path / EXPORT_WEIGHTS), device=str(device))
+                model.load_state_dict({k[len(prefix):]: v for k, v in sd.items()})
+            else:
+                load_model(model, str(path / EXPORT_WEIGHTS), device=str(device))
         except Exception as e:  # a truncated or foreign safetensors file, or weights of another model
             raise CheckpointError(f"{path / EXPORT_WEIGHTS}: damaged or not this model's weights "
                                   f"({_first_line(e)})") from None

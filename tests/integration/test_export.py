@@ -69,3 +69,31 @@ def test_a_new_run_starts_from_an_export(run, tiny_data, tmp_path):
     bad = run_cli("train", *args, "run.name=other", "model.n_layers=1")
     assert bad.returncode == 2 and "run.init_from" in bad.stderr and "model.n_layers" in bad.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_export_hf_loads_in_transformers_and_in_lmtrain(run, tmp_path):
+    """`--format hf` from a run: the debug model has biases, so it leaves as remote code (and
+    says why not native); files are group-readable; transformers computes the run's logits,
+    and lmtrain's own tools accept the directory too."""
+    import stat
+
+    transformers = pytest.importorskip("transformers")
+    from lmtrain.train.checkpoint import load_trained
+
+    out = tmp_path / "hf"
+    proc = run_cli("export", str(run), "--format", "hf", "--out", str(out), check=True)
+    assert "as LmtrainForCausalLM" in proc.stdout and "mpt: " in proc.stdout and "model.bias=true" in proc.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "configuration_lmtrain.py", "export.json", "generation_config.json",
+                     "lmtrain.yaml", "model.safetensors", "modeling_lmtrain.py", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ours = load_trained(run).model
+    ids = torch.randint(0, 512, (1, 256))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits_BLV, rtol=1e-5, atol=1e-5)
+    g = [run_cli("generate", str(src), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0",
+                 check=True).stdout for src in (run, out)]
+    assert g[0] == g[1]

@@ -108,12 +108,12 @@ def test_deepspeed_json_is_generated_from_the_config_with_raw_keys_merged():
     assert ds["communication_data_type"] == "fp32"
     assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 3
     # Stage 1 without offload carries no offload blocks; its buckets are capped at the model's
-    # 2,566,272 parameters (a bucket larger than the model holds nothing more).
+    # 2,557,632 parameters (a bucket larger than the model holds nothing more).
     plain = deepspeed_json(load_config(CONFIGS / "default.yaml",
                                        ["trainer.strategy=deepspeed", "deepspeed.zero_stage=1"]))
     assert plain["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
-                                          "reduce_bucket_size": 2_566_272, "allgather_bucket_size": 2_566_272}
-    assert z["stage3_prefetch_bucket_size"] == z["reduce_bucket_size"] == 2_566_272
+                                          "reduce_bucket_size": 2_557_632, "allgather_bucket_size": 2_557_632}
+    assert z["stage3_prefetch_bucket_size"] == z["reduce_bucket_size"] == 2_557_632
     # A model larger than DeepSpeed's default buckets keeps them; raw keys still win.
     big = deepspeed_json(load_config(CONFIGS / "experiments" / "multinode" / "gpt_6b7_zero3.yaml",
                                      ["deepspeed.raw.zero_optimization.reduce_bucket_size=2e8"]))["zero_optimization"]

@@ -35,13 +35,17 @@ def test_activations_follow_korthikanti_for_a_4x_feed_forward():
 
 def test_parameter_count_by_hand():
     """The default model, counted by hand: tied embeddings V d; per layer two LayerNorms
-    (2 d each), q/k/v and output projections with biases (4 d^2 + 4 d), the GELU MLP with
-    biases (2 d d_ff + d_ff + d); the final LayerNorm. No model is built to count."""
+    without biases (d each), q/k/v and output projections (4 d^2), the GELU MLP (2 d d_ff);
+    the final LayerNorm. No model is built to count. With model.bias=true: + 4 d + d_ff + d
+    + 2 d per layer and d for the final norm."""
     cfg = load_config(CONFIGS / "default.yaml")
     V, d, f, n = 4096, 192, 768, 4
-    per_layer = 2 * 2 * d + 4 * d * d + 4 * d + 2 * d * f + f + d
-    assert count_params(cfg) == V * d + n * per_layer + 2 * d == 2_566_272
+    per_layer = 2 * d + 4 * d * d + 2 * d * f
+    assert count_params(cfg) == V * d + n * per_layer + d == 2_557_632
     assert count_params(cfg) == sum(p.numel() for p in build_model(cfg).parameters())
+    biased = load_config(CONFIGS / "default.yaml", ["model.bias=true"])
+    assert count_params(biased) == V * d + n * (per_layer + 4 * d + f + d + 2 * d) + 2 * d == 2_566_272
+    assert count_params(biased) == sum(p.numel() for p in build_model(biased).parameters())
     # A 6.7B preset: counted in a moment, from its config alone.
     big = load_config(CONFIGS / "experiments" / "multinode" / "gpt_6b7_zero3.yaml")
     d, f, n, V = 4096, 16384, 32, 50304

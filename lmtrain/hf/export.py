@@ -1,0 +1,88 @@
+"""`lmtrain export SOURCE --format hf --out DIR`: a directory transformers loads.
+
+  config.json               a native family's config (lmtrain/hf/native.py), else the lmtrain
+                            config with `auto_map` onto lmtrain/hf/remote.py
+  model.safetensors         HF-named float32 tensors (tied tensors stored under both names)
+  tokenizer.json            the model's tokenizer, with tokenizer_config.json (end of sequence)
+  generation_config.json    end-of-sequence and padding ids for generate()
+  lmtrain.yaml, export.json the training config and where the export came from
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmtrain.config import to_dict, to_yaml
+from lmtrain.hf.native import native_family
+from lmtrain.hf.remote import AUTO_MAP, CONFIG_FILE, MODEL_TYPE, MODELING_FILE
+from lmtrain.train.checkpoint import HF_EXPORT_CONFIG
+
+WEIGHTS = "model.safetensors"
+TRANSFORMERS_FLOOR = "4.56"  # the oldest transformers these config fields were checked with
+
+
+def default_max_length(cfg) -> int:
+    """The length the export declares (MPT builds its ALiBi table for it): 4x the training length."""
+    return 4 * cfg.data.seq_len
+
+
+def _owned(tensors: dict) -> dict:
+    """Float32, contiguous, no two names sharing storage (safetensors refuses shared tensors)."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        t = t.detach().to(torch.float32).contiguous()
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[name] = t
+    return out
+
+
+def special_tokens(tok_path: Path) -> dict:
+    """The tokenizer's end-of-sequence token (and beginning/padding where the tokenizer has them)."""
+    from data_pipelines.tokenizer import EOT, load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    eos_id = tok.token_to_id(EOT)
+    if eos_id is None:
+        raise ValueError(f"{tok_path}: no end-of-sequence token {EOT!r}")
+    return {"eos_token": EOT, "eos_token_id": eos_id}
+
+
+def write_hf(t, tok_path: Path, out: Path, *, max_length: int | None = None) -> dict:
+    """Write the HF directory into `out` (an empty directory); returns what export.json says."""
+    from safetensors.torch import save_file
+
+    cfg = t.cfg
+    max_length = max_length or default_max_length(cfg)
+    sd = t.model.float().state_dict()
+    family, why = native_family(cfg)
+    special = special_tokens(tok_path)
+    ids = {"eos_token_id": special["eos_token_id"], "bos_token_id": None, "pad_token_id": None}
+    if family is not None:
+        hf = {"architectures": [family.architecture], **family.hf_config(cfg, max_length), **ids}
+        tensors = family.tensors(cfg, sd)
+    else:
+        hf = {"architectures": ["LmtrainForCausalLM"], "model_type": MODEL_TYPE, "auto_map": AUTO_MAP,
+              "lmtrain": to_dict(cfg), "vocab_size": cfg.data.vocab_size, "max_position_embeddings": max_length,
+              "hidden_size": cfg.model.d_model, "num_hidden_layers": cfg.model.n_layers,
+              "num_attention_heads": cfg.model.n_heads, "tie_word_embeddings": False, **ids}
+        tensors = {f"model.{k}": v for k, v in sd.items()}
+        for name, text in (CONFIG_FILE, MODELING_FILE):
+            (out / name).write_text(text)
+    hf["torch_dtype"] = "float32"
+    save_file(_owned(tensors), str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    (out / "tokenizer.json").write_bytes(tok_path.read_bytes())
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": special["eos_token"],
+               "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    gen = {"eos_token_id": special["eos_token_id"], "pad_token_id": special["eos_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    (out / HF_EXPORT_CONFIG).write_text(to_yaml(cfg))
+    return {"hf_family": family.name if family else "remote", "hf_architecture": hf["architectures"][0],
+            "max_length": max_length, "not_native": why if family is None else {}}
+
