@@ -17,11 +17,19 @@ import torch
 
 from lmtrain.config import to_dict, to_yaml
 from lmtrain.hf.native import native_family
-from lmtrain.hf.remote import AUTO_MAP, CONFIG_FILE, MODEL_TYPE, MODELING_FILE
 from lmtrain.train.checkpoint import HF_EXPORT_CONFIG
 
 WEIGHTS = "model.safetensors"
-TRANSFORMERS_FLOOR = "4.56"  # the oldest transformers these config fields were checked with
+MODEL_TYPE = "lmtrain"  # lmtrain/hf/remote.py's config class (writing an export needs no transformers)
+# The two files an export carries: transformers imports them by the names in auto_map.
+CONFIG_FILE = ("configuration_lmtrain.py",
+               '"""lmtrain export: the config class lives in the installed lmtrain package."""\n'
+               "from lmtrain.hf.remote import LmtrainConfig  # noqa: F401\n")
+MODELING_FILE = ("modeling_lmtrain.py",
+                 '"""lmtrain export: the model class lives in the installed lmtrain package."""\n'
+                 "from lmtrain.hf.remote import LmtrainConfig, LmtrainForCausalLM  # noqa: F401\n")
+AUTO_MAP = {"AutoConfig": "configuration_lmtrain.LmtrainConfig",
+            "AutoModelForCausalLM": "modeling_lmtrain.LmtrainForCausalLM"}
 
 
 def default_max_length(cfg) -> int:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-MODEL_TYPE = "lmtrain"
+from lmtrain.hf.export import MODEL_TYPE
 
 
 class LmtrainConfig(PretrainedConfig):
@@ -87,13 +87,3 @@ class LmtrainForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-
-# The two files an export carries: transformers imports them by the names in auto_map.
-CONFIG_FILE = ("configuration_lmtrain.py",
-               '"""lmtrain export: the config class lives in the installed lmtrain package."""\n'
-               "from lmtrain.hf.remote import LmtrainConfig  # noqa: F401\n")
-MODELING_FILE = ("modeling_lmtrain.py",
-                 '"""lmtrain export: the model class lives in the installed lmtrain package."""\n'
-                 "from lmtrain.hf.remote import LmtrainConfig, LmtrainForCausalLM  # noqa: F401\n")
-AUTO_MAP = {"AutoConfig": "configuration_lmtrain.LmtrainConfig",
-            "AutoModelForCausalLM": "modeling_lmtrain.LmtrainForCausalLM"}
