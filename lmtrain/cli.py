@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="hf: the longest sequence the export declares (default: 4x the training length)")
 
+    p = sub.add_parser("eval-harness", help="lm-evaluation-harness on a run, checkpoint or export (exported to "
+                                            "RUN/eval/hf first); results in RUN/eval/harness.{json,md} and TensorBoard")
+    p.add_argument("source", metavar="RUN_OR_EXPORT")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names; local, no network: "
+                                                  "lmtrain_python_mc (lmtrain/evaluate/harness_tasks/)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="documents per task (a count; below 1: a fraction), as lm_eval --limit")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", default="1", help="as lm_eval --batch_size (a number or auto)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not log to the run's TensorBoard")
+
     p = sub.add_parser("bench", help="side-by-side benchmarks that report ratios (see docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from lmtrain.bench.attention import add_arguments as bench_attention_args
@@ -344,7 +356,25 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "eval-retrieval": cmd_eval_retrieval,
+def cmd_eval_harness(args) -> int:
+    import torch
+
+    from lmtrain.evaluate.harness import evaluate_harness, write_report
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    rep = evaluate_harness(args.source, tasks=[t for t in args.tasks.split(",") if t], limit=limit,
+                           batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                           log=lambda s: print(s, file=sys.stderr))
+    print(rep["table"], end="")
+    written = write_report(rep, tensorboard=not args.no_tensorboard)
+    print(f"wrote {', '.join(str(p) for p in written)} ({rep['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "eval-retrieval": cmd_eval_retrieval, "eval-harness": cmd_eval_harness,
             "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
             "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit,
             "export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}

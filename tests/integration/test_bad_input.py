@@ -415,6 +415,8 @@ CASES = [
     Case("retrieval-copy-on-text", cmd("eval-retrieval", "{w.run}", "--task", "copy"), "not on the copy task"),
     Case("export-hf-max-length", cmd("export", "{w.run}", "--format", "hf", "--max-length", "0", "--out", "{w.root}/o"),
          "--max-length 0: must be positive"),
+    Case("eval-harness-unknown-task", cmd("eval-harness", "{w.run}", "--tasks", "no_such_task"),
+         "--tasks: unknown task(s) no_such_task; local tasks: lmtrain_python_mc"),
     Case("export-crafted", cmd("export", "{w.root}/evil.ckpt", "--out", "{w.root}/o"), "evil.ckpt: refused"),
     Case("export-truncated", cmd("export", "{w.root}/trunc.ckpt", "--out", "{w.root}/o"), "trunc.ckpt: damaged"),
     Case("export-onto-foreign", cmd("export", "{w.run}", "--out", "{w.root}/foreign"), "foreign: exists and is not"),

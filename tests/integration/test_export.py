@@ -97,3 +97,33 @@ def test_export_hf_loads_in_transformers_and_in_lmtrain(run, tmp_path):
     g = [run_cli("generate", str(src), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0",
                  check=True).stdout for src in (run, out)]
     assert g[0] == g[1]
+
+
+def test_eval_harness_scores_a_native_export_as_lm_eval_does(tiny_data, tmp_path):
+    """`lmtrain eval-harness` on a run whose model maps onto MPT (the default preset's choice)
+    writes its numbers, and `lm_eval --model hf` run directly on the export prints the same."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    from lmtrain.evaluate.harness import TASKS_DIR
+
+    run_cli("train", str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, "model.bias=false", "trainer.max_steps=3",
+            "trainer.val_every_n_steps=3", f"run.root={tmp_path}", "run.name=mpt", "trainer.progress_bar=false",
+            check=True)
+    run = tmp_path / "mpt"
+    proc = run_cli("eval-harness", str(run), "--tasks", "lmtrain_python_mc", "--limit", "8", check=True)
+    assert "as MptForCausalLM" in proc.stderr
+    rep = json.loads((run / "eval" / "harness.json").read_text())
+    ours = rep["metrics"]["lmtrain_python_mc"]
+    assert set(ours) >= {"acc", "acc_norm"} and rep["step"] == 3 and (run / "eval" / "harness.md").is_file()
+    direct = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={run / 'eval' / 'hf'},dtype=float32", "--tasks", "lmtrain_python_mc", "--include_path",
+         str(TASKS_DIR), "--limit", "8", "--device", "cpu", "--output_path", str(tmp_path / "le")],
+        capture_output=True, text=True, timeout=300, check=True)
+    files = list((tmp_path / "le").rglob("results_*.json"))
+    theirs = json.loads(files[0].read_text())["results"]["lmtrain_python_mc"]
+    assert theirs["acc,none"] == pytest.approx(ours["acc"])
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert "lmtrain_python_mc" in direct.stdout
