@@ -52,11 +52,12 @@ def _metrics(results: dict) -> dict[str, dict[str, float]]:
 def evaluate_harness(source: str, *, tasks: list[str], limit: Optional[float], batch_size: str,
                      num_fewshot: Optional[int], device: str, log: Callable[[str], None] = print) -> dict:
     try:
+        import accelerate  # noqa: F401  (lm-eval's hf model imports it)
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise EvalError("eval-harness needs lm-evaluation-harness: pip install 'lmtrain[eval]' "
-                        "(lm_eval>=0.4.13)") from None
+        raise EvalError("eval-harness needs lm-evaluation-harness with its hf extra: pip install 'lmtrain[eval]' "
+                        "(lm_eval[hf]>=0.4.13)") from None
     if not tasks:
         raise EvalError("--tasks: name at least one task, e.g. --tasks lmtrain_python_mc")
     if limit is not None and limit <= 0:

@@ -21,9 +21,9 @@ def test_model_code_is_free_of_lightning_and_deepspeed():
 # kind name instead of asking the variant what it declares.
 AXIS_KIND = r"\b(position|attention|ffn|residual|depth)\.kind\b"
 KIND_TEST = re.compile(AXIS_KIND + r"""\s*(==|!=|\bin\b|\bnot in\b)\s*[("'\[{]|["']\s*(==|!=)\s*[\w.]*""" + AXIS_KIND)
-# The peers of `bench train` are fixed external architectures: matching a config against them
-# by kind is their purpose.
-KIND_TEST_ALLOWED = {ROOT / "lmtrain" / "bench" / "peers.py"}
+# The peers of `bench train` and the native families of the HF export are fixed external
+# architectures: matching a config against them by kind is their purpose.
+KIND_TEST_ALLOWED = {ROOT / "lmtrain" / "bench" / "peers.py", ROOT / "lmtrain" / "hf" / "native.py"}
 
 
 def test_no_code_branches_on_a_kind_name():
