@@ -61,7 +61,7 @@ def evaluate_harness(source: str, *, tasks: list[str], limit: Optional[float], b
     if not tasks:
         raise EvalError("--tasks: name at least one task, e.g. --tasks lmtrain_python_mc")
     if limit is not None and limit <= 0:
-        raise EvalError(f"--limit {limit}: must be positive (a count, or a fraction below 1)")
+        raise EvalError(f"--limit {limit:g}: must be positive (a count, or a fraction below 1)")
     manager = TaskManager(include_path=str(TASKS_DIR))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
