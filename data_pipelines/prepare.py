@@ -30,7 +30,17 @@ from data_pipelines.shards import (
     write_meta,
 )
 from data_pipelines.sources import FileSource, SourceError, resolve_source
-from data_pipelines.tokenizer import EOT, eot_id, file_sha256, load_tokenizer, train_tokenizer
+from data_pipelines.tokenizer import (
+    EOT,
+    TokenizerError,
+    eos_token_of,
+    eot_id,
+    file_sha256,
+    id_count,
+    load_tokenizer,
+    resolve_pretrained,
+    train_tokenizer,
+)
 
 SPLIT_SALT = "lmtrain-split-v1"
 
@@ -77,17 +87,25 @@ def tokenizer_text(text: str) -> str:
                          text)
 
 
-def _encode_batch(batch, tokenizer_path: str):
+def _encode_batch(batch, tokenizer_path: str, eos_token: str):
     tok = _TOKENIZERS.get(tokenizer_path)
     if tok is None:
         tok = _TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
-    eot = eot_id(tok)
-    ids = [e.ids + [eot] for e in tok.encode_batch(batch["text"])]
+    eot = eot_id(tok, eos_token)
+    # No template tokens (a pretrained tokenizer's <s> per call): a document is its text, then EOT.
+    ids = [e.ids + [eot] for e in tok.encode_batch(batch["text"], add_special_tokens=False)]
     return {"ids": ids}
 
 
+def _pretrained(data_cfg):
+    try:
+        return resolve_pretrained(data_cfg.tokenizer)
+    except TokenizerError as e:
+        raise DataDirError(str(e)) from None
+
+
 def _inputs(data_cfg, source) -> dict:
-    return {
+    inputs = {
         "source": data_cfg.source,
         "fingerprint": source.fingerprint(),
         "vocab_size": data_cfg.vocab_size,
@@ -95,6 +113,12 @@ def _inputs(data_cfg, source) -> dict:
         "max_documents": data_cfg.max_documents,
         "text_field": data_cfg.text_field,
     }
+    # Only where they differ from a new BPE's, so data dirs prepared before these keys stay valid.
+    if data_cfg.tokenizer is not None:
+        inputs["tokenizer_sha256"] = _pretrained(data_cfg).sha256
+    if eos_token_of(data_cfg) != EOT:
+        inputs["eos_token"] = eos_token_of(data_cfg)
+    return inputs
 
 
 def _changed(data_cfg, inputs: dict, force: bool = False) -> tuple[dict | None, list[str]]:
@@ -190,29 +214,40 @@ def _write(out: Path, ds, parts: dict, data_cfg, inputs: dict, source, t0: float
     meta_path.unlink(missing_ok=True)  # incomplete from here until the end
     log(f"data: {len(parts['train']):,} train and {len(parts['val']):,} validation documents")
 
-    tok_path = out / "tokenizer.json"
+    tok_path, eos = out / "tokenizer.json", eos_token_of(data_cfg)
     tok_info = {"vocab_size_requested": data_cfg.vocab_size, "fingerprint": inputs["fingerprint"],
                 "max_documents": data_cfg.max_documents, "val_fraction": data_cfg.val_fraction}
+    if eos != EOT:
+        tok_info["eos_token"] = eos
     tok_info_path = out / "tokenizer.inputs.json"
-    if tok_path.is_file() and tok_info_path.is_file() and json.loads(tok_info_path.read_text()) == tok_info:
+    special = {"eos_token": eos}
+    if data_cfg.tokenizer is not None:
+        p = _pretrained(data_cfg)
+        log(f"data: using the pretrained tokenizer {data_cfg.tokenizer} ({id_count(p.tokenizer):,} ids, "
+            f"end of document {eos!r})")
+        atomic_write_text(tok_path, p.text)
+        atomic_write_text(tok_info_path, json.dumps({"tokenizer": data_cfg.tokenizer, "sha256": p.sha256}, indent=2))
+        special = {**p.special, "eos_token": eos}
+    elif tok_path.is_file() and tok_info_path.is_file() and json.loads(tok_info_path.read_text()) == tok_info:
         log(f"data: reusing {tok_path}")
     elif tok_path.is_file() and not tok_info_path.is_file():
         # A tokenizer the user placed there: use it if it fits the model's vocabulary.
-        size = load_tokenizer(tok_path).get_vocab_size()
-        if size > data_cfg.vocab_size:
-            raise DataDirError(f"data.vocab_size: {tok_path} has {size} tokens, more than {data_cfg.vocab_size}")
-        log(f"data: using the tokenizer found at {tok_path} ({size} tokens)")
+        log(f"data: using the tokenizer found at {tok_path} ({id_count(load_tokenizer(tok_path))} tokens)")
     else:
         log(f"data: training a byte-level BPE tokenizer of {data_cfg.vocab_size} tokens")
         train_texts = parts["train"]
         tok = train_tokenizer(([tokenizer_text(t) for t in train_texts[i : i + 256]["text"]]
-                               for i in range(0, len(train_texts), 256)), data_cfg.vocab_size)
+                               for i in range(0, len(train_texts), 256)), data_cfg.vocab_size, eos_token=eos)
         tok.save(str(tok_path) + ".tmp")
         os.replace(str(tok_path) + ".tmp", tok_path)
         atomic_write_text(tok_info_path, json.dumps(tok_info, indent=2))
     tok = load_tokenizer(tok_path)
-    if tok.token_to_id(EOT) is None:
-        raise DataDirError(f"{tok_path} has no end-of-document token {EOT!r}")
+    if tok.token_to_id(eos) is None:
+        raise DataDirError(f"data.eos_token: {tok_path} has no end-of-document token {eos!r}")
+    if id_count(tok) > data_cfg.vocab_size:
+        raise DataDirError(f"data.vocab_size: {tok_path} has {id_count(tok):,} ids, more than {data_cfg.vocab_size:,}")
+    # The special tokens, as transformers names them (the HF export writes them).
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(special, indent=2) + "\n")
 
     dtype = token_dtype(data_cfg.vocab_size)
     splits = {}
@@ -220,7 +255,7 @@ def _write(out: Path, ds, parts: dict, data_cfg, inputs: dict, source, t0: float
         enc = parts[split].map(
             _encode_batch, batched=True, batch_size=64,
             num_proc=min(data_cfg.num_proc, max(1, len(parts[split]) // 64)) or None,
-            remove_columns=parts[split].column_names, fn_kwargs={"tokenizer_path": str(tok_path)},
+            remove_columns=parts[split].column_names, fn_kwargs={"tokenizer_path": str(tok_path), "eos_token": eos},
             desc=f"tokenizing {split}",
         )
         column = enc.data.column("ids")
@@ -252,7 +287,8 @@ def _write(out: Path, ds, parts: dict, data_cfg, inputs: dict, source, t0: float
         "vocab_size": data_cfg.vocab_size,
         "tokenizer_vocab_size": tok.get_vocab_size(),
         "tokenizer_sha256": file_sha256(tok_path),
-        "eot_id": eot_id(tok),
+        "eot_id": eot_id(tok, eos),
+        "eos_token": eos,
         "dtype": np.dtype(dtype).name,
         "splits": splits,
     }

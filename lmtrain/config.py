@@ -49,6 +49,7 @@ MAX_NAME = 100  # run and job names: a file name, with room for the files made f
 # The largest vocabulary lmtrain trains a tokenizer for: the BPE trainer's memory grows with it
 # (2^31 tokens asked for 141 GB), and the largest vocabularies in use are near 2^18.
 MAX_VOCAB = 2**22
+DEFAULT_VOCAB = 8192  # a new BPE's size when data.vocab_size is null
 
 
 class ConfigError(ValueError):
@@ -81,7 +82,15 @@ class DataConfig:
     # *.jsonl / *.parquet (glob ok) | HF dataset name
     source: str = "stdlib"
     dir: str = "data/stdlib"
-    vocab_size: int = 8192
+    # A pretrained tokenizer instead of a new BPE: a tokenizer.json file, a transformers tokenizer
+    # directory, or a transformers tokenizer name (null: train a byte-level BPE on the train split).
+    tokenizer: Optional[str] = None
+    # The end-of-document token ending every document (null: <|endoftext|> for a new BPE, the
+    # tokenizer's own end-of-sequence token for a pretrained one), e.g. </s> or <|end_of_text|>.
+    eos_token: Optional[str] = None
+    # Embedding rows, and the size of a new BPE. null: 8192 for a new BPE; a pretrained
+    # tokenizer's size padded up to a multiple of 64.
+    vocab_size: Optional[int] = None
     seq_len: int = 256
     batch_size: int = 16  # per device, per micro-step
     val_fraction: float = 0.02
@@ -321,7 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = _merge_layers(layers)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
-    return _build(raw)
+    return _build(raw, load_tokenizer=True)
 
 
 def _check_shape(node: Any, schema: Any, prefix: str = "") -> None:
@@ -400,7 +409,7 @@ def _check_options(key: str, kind: str, node: DictConfig) -> None:
             raise ConfigError(f"{key}.{name}: unknown key ({hint})")
 
 
-def _build(raw: DictConfig) -> Config:
+def _build(raw: DictConfig, *, load_tokenizer: bool = False) -> Config:
     _bare_kinds(raw)  # saved configs of earlier releases (`position: alibi`)
     schema = _schema_for(raw)
     try:
@@ -409,10 +418,48 @@ def _build(raw: DictConfig) -> Config:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, schema)) from None
+    _resolve_tokenizer(cfg, load=load_tokenizer)
     errors = validate(cfg)
     if errors:
         raise ConfigError(errors[0] + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""))
     return cfg
+
+
+def _resolve_tokenizer(cfg: Config, *, load: bool) -> None:
+    """`data.eos_token` and a null `data.vocab_size` from the tokenizer. A pretrained one is loaded
+    here (`load`: a user's config), so a bad `data.tokenizer` fails at load time; a saved config
+    (a run, a checkpoint) has both settled and its model's tokenizer is the data dir's copy."""
+    from data_pipelines.tokenizer import EOT, TokenizerError, id_count, padded, resolve_pretrained
+
+    d = cfg.data
+    if d.eos_token is not None and not d.eos_token.strip():
+        raise ConfigError("data.eos_token: must not be empty; name a token such as </s>, or null for the "
+                          "tokenizer's own")
+    if d.tokenizer is not None and not d.tokenizer.strip():
+        raise ConfigError("data.tokenizer: must not be empty; give a tokenizer, or null to train a new BPE")
+    if d.tokenizer is None:
+        d.vocab_size = DEFAULT_VOCAB if d.vocab_size is None else d.vocab_size
+        if d.source == "copy" and d.eos_token not in (None, EOT):
+            raise ConfigError(f"data.eos_token: the copy task (data.source=copy) ends documents with {EOT}; set "
+                              "data.eos_token=null")
+        d.eos_token = d.eos_token or EOT
+        return
+    if d.source == "copy":
+        raise ConfigError("data.tokenizer: the copy task (data.source=copy) makes its own tokenizer; set "
+                          "data.tokenizer=null")
+    if not load and d.vocab_size is not None and d.eos_token is not None:
+        return
+    try:
+        p = resolve_pretrained(d.tokenizer)
+        d.eos_token = p.eos(d.eos_token)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    n = id_count(p.tokenizer)
+    if d.vocab_size is None:
+        d.vocab_size = padded(n)
+    elif d.vocab_size < n:
+        raise ConfigError(f"data.vocab_size: {d.vocab_size} is smaller than the {n:,} ids of {d.tokenizer}; set "
+                          f"data.vocab_size=null (its size padded to a multiple of 64: {padded(n)}) or at least {n}")
 
 
 def validate(cfg: Config) -> list[str]:
@@ -429,9 +476,11 @@ def validate(cfg: Config) -> list[str]:
                                           "give the run a name")
     need(len(cfg.run.name) <= MAX_NAME, f"run.name: {len(cfg.run.name)} characters; at most {MAX_NAME}")
     need(0 <= cfg.run.seed < 2**63, "run.seed: must be between 0 and 2^63 - 1")
-    need(257 <= d.vocab_size <= MAX_VOCAB, f"data.vocab_size: must be between 257 (256 bytes + end-of-document) and "
-                                           f"{MAX_VOCAB:,} (larger vocabularies need more memory to train than a "
-                                           "machine has)")
+    need(d.tokenizer is not None or 257 <= d.vocab_size <= MAX_VOCAB,
+         f"data.vocab_size: must be between 257 (256 bytes + end-of-document) and {MAX_VOCAB:,} (larger "
+         "vocabularies need more memory to train than a machine has)")
+    need(d.tokenizer is None or d.vocab_size <= MAX_VOCAB,
+         f"data.vocab_size: {d.vocab_size:,} rows exceed {MAX_VOCAB:,} (more memory to train than a machine has)")
     need(d.seq_len >= 2, "data.seq_len: must be at least 2")
     need(d.batch_size >= 1, "data.batch_size: must be at least 1")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction: must be strictly between 0 and 1")

@@ -72,6 +72,32 @@ def arg_value(args: list[str], key: str) -> str:
     return next(a for a in args if a.startswith(f"{key}=")).split("=", 1)[1]
 
 
+# -- tokenizers ------------------------------------------------------------------------------------
+def llama_style_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
+    """A pretrained-tokenizer directory as transformers saves one: `<unk>`, `<s>`, `</s>` at ids
+    0-2, a template that puts `<s>` before every encoding, and a tokenizer_config.json naming
+    them. Its size (`vocab_size`) is not a multiple of 64. Returns `folder`."""
+    import json
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-c]*.py"))]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return folder
+
+
 # -- memory ----------------------------------------------------------------------------------------
 def saved_bytes(fn) -> int:
     """Bytes of the tensors autograd keeps for backward while `fn()` runs (its result is
