@@ -252,7 +252,7 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from data_pipelines.tokenizer import eot_id, load_tokenizer
+    from data_pipelines.tokenizer import encode, eos_token_of, eot_id, load_tokenizer
     from lmtrain.generate import generate
     from lmtrain.train.checkpoint import load_trained, tokenizer_path
 
@@ -270,8 +270,8 @@ def cmd_generate(args) -> int:
     if not tok_path.is_file():
         return _fail(f"the tokenizer of this model is missing: {tok_path} (data.dir of the run)")
     tok = load_tokenizer(tok_path)
-    eot = eot_id(tok)
-    ids = tok.encode(args.prompt).ids if args.prompt else [eot]
+    eot = eot_id(tok, eos_token_of(cfg.data))
+    ids = encode(tok, args.prompt) if args.prompt else [eot]
     if model.max_len is not None and len(ids) + args.max_new_tokens > model.max_len:
         return _fail(f"--max-new-tokens: this model's {cfg.model.position.kind} positions end at {model.max_len}; "
                      f"the prompt has {len(ids)} tokens, so at most {model.max_len - len(ids)} new ones fit")

@@ -4,7 +4,7 @@
 
   model.safetensors   consolidated fp32 weights (tied weights stored once)
   config.yaml         the resolved training config
-  tokenizer.json      the model's tokenizer
+  tokenizer.json      the model's tokenizer (tokenizer_config.json: its special tokens)
   export.json         source checkpoint, step, parameter count, format version
 
 The source is a run dir, a Lightning checkpoint file, or a DeepSpeed checkpoint directory
@@ -82,6 +82,8 @@ def _write(t, tok: Path, tmp: Path) -> None:
     save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": f"lmtrain-export-{FORMAT}", "step": str(t.step)})
     (tmp / EXPORT_CONFIG).write_text(to_yaml(t.cfg))
     shutil.copyfile(tok, tmp / "tokenizer.json")
+    if (tok.parent / "tokenizer_config.json").is_file():  # its special tokens (bos, pad), for an HF export later
+        shutil.copyfile(tok.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
 
 
 def _write_meta(t, tmp: Path, extra: dict) -> None:

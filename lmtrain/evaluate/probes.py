@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.tokenizer import encode
 from lmtrain.evaluate.length import EvalError
 
 # The passkey prompt of Mohtashami & Jaggi (landmark attention), in three parts around the filler.
@@ -63,19 +64,19 @@ def passkey_prompt(tok, template: PasskeyTemplate, length: int, depth: float, ke
     """(prompt ids, answer ids): the key line at `depth` (0: right after the intro, 1: just
     before the question) of a prompt of exactly `length` tokens with the answer. Filler: the
     template's sentence repeated, or `filler_ids` (tokens of real text) in order."""
-    intro, line = tok.encode(template.intro).ids, tok.encode(template.line.format(key=key)).ids
+    intro, line = encode(tok, template.intro), encode(tok, template.line.format(key=key))
     # The question's trailing whitespace goes with the answer (as lm-evaluation-harness moves it
     # into the continuation): byte-level BPE writes " 12345" as one word, so the answer's tokens
     # are the ones the key line holds, which a model can copy; a lone space token then "12345"
     # never occurs in training text.
     ask = template.question.rstrip()
-    question, answer = tok.encode(ask).ids, tok.encode(template.question[len(ask):] + key).ids
+    question, answer = encode(tok, ask), encode(tok, template.question[len(ask):] + key)
     n_fill = length - len(intro) - len(line) - len(question) - len(answer)
     if n_fill < 0:
         raise EvalError(f"--lengths: {length} tokens cannot hold the passkey prompt "
                         f"({length - n_fill} tokens without filler); give longer lengths")
     if filler_ids is None:
-        unit = tok.encode(template.filler).ids
+        unit = encode(tok, template.filler)
         filler_ids = unit * (n_fill // max(1, len(unit)) + 1)
     elif len(filler_ids) < n_fill:
         raise EvalError(f"--filler data: {len(filler_ids):,} tokens of filler, fewer than the {n_fill:,} needed")

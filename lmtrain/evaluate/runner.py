@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from data_pipelines.tokenizer import EOT
 from lmtrain.evaluate.length import EvalError, LengthResult, evaluate_length, make_plans
 
 
@@ -31,29 +32,29 @@ def prepared_text(data_dir: str | Path) -> EvalText:
                     meta["tokenizer_sha256"])
 
 
-def source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int]) -> EvalText:
+def source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int], eos_token: str = EOT) -> EvalText:
     """Any data source (text files, jsonl/parquet, a hub dataset), tokenized with the model's
     tokenizer; documents in source order, each ended by EOT, until `need_tokens` are there.
     A source that cannot be read is an EvalError naming --data."""
     from data_pipelines.sources import SourceError
 
     try:
-        return _source_text(spec, tokenizer_path, need_tokens)
+        return _source_text(spec, tokenizer_path, need_tokens, eos_token)
     except SourceError as e:
         raise EvalError(f"--data: {str(e).removeprefix('data.source: ')}") from None
 
 
-def _source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int]) -> EvalText:
+def _source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int], eos_token: str) -> EvalText:
     from data_pipelines.sources import resolve_source
-    from data_pipelines.tokenizer import eot_id, file_sha256, load_tokenizer
+    from data_pipelines.tokenizer import encode, eot_id, file_sha256, load_tokenizer
 
     source = resolve_source(spec)
     tok = load_tokenizer(tokenizer_path)
-    eot = eot_id(tok)
+    eot = eot_id(tok, eos_token)
     ids: list[int] = []
     docs = 0
     for doc in source.documents():
-        ids.extend(tok.encode(doc.text).ids)
+        ids.extend(encode(tok, doc.text))
         ids.append(eot)
         docs += 1
         if need_tokens is not None and len(ids) >= need_tokens:
@@ -65,6 +66,7 @@ def _source_text(spec: str, tokenizer_path: Path, need_tokens: Optional[int]) ->
 def text_for(trained, data: Optional[str], need_tokens: Optional[int]) -> EvalText:
     """The text to evaluate a model on: its own validation split, or `data`."""
     from data_pipelines.shards import DataDirError
+    from data_pipelines.tokenizer import eos_token_of
     from lmtrain.train.checkpoint import tokenizer_path
 
     cfg = trained.cfg
@@ -81,7 +83,7 @@ def text_for(trained, data: Optional[str], need_tokens: Optional[int]) -> EvalTe
         if text.tokenizer_sha256 != file_sha256(model_tok):
             raise DataDirError(f"--data {data} was tokenized with another tokenizer than the model's ({model_tok})")
         return text
-    return source_text(data, model_tok, need_tokens)
+    return source_text(data, model_tok, need_tokens, eos_token_of(cfg.data))
 
 
 def parse_lengths(text: str) -> list[int]:

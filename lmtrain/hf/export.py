@@ -49,15 +49,21 @@ def _owned(tensors: dict) -> dict:
     return out
 
 
-def special_tokens(tok_path: Path) -> dict:
-    """The tokenizer's end-of-sequence token (and beginning/padding where the tokenizer has them)."""
-    from data_pipelines.tokenizer import EOT, load_tokenizer
+def special_tokens(cfg, tok_path: Path) -> dict:
+    """Token strings and ids: end of sequence (`data.eos_token`), and beginning, padding and
+    unknown where the tokenizer declares them (its tokenizer_config.json beside tokenizer.json)."""
+    from data_pipelines.tokenizer import declared_special, eos_token_of, load_tokenizer
 
     tok = load_tokenizer(tok_path)
-    eos_id = tok.token_to_id(EOT)
-    if eos_id is None:
-        raise ValueError(f"{tok_path}: no end-of-sequence token {EOT!r}")
-    return {"eos_token": EOT, "eos_token_id": eos_id}
+    names = {**declared_special(tok_path.parent), "eos_token": eos_token_of(cfg.data)}
+    out = {}
+    for key, name in names.items():
+        i = tok.token_to_id(name)
+        if i is None and key == "eos_token":
+            raise ValueError(f"{tok_path}: no end-of-sequence token {name!r}")
+        if i is not None:
+            out[key], out[f"{key}_id"] = name, i
+    return out
 
 
 def write_hf(t, tok_path: Path, out: Path, *, max_length: int | None = None) -> dict:
@@ -68,8 +74,8 @@ def write_hf(t, tok_path: Path, out: Path, *, max_length: int | None = None) -> 
     max_length = max_length or default_max_length(cfg)
     sd = t.model.float().state_dict()
     family, why = native_family(cfg)
-    special = special_tokens(tok_path)
-    ids = {"eos_token_id": special["eos_token_id"], "bos_token_id": None, "pad_token_id": None}
+    special = special_tokens(cfg, tok_path)
+    ids = {k: special.get(k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
     if family is not None:
         hf = {"architectures": [family.architecture], **family.hf_config(cfg, max_length), **ids}
         tensors = family.tensors(cfg, sd)
@@ -85,10 +91,14 @@ def write_hf(t, tok_path: Path, out: Path, *, max_length: int | None = None) -> 
     save_file(_owned(tensors), str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     (out / "tokenizer.json").write_bytes(tok_path.read_bytes())
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": special["eos_token"],
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
+               **{k: v for k, v in special.items() if not k.endswith("_id")},
                "model_max_length": max_length, "clean_up_tokenization_spaces": False}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    gen = {"eos_token_id": special["eos_token_id"], "pad_token_id": special["eos_token_id"]}
+    gen = {"eos_token_id": special["eos_token_id"],
+           "pad_token_id": special.get("pad_token_id", special["eos_token_id"])}
+    if "bos_token_id" in special:
+        gen["bos_token_id"] = special["bos_token_id"]
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     (out / HF_EXPORT_CONFIG).write_text(to_yaml(cfg))
     return {"hf_family": family.name if family else "remote", "hf_architecture": hf["architectures"][0],
