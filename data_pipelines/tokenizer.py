@@ -13,8 +13,10 @@ followed by the end-of-document token, as GPT-NeoX and lm-evaluation-harness enc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -164,6 +166,19 @@ def _resolve(spec: str, path: Path) -> Pretrained:
     return _from_transformers(spec, spec)
 
 
+@contextlib.contextmanager
+def _quiet_hub():
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [g.level for g in loggers]
+    for g in loggers:
+        g.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for g, level in zip(loggers, levels):
+            g.setLevel(level)
+
+
 def _from_transformers(spec: str, where: str) -> Pretrained:
     try:
         from transformers import AutoTokenizer
@@ -176,7 +191,23 @@ def _from_transformers(spec: str, where: str) -> Pretrained:
         raise TokenizerError(f"data.tokenizer: loading {spec} needs transformers (pip install 'lmtrain[hf]'), "
                              "or give its tokenizer.json") from None
     try:
-        hf = AutoTokenizer.from_pretrained(where)
+        with _quiet_hub():  # its retries are warnings; a failure is one line below
+            try:  # a directory, or a name in the Hugging Face cache
+                hf = AutoTokenizer.from_pretrained(where, local_files_only=True)
+            except OSError:
+                if Path(where).is_dir():
+                    raise
+                from data_pipelines.hub import unreachable
+
+                why = unreachable()
+                if why is not None:
+                    raise TokenizerError(
+                        f"data.tokenizer: {spec!r} is not in the Hugging Face cache and the Hub cannot be used "
+                        f"({why}); give a local tokenizer.json or directory, or fetch it where the network is "
+                        "(its cache then serves it)") from None
+                hf = AutoTokenizer.from_pretrained(where)
+    except TokenizerError:
+        raise
     except Exception as e:  # OSError (not found, offline), ValueError (no fast tokenizer), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenizerError(f"data.tokenizer: transformers cannot load {spec!r} ({first})") from None

@@ -82,3 +82,21 @@ def test_a_new_bpe_may_end_documents_with_another_token(tmp_path):
     meta = read_meta(tmp_path / "d")
     assert meta["eos_token"] == "</s>" and meta["eot_id"] == 0 and meta["inputs"]["eos_token"] == "</s>"
     assert json.loads((tmp_path / "d" / "tokenizer_config.json").read_text()) == {"eos_token": "</s>"}
+
+
+def test_a_hub_name_offline_fails_in_seconds_with_the_fixes(monkeypatch):
+    import time
+
+    from data_pipelines.hub import unreachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: 'no-such-org/no-such-tokenizer' is not in the Hugging "
+                                          r"Face cache .*HF_HUB_OFFLINE is set.*give a local tokenizer.json"):
+        load_config(DEBUG, ["data.tokenizer=no-such-org/no-such-tokenizer", "data.vocab_size=null"])
+    assert time.monotonic() - t0 < 10
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert unreachable().startswith("127.0.0.1 cannot be reached")
