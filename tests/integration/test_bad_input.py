@@ -203,8 +203,10 @@ class Case:
 
 
 def cfg(*overrides: str) -> Callable[[Workspace], list[str]]:
-    """`lmtrain config DEBUG` with the workspace's data and run root and these overrides."""
-    return lambda w: ["config", DEBUG, *TINY_DATA, f"data.dir={w.data}", f"run.root={w.root / 'runs'}", *overrides]
+    """`lmtrain config DEBUG` with the workspace's data and run root and these overrides (`{w.data}`
+    and such are filled in)."""
+    return lambda w: ["config", DEBUG, *TINY_DATA, f"data.dir={w.data}", f"run.root={w.root / 'runs'}",
+                      *(o.format(w=w) for o in overrides)]
 
 
 def train(*overrides: str, data: Optional[str] = None) -> Callable[[Workspace], list[str]]:
@@ -300,6 +302,14 @@ CASES = [
     Case("copy-few-symbols", cfg("data.source=copy", "data.seq_len=64", "data.copy.symbols=10"),
          "data.copy.symbols: 10 symbols cannot fill a half of 31"),
     Case("copy-unknown-key", cfg("data.source=copy", "data.copy.lenght=3"), "data.copy.lenght"),
+    Case("tokenizer-missing", cfg("data.tokenizer=missing/tokenizer.json"),
+         "data.tokenizer: missing/tokenizer.json does not exist"),
+    Case("tokenizer-not-a-tokenizer", cfg("data.tokenizer={w.root}/evil_raw.ckpt"),
+         "is not a tokenizers tokenizer.json"),
+    Case("tokenizer-eos-unknown", cfg("data.tokenizer={w.data}/tokenizer.json", "data.eos_token=</s>"),
+         "data.eos_token: '</s>' is not a token of"),
+    Case("tokenizer-vocab-small", cfg("data.tokenizer={w.data}/tokenizer.json", "data.vocab_size=300"),
+         "data.vocab_size: 300 is smaller than the 512 ids"),
     Case("scalar-for-mapping", cfg("data=5"), "data: expected a mapping"),
     Case("legacy-key", cfg("model.rope_theta=5"), "model.rope_theta: this key moved; write model.position.theta"),
     Case("negative-seed", cfg("run.seed=-1"), "run.seed"),

@@ -24,7 +24,7 @@ def test_export_round_trip(run, tmp_path):
     out = tmp_path / "exp"
     run_cli("export", str(run), "--out", str(out), check=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "export.json", "model.safetensors",
-                                                     "tokenizer.json"]
+                                                     "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((out / "export.json").read_text())["step"] == 4
 
     from safetensors.torch import load_file
