@@ -106,6 +106,20 @@ def test_zero_stage_trains_resumes_exactly_and_exports(stage, base_args, tmp_pat
     assert val_loss_of(out, data_dir) == pytest.approx(live, rel=1e-5, abs=1e-6)
     # The checkpoint directory itself loads the same way (generate, eval-length).
     assert val_loss_of(run / "checkpoints" / "last.ckpt", data_dir) == pytest.approx(live, rel=1e-5, abs=1e-6)
+    if stage == 3:  # the Hugging Face export from the shards: transformers computes the live model
+        hf_export_matches(run / "checkpoints" / "last.ckpt", tmp_path / "hf")
+
+
+def hf_export_matches(shards: Path, out: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from lmtrain.train.checkpoint import load_trained
+
+    run_cli("export", str(shards), "--format", "hf", "--out", str(out), check=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ours = load_trained(shards).model.eval()
+    ids = torch.randint(0, ours.vocab_size, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits_BLV, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_refuses_a_different_world_size_or_strategy(base_args):
