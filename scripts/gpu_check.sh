@@ -4,7 +4,8 @@
 # BlockMask from the rule) forward+backward against the reference, bf16
 # SDPA, bf16-mixed training, ACT in bf16, the Triton kernels of kernelized attention
 # (performer, rfa, linear) against their PyTorch reference, and DeepSpeed ZeRO-2 / ZeRO-3 in
-# bf16 on one GPU (train, resume from a sharded checkpoint, export). Results go into
+# bf16 on one GPU (train, resume from a sharded checkpoint, export), and vLLM serving the
+# native HF exports (MPT, GPT-NeoX, Llama; skipped unless vLLM is installed). Results go into
 # docs/benchmarks.md.
 #
 #   scripts/gpu_check.sh          run the checks (needs CUDA)

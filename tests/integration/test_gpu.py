@@ -1,7 +1,8 @@
 """GPU paths: compiled FlexAttention (softmax, adaptive span and sparse patterns), bf16 SDPA,
 bf16-mixed training, ACT in bf16, kernelized attention through Triton in bf16, MFU of a 350M
-model at 4k in bf16 and the cost of ALiBi there, DeepSpeed ZeRO-2/3 in bf16 on one GPU.
-Skipped without CUDA; `scripts/gpu_check.sh` runs them on a GPU machine."""
+model at 4k in bf16 and the cost of ALiBi there, DeepSpeed ZeRO-2/3 in bf16 on one GPU, vLLM
+serving the native HF exports (where vLLM is installed). Skipped without CUDA;
+`scripts/gpu_check.sh` runs them on a GPU machine."""
 
 from __future__ import annotations
 
@@ -248,3 +249,28 @@ def test_mfu_of_a_350m_model_at_4k_in_bf16_and_the_cost_of_alibi():
           f"MFU {none_mfu:.1%}; alibi / no bias {alibi_tps / none_tps:.3f}")
     assert alibi_mfu >= 0.45
     assert alibi_tps / none_tps >= 0.97
+
+
+@pytest.mark.parametrize("family", ["mpt", "gpt_neox", "llama"])
+def test_vllm_serves_the_native_export(family, tmp_path):
+    """vLLM loads each native HF export as its own architecture and decodes greedily the tokens
+    lmtrain's model gives. Skipped where vLLM is not installed (it pins its own torch build)."""
+    vllm = pytest.importorskip("vllm")
+    pytest.importorskip("transformers")
+    from data_pipelines.tokenizer import train_tokenizer
+    from lmtrain.generate import generate
+    from tests.unit.test_hf import NATIVE, exported
+
+    tok = tmp_path / "tokenizer.json"
+    train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, 257, show_progress=False).save(str(tok))
+    out = tmp_path / "hf"
+    out.mkdir()
+    cfg, model, meta = exported(NATIVE[family], tok, out)
+    assert meta["hf_family"] == family
+    prompt = torch.randint(0, cfg.data.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    want = generate(model, prompt, 12, temperature=0.0)[0, 10:].tolist()
+    llm = vllm.LLM(model=str(out), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2,
+                   max_model_len=4 * cfg.data.seq_len)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = llm.generate([{"prompt_token_ids": prompt[0].tolist()}], params)[0].outputs[0].token_ids
+    assert list(got) == want
