@@ -141,6 +141,8 @@ def _changed(data_cfg, inputs: dict, force: bool = False) -> tuple[dict | None, 
 
 def source_of(data_cfg):
     return resolve_source(data_cfg.source, text_field=data_cfg.text_field, hf_split=data_cfg.hf_split,
+                          glob_pattern=data_cfg.glob, hf_name=data_cfg.hf_name, hf_revision=data_cfg.hf_revision,
+                          hf_streaming=data_cfg.hf_streaming,
                           encoding=data_cfg.encoding)
 
 
@@ -175,7 +177,7 @@ def _read(source, data_cfg, inputs: dict, cache_dir: Path, log):
     import datasets
 
     log(f"data: reading {source.describe()}")
-    if isinstance(source, FileSource):
+    if isinstance(source, FileSource) or getattr(source, "streaming", False):
         # Streamed to Arrow on disk, so a corpus larger than memory is fine. The fingerprint
         # in gen_kwargs keys datasets' cache, so changed files are never served stale.
         # No progress bar of its own: a file refused on the way ends in one line, not a bar and a line.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -98,7 +99,15 @@ class DataConfig:
     # How text files are decoded; an undecodable byte is refused with the file and line. Set it
     # (latin-1, cp1252, utf-16, ...) to read files in another encoding on purpose.
     encoding: str = "utf-8"
-    hf_split: str = "train"
+    hf_split: str = "train"  # the split of a Hub dataset or of a save_to_disk DatasetDict
+    # A Hub dataset's config name (load_dataset's second argument), its revision (a branch, tag
+    # or commit), and whether to stream it (no full download; pair with data.max_documents).
+    hf_name: Optional[str] = None
+    hf_revision: Optional[str] = None
+    hf_streaming: bool = False
+    # Which files of a directory data.source to take (e.g. '**/*.txt'; null: text, jsonl, json,
+    # parquet and arrow files by extension, also compressed).
+    glob: Optional[str] = None
     max_documents: Optional[int] = None  # use only the first N documents (in source order)
     num_proc: int = 2  # tokenization processes
     num_workers: int = 1  # DataLoader workers per rank
@@ -167,6 +176,20 @@ class TrainerConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them
     # (torch.utils.checkpoint; any strategy, ZeRO-3 included): less memory, ~1/3 more compute.
     activation_checkpointing: bool = False
+    # Where metrics go, all on one step axis (the optimizer step): tensorboard (RUN/tb), csv
+    # (RUN/csv/metrics.csv), wandb (options under wandb.*). metrics.jsonl is always written.
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases, with `trainer.loggers` holding wandb."""
+
+    project: str = "lmtrain"
+    entity: Optional[str] = None  # a team or user; null: the API key's default
+    name: Optional[str] = None  # the W&B run name; null: run.name
+    tags: List[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (files under RUN/wandb, `wandb sync` later) | disabled
 
 
 @dataclass
@@ -225,6 +248,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -489,6 +513,13 @@ def validate(cfg: Config) -> list[str]:
     need(d.num_workers >= 0, "data.num_workers: must be 0 or more")
     need(d.val_batches >= 1, "data.val_batches: must be at least 1")
     need(bool(d.source.strip()), "data.source: must not be empty")
+    local = d.source in ("stdlib", "copy") or Path(d.source).expanduser().exists()
+    hub_keys = [k for k in ("hf_name", "hf_revision") if getattr(d, k) is not None] + ["hf_streaming"] * d.hf_streaming
+    need(not (local and hub_keys), f"data.{hub_keys[0] if hub_keys else ''}: applies to a Hugging Face dataset "
+                                   f"name, and data.source={d.source} is local; remove it")
+    need(d.glob is None or Path(d.source).expanduser().is_dir(),
+         f"data.glob: chooses files of a directory data.source, and {d.source} is not a directory; put the pattern "
+         "in data.source or remove data.glob")
     if d.source == "copy" and d.seq_len >= 2:
         from data_pipelines.probes import check_copy
 
@@ -536,6 +567,14 @@ def validate(cfg: Config) -> list[str]:
     need(t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops: must be positive (or null)")
     need(t.loss_chunk_tokens >= -1, "trainer.loss_chunk_tokens: -1 (auto), 0 (off) or a number of tokens")
     need(t.max_bad_steps >= 1, "trainer.max_bad_steps: must be at least 1 (non-finite steps tolerated in a row)")
+    from lmtrain.train.loggers import LOGGERS, WANDB_MODES
+
+    bad = [x for x in t.loggers if x not in LOGGERS]
+    need(not bad, f"trainer.loggers: {bad[0] if bad else ''!r} is not one of {', '.join(LOGGERS)}")
+    need(len(set(t.loggers)) == len(t.loggers), "trainer.loggers: a logger is named twice")
+    need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode: {cfg.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
+    if "wandb" in t.loggers and importlib.util.find_spec("wandb") is None:
+        errs.append("trainer.loggers: wandb needs the wandb package (pip install 'lmtrain[wandb]'), or drop wandb")
     if t.accelerator == "cpu" and t.precision in ("16-mixed",):
         errs.append("trainer.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on trainer.accelerator=cpu")
 

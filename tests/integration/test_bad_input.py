@@ -99,12 +99,13 @@ def ws(tmp_path_factory, tiny_data):
 
 def sources(src: Path) -> None:
     """Text sources, bad and good, for prepare-data."""
-    for name in ("empty", "binary", "latin", "jint", "jbad", "jfield", "parquet", "long", "nofiles"):
+    for name in ("empty", "binary", "binkind", "latin", "jint", "jbad", "jfield", "parquet", "long", "nofiles"):
         (src / name).mkdir(parents=True)
     rng = random.Random(1)
     for i in range(3):
         (src / "empty" / f"e{i}.txt").write_text("")
-        (src / "binary" / f"b{i}.bin").write_bytes(rng.randbytes(3000))
+        (src / "binary" / f"b{i}.txt").write_bytes(rng.randbytes(3000))  # named as text: refused
+        (src / "binkind" / f"b{i}.bin").write_bytes(rng.randbytes(3000))  # another kind: left out
         (src / "latin" / f"l{i}.txt").write_bytes(("café naïve résumé déjà vu\n" * 40).encode("latin-1"))
     rows = [json.dumps({"text": f"document {i} " * 20}) for i in range(6)]
     (src / "jint" / "d.jsonl").write_text("\n".join([*rows, json.dumps({"text": 12})]) + "\n")
@@ -382,6 +383,8 @@ CASES = [
     # -- prepare-data: what a source holds --
     Case("source-empty-files", prep("empty"), "hold no text", progress=True),
     Case("source-binary", prep("binary"), "a binary file (a NUL byte"),
+    Case("source-no-text-kinds", prep("binkind"), "holds no text, jsonl, json, parquet or arrow files (only .bin); "
+                                                  "set data.glob"),
     Case("source-latin-1", prep("latin"), "not valid utf-8"),
     Case("source-latin-1-on-purpose", prep("latin", "data.encoding=latin-1"), code=0, writes=True,
          check=prepared("prep-latin-latin-1")),
