@@ -96,6 +96,10 @@ class LMModule(pl.LightningModule):
         self.last_aux = scalars  # this rank's auxiliary losses and scalar stats (metrics.jsonl)
         self.last_lm_loss = loss.detach()
         self.last_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        # The x coordinate of every logger: the optimizer step this batch trains, 1..N (Lightning
+        # would use its count of steps done before it, 0..N-1). lmtrain/train/loggers.py.
+        self.log("step", float(self.trainer.global_step + 1), batch_size=x_BL.shape[0])
+        self.log("lr", self.last_lr, batch_size=x_BL.shape[0])
         # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)
         # run before the module's own batch-end hook.
         self.consumed_samples += x_BL.shape[0] * self.trainer.world_size
@@ -124,6 +128,8 @@ class LMModule(pl.LightningModule):
         if loss is not None:
             # the loss is already synced: every rank holds the same value
             self.log("val/ppl", perplexity(loss), sync_dist=True)
+            self.log("hp/val_loss", loss, sync_dist=True)  # TensorBoard's HParams column
+        self.log("step", float(self.trainer.global_step))  # validation follows step N: it is at N
 
     def on_before_optimizer_step(self, optimizer):
         if self._deepspeed_engine() is not None:  # gradients live in DeepSpeed's buffers

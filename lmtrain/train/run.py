@@ -147,22 +147,23 @@ def check_checkpoint_format(path: Path, cfg: Config) -> None:
 def build_trainer(cfg: Config, *, extra_callbacks=()):
     import lightning.pytorch as pl
     from lightning.fabric.plugins.environments import SLURMEnvironment
-    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from lmtrain.train.callbacks.checkpointing import RunCheckpoint
+    from lmtrain.train.callbacks.config_log import ConfigLog
     from lmtrain.train.callbacks.metrics_file import MetricsFile
     from lmtrain.train.callbacks.preemption import Preemption
     from lmtrain.train.callbacks.progress import ProgressLines
     from lmtrain.train.callbacks.throughput import Throughput
     from lmtrain.train.checkpoint_io import AtomicCheckpointIO
+    from lmtrain.train.loggers import build_loggers
     from lmtrain.train.strategy import build_strategy
 
     t = cfg.trainer
     run_dir = cfg.run_dir
     callbacks = [
         RunCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
-        LearningRateMonitor(logging_interval="step"),
+        ConfigLog(cfg),
         Throughput(cfg.data.seq_len, every=t.log_every_n_steps, peak_tflops=t.peak_tflops),
         MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),
         *extra_callbacks,
@@ -206,7 +207,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         gradient_clip_algorithm="norm",
         deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
+        logger=build_loggers(cfg),
         callbacks=callbacks,
         plugins=plugins,
         use_distributed_sampler=False,  # our sampler shards the global order itself

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lmtrain.evaluate.length import Plan, evaluate_length, make_plans
+from lmtrain.train.loggers import log_scalars
 
 
 class EvalLength(pl.Callback):
@@ -65,8 +66,7 @@ class EvalLength(pl.Callback):
             model.train(was_training)
         if not report:
             return metrics
-        if trainer.logger is not None and metrics:
-            trainer.logger.log_metrics(metrics, step=step)
+        log_scalars(trainer, metrics, step)
         if self.metrics_path is not None and metrics:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -20,6 +20,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from lmtrain.train.loggers import log_scalars, tensorboard_writer
+
 
 def heatmap_figure(name: str, rows: list[torch.Tensor], limit: float | None, step: int):
     import matplotlib
@@ -64,17 +66,16 @@ class HeadStats(pl.Callback):
             flat = torch.cat(rows)
             scalars[f"{name}/mean"] = record[f"{name}/mean"] = float(flat.mean())
             scalars[f"{name}/max"] = record[f"{name}/max"] = float(flat.max())
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(scalars, step=step)
+        log_scalars(trainer, scalars, step)
         if self.metrics_path is not None:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _pictures(self, trainer, pl_module):
-        if not trainer.is_global_zero or trainer.sanity_checking or trainer.logger is None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        writer = getattr(trainer.logger, "experiment", None)
-        if writer is None or not hasattr(writer, "add_histogram"):
+        writer = tensorboard_writer(trainer)
+        if writer is None:
             return
         stats, limits = pl_module.model.head_stats()
         step = trainer.global_step
@@ -107,8 +108,8 @@ class PatternPictures(pl.Callback):
         fig = pattern_figure(model.pattern_masks(picture_length(self.seq_len)))  # drawn once: PNG and TensorBoard
         fig.savefig(self.png_path, bbox_inches="tight")
         self.png_path.chmod(0o644)
-        writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        if writer is not None and hasattr(writer, "add_figure"):
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
             writer.add_figure("attention/pattern", fig, global_step=trainer.global_step)  # closes it
         else:
             import matplotlib.pyplot as plt

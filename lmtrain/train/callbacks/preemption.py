@@ -19,6 +19,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from lmtrain.train.loggers import log_scalars
+
 
 class Preemption(pl.Callback):
     def __init__(self, ckpt_dir: Path, every: int = 1, sig: int = signal.SIGUSR1, log=print):
@@ -41,8 +43,7 @@ class Preemption(pl.Callback):
         if job and trainer.is_global_zero:
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
             self._log(f"slurm: job {job}, restart {restarts}, step {trainer.global_step}")
-            if trainer.logger is not None:
-                trainer.logger.log_metrics({"slurm/restart_count": restarts}, step=trainer.global_step)
+            log_scalars(trainer, {"slurm/restart_count": restarts}, trainer.global_step)
 
     def on_fit_end(self, trainer, pl_module):
         if self._previous is not None:

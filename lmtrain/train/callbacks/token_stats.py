@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from lmtrain.evaluate.tokens import integer_histogram, measure, sample_figure
+from lmtrain.train.loggers import tensorboard_writer
 
 SAMPLE_WINDOWS = 4
 
@@ -62,8 +63,8 @@ class TokenStats(pl.Callback):
             hist = integer_histogram(values, int(limit) if limit else None)
             record[f"{name}/hist"] = hist
             record[f"{name}/mean"] = round(float(values.float().mean()), 4)
-            writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-            if writer is not None and hasattr(writer, "add_histogram"):
+            writer = tensorboard_writer(trainer)
+            if writer is not None:
                 writer.add_histogram(f"{name}/histogram", values.flatten().float(), global_step=step, bins="auto")
                 fig = sample_figure(self._token_texts(sample[0]), values[0].tolist(), name=name, limit=limit,
                                     title=f"{name} per token, validation sample, step {step}")
