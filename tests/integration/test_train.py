@@ -79,7 +79,7 @@ def test_tensorboard_has_the_promised_scalars(baseline):
     acc = EventAccumulator(str(baseline / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr/decay", "lr/no_decay", "perf/tokens_per_s",
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr", "hp/val_loss", "perf/tokens_per_s",
                 "perf/mfu", "perf/peak_tflops", "train/grad_norm"):
         assert tag in tags, (tag, sorted(tags))
 
