@@ -27,6 +27,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"lmtrain: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
+OVERRIDES_HELP = """\
+overrides:
+  key=value pairs after the preset change its keys (OmegaConf dotlist), e.g.
+    lmtrain train configs/default.yaml run.name=rope8 model.position=rope model.n_layers=8
+  Nested keys use dots; lists use brackets ('trainer.loggers=[tensorboard,csv]'); null
+  clears a key; quote values holding * or spaces. All overrides apply together, after the
+  preset. A model axis takes its kind directly (model.position=rope is
+  model.position.kind=rope). `lmtrain config PRESET [overrides]` prints the result; an
+  unknown key, a wrong type or a bad combination exits 2 with one line naming the key.
+"""
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset, e.g. configs/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dotlist overrides")
@@ -34,13 +46,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="lmtrain", description="Pretrain long-context decoder language models.")
+    from lmtrain import __version__
+
+    ap.add_argument("--version", action="version", version=f"lmtrain {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("prepare-data", help="train the tokenizer and pack the corpus into token files")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild a data.dir prepared for other inputs")
 
-    p = sub.add_parser("train", help="train (resumes automatically from RUN/checkpoints/last.ckpt)")
+    p = sub.add_parser("train", help="train (resumes automatically from RUN/checkpoints/last.ckpt)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OVERRIDES_HELP)
     _add_config_args(p)
     p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file or run dir")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir holds a checkpoint")
@@ -205,7 +221,8 @@ def cmd_plan(args) -> int:
     from lmtrain.plan import format_plan, plan
 
     cfg = load_config(args.config, args.overrides)
-    n_gpus = args.gpus if args.gpus is not None else max(cfg.trainer.devices, 1) * cfg.trainer.num_nodes
+    per_node = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
+    n_gpus = args.gpus if args.gpus is not None else per_node * cfg.trainer.num_nodes
     if n_gpus < 1:
         raise ConfigError("--gpus: must be at least 1")
     if not args.gpu_mem > 2.0:

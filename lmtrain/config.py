@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -41,6 +41,8 @@ from lmtrain.model.positions import PositionConfig
 from lmtrain.model.residual import ResidualConfig
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+# Lightning's short spellings, and what it takes them for.
+PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true", "64": "64-true"}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "single", "ddp", "ddp_spawn", "deepspeed")
 DEEPSPEED_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
@@ -158,7 +160,7 @@ class TrainerConfig:
     val_every_n_steps: int = 200
     precision: str = "32-true"
     accelerator: str = "auto"
-    devices: int = 1
+    devices: Union[int, str] = 1  # per node: a count, -1 (every GPU) or auto (Lightning's: every GPU, else 1)
     num_nodes: int = 1
     strategy: str = "auto"
     accumulate_grad_batches: int = 1
@@ -262,6 +264,38 @@ LEGACY = {"model.rope_theta": ("model.position", "rope", "theta"),
           "model.max_position": ("model.position", "learned", "max_position")}
 
 
+# Names other trainers (transformers, Lightning, nanoGPT, GPT-NeoX, LitGPT) use for our keys: an
+# unknown key whose last part is one of these is answered with our key.
+SYNONYMS = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_embed", "dim", "emb_dim"), "model.d_model"),
+    **dict.fromkeys(("num_layers", "n_layer", "num_hidden_layers", "depth"), "model.n_layers"),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "heads"), "model.n_heads"),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "ffn_hidden_size", "d_inner", "mlp_dim"), "model.d_ff"),
+    **dict.fromkeys(("learning_rate", "max_lr", "peak_lr"), "optim.lr"),
+    **dict.fromkeys(("warmup", "warmup_iters", "lr_warmup_steps", "warmup_steps"), "optim.warmup_steps"),
+    **dict.fromkeys(("lr_decay_iters", "decay_iters"), "optim.decay_steps"),
+    **dict.fromkeys(("gradient_clipping", "clip_grad", "grad_clip", "gradient_clip_val", "max_grad_norm"),
+                    "optim.grad_clip"),
+    **dict.fromkeys(("val_check_interval", "eval_interval", "eval_iters_interval"), "trainer.val_every_n_steps"),
+    **dict.fromkeys(("max_iters", "train_iters", "max_steps", "total_steps"), "trainer.max_steps"),
+    **dict.fromkeys(("log_interval", "logging_steps"), "trainer.log_every_n_steps"),
+    **dict.fromkeys(("gradient_accumulation_steps", "accumulate_grad_batches", "grad_accum"),
+                    "trainer.accumulate_grad_batches"),
+    **dict.fromkeys(("gpus", "num_gpus", "devices"), "trainer.devices"),
+    **dict.fromkeys(("dtype", "bf16", "fp16", "precision", "mixed_precision"), "trainer.precision"),
+    **dict.fromkeys(("batch_size", "micro_batch_size", "train_micro_batch_size_per_gpu", "per_device_train_batch_size"),
+                    "data.batch_size"),
+    **dict.fromkeys(("block_size", "seq_length", "max_seq_len", "context_length", "max_position_embeddings",
+                     "seq_len"), "data.seq_len"),
+    **dict.fromkeys(("padded_vocab_size", "n_vocab", "vocab_size"), "data.vocab_size"),
+    **dict.fromkeys(("save_interval", "checkpoint_interval", "save_steps"), "checkpoint.every_n_steps"),
+    **dict.fromkeys(("out_dir", "output_dir", "save_dir"), "run.root"),
+    **dict.fromkeys(("tie_word_embeddings", "tied_embeddings"), "model.tie_embeddings"),
+    "attention_dropout": "model.dropout", "hidden_dropout": "model.dropout", "seed": "run.seed",
+    "weight_decay": "optim.weight_decay", "min_lr": "optim.min_lr", "zero_stage": "deepspeed.zero_stage",
+}
+
+
 def _flat_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
@@ -279,6 +313,9 @@ def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
         candidates = _flat_keys(schema)
         parent = key.rpartition(".")[0]
         siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
+        synonym = SYNONYMS.get(key.rpartition(".")[2])
+        if synonym is not None and synonym != key and not difflib.get_close_matches(key, siblings, n=1, cutoff=0.85):
+            return f"{key}: unknown key (lmtrain calls it {synonym})"  # a typo of a sibling still gets its name
         close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or \
             difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see `lmtrain config configs/default.yaml` for all keys"
@@ -443,6 +480,9 @@ def _build(raw: DictConfig, *, load_tokenizer: bool = False) -> Config:
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, schema)) from None
     _resolve_tokenizer(cfg, load=load_tokenizer)
+    cfg.trainer.precision = PRECISION_ALIASES.get(str(cfg.trainer.precision), cfg.trainer.precision)
+    if isinstance(cfg.trainer.devices, str) and cfg.trainer.devices.strip().lstrip("-").isdigit():
+        cfg.trainer.devices = int(cfg.trainer.devices)
     errors = validate(cfg)
     if errors:
         raise ConfigError(errors[0] + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""))
@@ -560,7 +600,8 @@ def validate(cfg: Config) -> list[str]:
          f"trainer.accelerator: {t.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
     need(t.strategy in STRATEGIES,
          f"trainer.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
-    need(t.devices >= 1 or t.devices == -1, "trainer.devices: must be a positive count, or -1 for all")
+    need(t.devices == "auto" or (isinstance(t.devices, int) and (t.devices >= 1 or t.devices == -1)),
+         f"trainer.devices: {t.devices!r} must be a positive count, -1 (every GPU) or auto")
     need(t.num_nodes >= 1, "trainer.num_nodes: must be at least 1")
     need(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches: must be at least 1")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps: must be at least 1")

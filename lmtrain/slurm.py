@@ -44,8 +44,9 @@ def settings(cfg: Config, python: str, workdir: Path) -> dict:
     s, t = cfg.slurm, cfg.trainer
     run_dir = (workdir / cfg.run_dir).resolve()
     gpus = t.accelerator in ("gpu", "cuda")
-    if t.devices < 1:
-        raise ConfigError("trainer.devices: give the GPUs (tasks) per node as a number for `lmtrain submit`, not -1")
+    if not isinstance(t.devices, int) or t.devices < 1:
+        raise ConfigError(f"trainer.devices: give the GPUs (tasks) per node as a number for `lmtrain submit`, "
+                          f"not {t.devices}")
     job_name = _check(s.job_name or cfg.run.name, NAME, "slurm.job_name", "letters, digits, . _ -")
     scheduling = ""
     for key, value, pattern in (("partition", s.partition, PARTITION), ("account", s.account, NAME),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def check_checkpoint_format(path: Path, cfg: Config) -> None:
         raise ResumeError(
             f"trainer.strategy: {path} is {kind}, which trainer.strategy={t.strategy} cannot resume; resume with the "
             "strategy that wrote it, or `lmtrain export` it and start a new run (--no-resume or another run.name)")
-    if is_deepspeed_checkpoint(path) and t.devices > 0:
+    if is_deepspeed_checkpoint(path) and isinstance(t.devices, int) and t.devices > 0:
         saved, now = deepspeed_world_size(path), t.devices * t.num_nodes
         if saved != now:
             raise ResumeError(
@@ -363,8 +364,9 @@ def finish(cfg: Config, trainer, module, datamodule, log=print) -> dict:
         "unigram_val_ppl": unigram_perplexity(cfg.data.dir, cfg.data.seq_len, windows, cfg.data.vocab_size),
         "val_tokens_scored": len(windows) * cfg.data.seq_len,
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
-        "tensorboard": str(run_dir / "tb"),
+        "tensorboard": str(run_dir / "tb") if "tensorboard" in cfg.trainer.loggers else None,
         "metrics": str(run_dir / "metrics.jsonl"),
+        "sample_prompt": sample_prompt(cfg),
     }
     if "val/copy_acc" in results[0]:  # the copy probe: accuracy and loss on the copied half
         summary["val_copy_acc"] = float(results[0]["val/copy_acc"])
@@ -387,7 +389,34 @@ def format_summary(s: dict) -> str:
         *([f"  copy accuracy             {s['val_copy_acc']:.4f}  (loss {s['val_copy_loss']:.4f}, on the copied half)"]
           if "val_copy_acc" in s else []),
         f"  checkpoint                {s['last_checkpoint']}",
-        f"  TensorBoard logs          {s['tensorboard']}",
-        f"  open them with            tensorboard --logdir {s['tensorboard']}   (then http://localhost:6006)",
-        f"  sample from the model     lmtrain generate {Path(s['last_checkpoint']).parent.parent} --prompt 'def '",
+        *([f"  TensorBoard logs          {s['tensorboard']}",
+           f"  open them with            tensorboard --logdir {s['tensorboard']}   (then http://localhost:6006)"]
+          if s.get("tensorboard") else []),
+        f"  sample from the model     lmtrain generate {Path(s['last_checkpoint']).parent.parent}"
+        + (f" --prompt {shlex.quote(s['sample_prompt'])}" if s.get("sample_prompt") else ""),
     ])
+
+
+def sample_prompt(cfg, max_chars: int = 24) -> str:
+    """A prompt like the run's own text, for the end-of-run hint: the opening words of its first
+    validation document (so a corpus of novels is not offered `def `). Empty for the copy task
+    or when nothing readable is there."""
+    if cfg.data.source == "copy":
+        return ""
+    try:
+        from data_pipelines.shards import open_tokens
+        from data_pipelines.tokenizer import eos_token_of, load_tokenizer
+
+        tok = load_tokenizer(Path(cfg.data.dir) / "tokenizer.json")
+        eos = tok.token_to_id(eos_token_of(cfg.data))
+        ids = [int(i) for i in open_tokens(cfg.data.dir, "val")[:64]]
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        text = tok.decode(ids).lstrip().split("\n", 1)[0]
+    except Exception:  # a hint only: never fail a finished run over it
+        return ""
+    words, out = text.split(" "), ""
+    for w in words:  # whole words, up to max_chars
+        if out and len(out) + 1 + len(w) > max_chars:
+            break
+        out = f"{out} {w}" if out else w
+    return out[:max_chars] + (" " if out else "")

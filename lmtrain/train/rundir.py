@@ -28,7 +28,7 @@ def check_environment(cfg: Config) -> None:
         if available == 0:
             raise ConfigError(f"trainer.accelerator={t.accelerator}: no CUDA device on this machine; use "
                               "trainer.accelerator=cpu (or auto)")
-        if t.devices > available:
+        if isinstance(t.devices, int) and t.devices > available:
             raise ConfigError(f"trainer.devices={t.devices}: this machine has {available} CUDA device(s)")
     on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and t.precision == "16-mixed":

@@ -285,6 +285,12 @@ CASES = [
     # -- configs, presets and overrides (any command that takes a config) --
     Case("unknown-key", cfg("model.n_layer=3"), "model.n_layer: unknown key (did you mean model.n_layers?)"),
     Case("wrong-type", cfg("model.n_layers=abc"), "model.n_layers: wrong type"),
+    Case("synonym-hidden-size", cfg("model.hidden_size=512"), "model.hidden_size: unknown key (lmtrain calls it "
+                                                              "model.d_model)"),
+    Case("synonym-learning-rate", cfg("learning_rate=3e-4"), "learning_rate: unknown key (lmtrain calls it optim.lr)"),
+    Case("synonym-val-check-interval", cfg("trainer.val_check_interval=100"),
+         "(lmtrain calls it trainer.val_every_n_steps)"),
+    Case("devices-word", cfg("trainer.devices=many"), "trainer.devices: 'many' must be a positive count, -1"),
     Case("bad-value", cfg("data.val_fraction=2"), "data.val_fraction"),
     Case("decay-before-warmup", cfg("optim.warmup_steps=50", "optim.decay_steps=40"),
          "optim.decay_steps: 40 must exceed optim.warmup_steps=50"),

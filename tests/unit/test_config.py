@@ -169,3 +169,23 @@ def test_configs_saved_by_earlier_releases_still_load():
         cfg = from_dict(saved)
         assert to_dict(cfg)["model"]["position"] == want
         assert cfg.model.residual.kind == "reversible" and cfg.model.ffn.kind == "mlp"
+
+
+def test_lightning_spellings_of_devices_and_precision_are_accepted():
+    from lmtrain.config import load_config
+    from tests.helpers import DEBUG
+
+    cfg = load_config(DEBUG, ["trainer.devices=auto", "trainer.precision=bf16"])
+    assert (cfg.trainer.devices, cfg.trainer.precision) == ("auto", "bf16-mixed")
+    for given, meant in (("16", "16-mixed"), ("32", "32-true"), ("64", "64-true"), ("bf16-true", "bf16-true")):
+        assert load_config(DEBUG, [f"trainer.precision={given}", "trainer.accelerator=gpu"]).trainer.precision == meant
+    assert load_config(DEBUG, ["trainer.devices=2"]).trainer.devices == 2
+
+
+def test_cli_version_and_train_help_explain_overrides():
+    import lmtrain
+    from tests.helpers import run_cli
+
+    assert run_cli("--version").stdout.strip() == f"lmtrain {lmtrain.__version__}"
+    out = run_cli("train", "--help").stdout
+    assert "overrides:" in out and "model.position=rope is" in out and "lmtrain config PRESET" in out

@@ -215,3 +215,35 @@ def test_too_short_validation_split_is_a_data_error(tiny_data):
 
     with pytest.raises(DataDirError, match="data.seq_len"):
         TokenDataModule(_cfg(*tiny_data, "data.seq_len=100000"))
+
+
+def test_the_end_of_run_prompt_comes_from_the_corpus(tiny_cfg, tmp_path):
+    """`lmtrain generate ... --prompt` in the end-of-run hint opens like the run's own text (a
+    corpus of novels is not offered `def `); whole words, at most 24 characters."""
+    from lmtrain.train.run import format_summary, sample_prompt
+
+    cfg = tiny_cfg()
+    first_val = decoded_val_start(cfg)
+    prompt = sample_prompt(cfg)
+    assert prompt and len(prompt) <= 25 and first_val.lstrip().startswith(prompt.strip())
+    novel = tmp_path / "novel.txt"
+    novel.write_text("It was the best of times, it was the worst of times.\n\n" * 400)
+    from data_pipelines.prepare import prepare
+    from lmtrain.config import load_config
+    from tests.helpers import DEBUG
+
+    ncfg = load_config(DEBUG, [f"data.source={novel}", f"data.dir={tmp_path / 'd'}", "data.vocab_size=300",
+                               "data.num_workers=0"])
+    prepare(ncfg.data, log=lambda s: None)
+    assert sample_prompt(ncfg) == "It was the best of times, "[:24].rsplit(" ", 1)[0] + " "
+    text = format_summary({"step": 1, "val_loss": 1.0, "val_ppl": 2.7, "unigram_val_ppl": 9.0, "val_tokens_scored": 1,
+                           "last_checkpoint": "runs/x/checkpoints/last.ckpt", "tensorboard": None,
+                           "sample_prompt": "It was the best "})
+    assert "--prompt 'It was the best '" in text and "TensorBoard" not in text
+
+
+def decoded_val_start(cfg) -> str:
+    from data_pipelines.shards import open_tokens
+
+    tok = load_tokenizer(Path(cfg.data.dir) / "tokenizer.json")
+    return tok.decode([int(i) for i in open_tokens(cfg.data.dir, "val")[:64]])
