@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     p.add_argument("--eval-length", metavar="ARGS",
                    help="also submit `lmtrain eval-length RUN ARGS` to run after training succeeds (afterok)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one job array over these values (repeat for a product); task K trains in run.name-K, "
+                        "resuming and requeueing on its own; RUN-sweep/sweep.tsv lists the tasks")
+    p.add_argument("--dependency", metavar="SPEC",
+                   help="passed to sbatch for the training job, e.g. afterok:123 or singleton")
 
     p = sub.add_parser("export", help="write consolidated fp32 safetensors, the config and the tokenizer "
                                       "(lmtrain's own layout, or a Hugging Face model directory)")
@@ -232,11 +237,17 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from lmtrain.config import load_config
-    from lmtrain.slurm import submit
+    from lmtrain.config import ConfigError, load_config
+    from lmtrain.slurm import parse_sweeps, submit, sweep_name
 
     cfg = load_config(args.config, args.overrides)
-    submit(cfg, dry_run=args.dry_run, eval_length=args.eval_length)
+    tasks = None
+    if args.sweep:
+        if any(s.split("=", 1)[0] in ("run.name", "run.root") for s in args.sweep):
+            raise ConfigError("--sweep: run.name and run.root name the task run dirs (run.name-K); sweep other keys")
+        tasks = [load_config(args.config, [*args.overrides, *o, f"run.name={sweep_name(cfg.run.name, k)}"])
+                 for k, o in enumerate(parse_sweeps(args.sweep))]
+    submit(cfg, dry_run=args.dry_run, eval_length=args.eval_length, sweep_tasks=tasks, dependency=args.dependency)
     return 0
 
 

@@ -224,6 +224,9 @@ class SlurmConfig:
     mem: str = "0"  # per node, e.g. 480G; 0 = all of it
     signal_seconds: int = 300  # USR1 this long before the time limit: save, requeue, exit
     env_hook: str = ""  # a shell file sourced before training (module loads, venv activation)
+    # More #SBATCH options, each as sbatch takes it: --constraint=a100, --exclusive,
+    # --exclude=node[01-04], --gres=gpu:a100:8, --mail-type=END, --mail-user=me@example.org
+    extra: List[str] = field(default_factory=list)
 
 
 @dataclass

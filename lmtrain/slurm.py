@@ -27,6 +27,16 @@ TIME = re.compile(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?|\d+")
 MEM = re.compile(r"\d+[KMGT]?")
 PATH = re.compile(r"[A-Za-z0-9._/+@=,~-]+")  # no spaces, quotes, $, `, ;, &, |, <, >, (, ), *, ?, [, ], {, }, !, #
 ARG = re.compile(r"[A-Za-z0-9._/+@=,:-]+")
+# slurm.extra: one sbatch option per entry (node lists need brackets: --exclude=node[01-04]).
+EXTRA = re.compile(r"--[a-z][a-z0-9-]*(=[A-Za-z0-9._:,@/+%=\[\]-]+)?")
+# Options lmtrain writes itself: their own key (or none: lmtrain needs them as they are).
+OWNED = {"job-name": "slurm.job_name", "partition": "slurm.partition", "account": "slurm.account",
+         "qos": "slurm.qos", "time": "slurm.time", "mem": "slurm.mem", "cpus-per-task": "slurm.cpus_per_task",
+         "nodes": "trainer.num_nodes", "ntasks-per-node": "trainer.devices", "gpus-per-node": "trainer.devices",
+         "signal": "slurm.signal_seconds", "output": None, "error": None, "open-mode": None, "requeue": None,
+         "no-requeue": None, "array": None, "dependency": None}
+_AFTER = r"(after(ok|any|notok|corr|burstbuffer)?(:\d+(_\d+)?(\+\d+)?)+|singleton)"
+DEPENDENCY = re.compile(rf"{_AFTER}([,?]{_AFTER})*")
 
 
 def _check(value: str, pattern: re.Pattern, key: str, what: str) -> str:
@@ -60,8 +70,20 @@ def settings(cfg: Config, python: str, workdir: Path) -> dict:
             raise ConfigError(f"slurm.env_hook: {s.env_hook} is not a file "
                               "(a shell file with module loads, venv activation)")
         env_hook = f"source {_path(hook.resolve(), 'slurm.env_hook')}\n"
+    extra = ""
+    for item in s.extra:
+        _check(item, EXTRA, "slurm.extra", "sbatch options such as --constraint=a100 or --exclusive")
+        option = item[2:].split("=", 1)[0]
+        if option in OWNED:
+            where = f"set it with {OWNED[option]}" if OWNED[option] else "lmtrain writes it itself"
+            raise ConfigError(f"slurm.extra: --{option} is not allowed here ({where})")
+        extra += f"#SBATCH {item}\n"
     return {
         "job_name": job_name,
+        "extra": extra,
+        "array": "",
+        "log_name": "%x-%j",
+        "config_block": f"CONFIG={_path(run_dir / 'slurm' / 'config.yaml', 'run dir (run.root/run.name)')}\n",
         "nodes": str(t.num_nodes),
         "tasks_per_node": str(t.devices),
         "gres": f"#SBATCH --gpus-per-node={t.devices}\n" if gpus else "",
@@ -113,33 +135,192 @@ def sbatch(script: Path, *, dependency: Optional[str] = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+class _Writes:
+    """Files written for a submission, undone if sbatch refuses it: a failed submission leaves
+    the run dirs as they were (files restored, directories it made removed)."""
+
+    def __init__(self):
+        self.files: list[tuple[Path, Optional[bytes]]] = []
+        self.dirs: list[Path] = []
+
+    def mkdir(self, d: Path) -> None:
+        missing = [p for p in [d, *d.parents] if not p.exists()]
+        d.mkdir(parents=True, exist_ok=True)
+        self.dirs.extend(reversed(missing))
+
+    def write(self, path: Path, text: str) -> Path:
+        self.mkdir(path.parent)
+        self.files.append((path, path.read_bytes() if path.is_file() else None))
+        path.write_text(text)
+        return path
+
+    def undo(self) -> None:
+        for path, old in reversed(self.files):
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(old)
+        for d in reversed(self.dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def parse_sweeps(items: list[str]) -> list[list[str]]:
+    """`--sweep key=v1,v2` (each may repeat) -> the overrides of every task, the product of the
+    sweeps in order (the last varies fastest). Commas inside brackets stay with their value."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--sweep {item}: write key=value1,value2")
+        parts, depth, cur = [], 0, ""
+        for ch in values:
+            depth += ch in "[{" and 1 or 0
+            depth -= ch in "]}" and 1 or 0
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        parts.append(cur)
+        if any(not v for v in parts) or len(set(parts)) != len(parts):
+            raise ConfigError(f"--sweep {item}: give distinct, non-empty values separated by commas")
+        axes.append([f"{key}={v}" for v in parts])
+    tasks = [[]]
+    for axis in axes:
+        tasks = [[*t, o] for t in tasks for o in axis]
+    return tasks
+
+
+def sweep_name(name: str, k: int) -> str:
+    return f"{name}-{k}"
+
+
+def check_partition(cfg: Config, run=subprocess.run) -> Optional[str]:
+    """Refuse a request no node of the partition can hold, when `sinfo` can tell (CPUs, memory
+    and GPUs per node, node count); None when it fits or sinfo cannot answer. Such a job would
+    pend forever (reason PartitionConfig) without a word."""
+    exe = shutil.which("sinfo")
+    if exe is None:
+        return None
+    s, t = cfg.slurm, cfg.trainer
+    cmd = [exe, "-h", "-o", "%P|%c|%m|%D|%G"] + (["-p", s.partition.split(",")[0]] if s.partition else [])
+    try:
+        proc = run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split("|") for line in proc.stdout.strip().splitlines() if line.count("|") == 4]
+    if proc.returncode != 0 or not rows:
+        return None
+    if s.partition:
+        rows = [r for r in rows if r[0].rstrip("*") == s.partition.split(",")[0]] or rows
+    else:
+        rows = [r for r in rows if r[0].endswith("*")] or rows[:1]
+    part = rows[0][0].rstrip("*")
+    rows = [r for r in rows if r[0].rstrip("*") == part]
+
+    def number(text: str) -> int:
+        m = re.match(r"\d+", text)
+        return int(m.group()) if m else 0
+
+    cpus = max(number(r[1]) for r in rows)
+    mem_mb = max(number(r[2]) for r in rows)
+    nodes = sum(number(r[3]) for r in rows)
+    gpus = max((int(g.group(1)) for r in rows for g in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", r[4])), default=0)
+    tasks = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    if s.cpus_per_task * tasks > cpus:
+        fit = max(cpus // tasks, 1)
+        return (f"slurm.cpus_per_task: {s.cpus_per_task} CPUs x {tasks} task(s) per node = {s.cpus_per_task * tasks}, "
+                f"but nodes of partition {part} have {cpus}; set slurm.cpus_per_task={fit}")
+    if t.num_nodes > nodes:
+        return f"trainer.num_nodes: {t.num_nodes} nodes, but partition {part} has {nodes}; lower trainer.num_nodes"
+    want_mb = _megabytes(s.mem)
+    if want_mb and want_mb > mem_mb:
+        return (f"slurm.mem: {s.mem} per node, but nodes of partition {part} have {mem_mb} MB; "
+                f"set slurm.mem={mem_mb}M or 0")
+    if t.accelerator in ("gpu", "cuda") and tasks > gpus:
+        return (f"trainer.devices: {tasks} GPUs per node, but nodes of partition {part} have {gpus}; set "
+                f"trainer.devices={gpus}" if gpus else f"trainer.accelerator: partition {part} has no GPUs")
+    return None
+
+
+def _megabytes(mem: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)", mem)
+    if not m:
+        return 0
+    return int(m.group(1)) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 ** 2}[m.group(2)]
+
+
 def submit(cfg: Config, *, dry_run: bool, eval_length: Optional[str] = None, python: str = sys.executable,
-           workdir: Optional[Path] = None, log=print) -> list[str]:
+           workdir: Optional[Path] = None, log=print, sweep_tasks: Optional[list] = None,
+           dependency: Optional[str] = None) -> list[str]:
     """Render (and unless dry_run, write and submit) the training job, and the dependent
-    length evaluation when asked. Returns the job ids (empty for a dry run)."""
+    length evaluation when asked. `sweep_tasks`: one config per array task (their run dirs
+    `run.name-K`), submitted as one job array. Returns the job ids (empty for a dry run)."""
     workdir = workdir or Path.cwd()
-    values = settings(cfg, python, workdir)
+    if dependency is not None and not DEPENDENCY.fullmatch(dependency):
+        raise ConfigError(f"--dependency: {dependency!r} is not a SLURM dependency (e.g. afterok:123, "
+                          "afterany:123:124, singleton)")
+    configs = sweep_tasks or [cfg]
+    values = settings(configs[0], python, workdir)
+    for other in configs[1:]:
+        settings(other, python, workdir)  # every task's values checked before anything is written
+    run_dirs = [Path(settings(c, python, workdir)["run_dir"]) for c in configs]
+    if sweep_tasks:
+        base = Path(values["run_dir"]).parent
+        sweep_dir = base / f"{cfg.run.name}-sweep"
+        values = {**values, "job_name": settings(cfg, python, workdir)["job_name"],
+                  "array": f"#SBATCH --array=0-{len(configs) - 1}\n", "log_name": "%x-%A_%a",
+                  "log_dir": _path(sweep_dir, "run.root"), "run_dir": _path(sweep_dir, "run.root"),
+                  "config_block": f"CONFIG={_path(base, 'run.root')}/{cfg.run.name}-"
+                                  + "${SLURM_ARRAY_TASK_ID}/slurm/config.yaml\n"}
     train_script = render(template_for(cfg), values)
     eval_script = None
     if eval_length is not None:
-        eval_script = render("eval_length.sbatch", {**values, "eval_args": eval_args(eval_length)})
+        eval_script = render("eval_length.sbatch", {**values, "run_dir": " ".join(str(d) for d in run_dirs),
+                                                    "eval_args": eval_args(eval_length)})
+    problem = check_partition(cfg)
+    if problem:
+        raise ConfigError(problem)
     if dry_run:
         log(train_script)
         if eval_script:
             log("# --- dependent job (afterok) ---")
             log(eval_script)
         return []
-    run_dir = Path(values["run_dir"])
-    slurm_dir = run_dir / "slurm"
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    (slurm_dir / "config.yaml").write_text(to_yaml(cfg))
-    train_path = slurm_dir / "train.sbatch"
-    train_path.write_text(train_script)
-    ids = [sbatch(train_path)]
-    log(f"submitted {ids[0]}: {train_path} (logs: {slurm_dir}/{values['job_name']}-{ids[0]}.out)")
+    slurm_dir = Path(values["log_dir"])
+    writes = _Writes()
+    try:
+        for c, d in zip(configs, run_dirs):
+            writes.write(d / "slurm" / "config.yaml", to_yaml(c))
+        if sweep_tasks:
+            writes.write(slurm_dir / "sweep.tsv", "task\trun_dir\toverrides\n" + "".join(
+                f"{k}\t{d}\t{' '.join(o)}\n" for k, (d, o) in enumerate(zip(run_dirs, sweep_overrides(configs)))))
+        train_path = writes.write(slurm_dir / "train.sbatch", train_script)
+        ids = [sbatch(train_path, dependency=dependency)]
+    except BaseException:
+        writes.undo()
+        raise
+    what = f"a job array of {len(configs)} tasks" if sweep_tasks else str(train_path)
+    log(f"submitted {ids[0]}: {what} (logs: {slurm_dir}/{values['job_name']}-{ids[0]}"
+        f"{'_K' if sweep_tasks else ''}.out)")
+    if sweep_tasks:
+        for k, d in enumerate(run_dirs):
+            log(f"  task {k}: {d}")
     if eval_script:
         eval_path = slurm_dir / "eval_length.sbatch"
         eval_path.write_text(eval_script)
         ids.append(sbatch(eval_path, dependency=f"afterok:{ids[0]}"))
         log(f"submitted {ids[1]}: {eval_path}, after job {ids[0]} succeeds")
     return ids
+
+
+def sweep_overrides(configs: list) -> list[list[str]]:
+    """Per task, the keys whose values differ between the tasks (sweep.tsv)."""
+    from lmtrain.config import flatten, to_dict
+
+    flats = [flatten(to_dict(c)) for c in configs]
+    varying = [k for k in flats[0] if k != "run.name" and len({repr(f.get(k)) for f in flats}) > 1]
+    return [[f"{k}={f.get(k)}" for k in varying] for f in flats]
