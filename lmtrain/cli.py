@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file or run dir")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir holds a checkpoint")
 
-    p = sub.add_parser("config", help="print the resolved config (exit 2 if it is invalid)")
-    _add_config_args(p)
+    p = sub.add_parser("config", help="print the resolved config (exit 2 if it is invalid); --describe: every key "
+                                      "with its type, value, choices and help")
+    p.add_argument("config", nargs="?", help="YAML preset, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dotlist overrides")
+    p.add_argument("--describe", action="store_true",
+                   help="list every key (each kind's options included) with type, value, choices and one line of help")
 
     p = sub.add_parser("plan", help="parameters, ZeRO memory per GPU, activations and a micro-batch for a config")
     _add_config_args(p)
@@ -200,6 +204,14 @@ def _fail(msg: str) -> int:
 def cmd_config(args) -> int:
     from lmtrain.config import load_config, to_yaml
 
+    if args.describe:
+        from lmtrain.describe import describe_rows, format_describe
+
+        cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+        print(format_describe(describe_rows(cfg), args.config))
+        return 0
+    if args.config is None:
+        return _fail("config: give a preset (e.g. configs/default.yaml), or --describe")
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 

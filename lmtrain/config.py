@@ -61,9 +61,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "default"
-    root: str = "runs"
-    seed: int = 1234
+    name: str = "default"  # the run dir's name: run.root/run.name
+    root: str = "runs"  # the directory holding run dirs
+    seed: int = 1234  # seeds init, data order and per-step dropout
     # A fresh start takes its weights from this export, checkpoint or run dir (same model and
     # tokenizer; optimizer state starts anew). Ignored when the run dir resumes.
     init_from: str = ""
@@ -71,12 +71,13 @@ class RunConfig:
 
 @dataclass
 class CopyConfig:
-    # data.source=copy (data_pipelines/probes.py): documents of data.seq_len tokens, n = L/2 - 1
-    # distinct symbols, a separator, the same symbols again, end-of-document.
+    """data.source=copy (data_pipelines/probes.py): documents of data.seq_len tokens, n = L/2 - 1
+    distinct symbols, a separator, the same symbols again, end-of-document."""
+
     symbols: int = 0  # distinct symbols drawn from (0: data.vocab_size - 2, all there are)
-    train_documents: int = 16384
-    val_documents: int = 256
-    seed: int = 0
+    train_documents: int = 16384  # copy-task training documents
+    val_documents: int = 256  # copy-task validation documents
+    seed: int = 0  # seed of the copy-task generator
 
 
 @dataclass
@@ -84,7 +85,7 @@ class DataConfig:
     # stdlib | copy (the synthetic copy task, data.copy) | path or glob of text files |
     # *.jsonl / *.parquet (glob ok) | HF dataset name
     source: str = "stdlib"
-    dir: str = "data/stdlib"
+    dir: str = "data/stdlib"  # the prepared data directory (tokenizer, token files, meta.json)
     # A pretrained tokenizer instead of a new BPE: a tokenizer.json file, a transformers tokenizer
     # directory, or a transformers tokenizer name (null: train a byte-level BPE on the train split).
     tokenizer: Optional[str] = None
@@ -94,9 +95,9 @@ class DataConfig:
     # Embedding rows, and the size of a new BPE. null: 8192 for a new BPE; a pretrained
     # tokenizer's size padded up to a multiple of 64.
     vocab_size: Optional[int] = None
-    seq_len: int = 256
+    seq_len: int = 256  # training window length L, in tokens
     batch_size: int = 16  # per device, per micro-step
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # share of documents in the validation split
     text_field: str = "text"  # jsonl/parquet/HF column holding the text
     # How text files are decoded; an undecodable byte is refused with the file and line. Set it
     # (latin-1, cp1252, utf-16, ...) to read files in another encoding on purpose.
@@ -105,8 +106,8 @@ class DataConfig:
     # A Hub dataset's config name (load_dataset's second argument), its revision (a branch, tag
     # or commit), and whether to stream it (no full download; pair with data.max_documents).
     hf_name: Optional[str] = None
-    hf_revision: Optional[str] = None
-    hf_streaming: bool = False
+    hf_revision: Optional[str] = None  # a Hub dataset's revision: branch, tag or commit
+    hf_streaming: bool = False  # stream a Hub dataset instead of downloading it
     # Which files of a directory data.source to take (e.g. '**/*.txt'; null: text, jsonl, json,
     # parquet and arrow files by extension, also compressed).
     glob: Optional[str] = None
@@ -122,56 +123,56 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    d_ff: int = 1024
-    dropout: float = 0.0
+    n_layers: int = 4  # decoder layers
+    d_model: int = 256  # hidden size
+    n_heads: int = 4  # attention heads (d_model / n_heads per head)
+    d_ff: int = 1024  # feed-forward inner size
+    dropout: float = 0.0  # residual, embedding and attention-probability dropout
     # The axes, each a node typed by its kind (lmtrain/model/axes.py).
     position: PositionConfig = field(default_factory=PositionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # share the input embedding and the LM head
     norm: str = "layernorm"  # layernorm | rmsnorm
     bias: bool = True  # biases in linear layers
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal init of weight matrices
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-4  # the cosine's floor
+    weight_decay: float = 0.1  # AdamW decay, never on norms, biases or embeddings
+    warmup_steps: int = 100  # linear warmup, in optimizer steps
     # The cosine reaches min_lr here (GPT-NeoX's lr_decay_iters); null: at trainer.max_steps.
     # Longer than max_steps: training stops on a schedule that has not decayed yet (a probe read
     # at equal steps, or the first part of a longer run).
     decay_steps: Optional[int] = None
-    grad_clip: float = 1.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clipping; 0 disables
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    val_every_n_steps: int = 200
-    precision: str = "32-true"
-    accelerator: str = "auto"
+    max_steps: int = 1000  # optimizer steps to train
+    val_every_n_steps: int = 200  # validation interval, in optimizer steps
+    precision: str = "32-true"  # Lightning precision (bf16, 16, 32, 64 mean -mixed, -mixed, -true, -true)
+    accelerator: str = "auto"  # where to train
     devices: Union[int, str] = 1  # per node: a count, -1 (every GPU) or auto (Lightning's: every GPU, else 1)
-    num_nodes: int = 1
-    strategy: str = "auto"
-    accumulate_grad_batches: int = 1
-    deterministic: bool = False
-    log_every_n_steps: int = 10
+    num_nodes: int = 1  # nodes (SLURM: one srun task per device per node)
+    strategy: str = "auto"  # data parallelism: ddp, or deepspeed (ZeRO, deepspeed.*)
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms)
+    log_every_n_steps: int = 10  # logging interval, in optimizer steps
     peak_tflops: Optional[float] = None  # MFU denominator; None: datasheet on GPU, measured on CPU
     # Tokens per chunk of the fused LM head + cross-entropy (no full float32 logits): -1 auto
     # (chunks only when the logits of a micro-batch would pass 64 MB), 0 never, N tokens.
     loss_chunk_tokens: int = -1
     compile: bool = False  # torch.compile the model (inductor; on CPU it needs a C++ compiler)
-    progress_bar: bool = True
+    progress_bar: bool = True  # a progress bar on a terminal, progress lines otherwise
     # Optimizer steps with a non-finite loss or gradient norm are skipped; after this many in a
     # row training stops (exit 2), the last good checkpoint being the one a resume finds.
     max_bad_steps: int = 10
@@ -187,17 +188,17 @@ class TrainerConfig:
 class WandbConfig:
     """Weights & Biases, with `trainer.loggers` holding wandb."""
 
-    project: str = "lmtrain"
+    project: str = "lmtrain"  # the W&B project
     entity: Optional[str] = None  # a team or user; null: the API key's default
     name: Optional[str] = None  # the W&B run name; null: run.name
-    tags: List[str] = field(default_factory=list)
+    tags: List[str] = field(default_factory=list)  # W&B run tags
     mode: str = "online"  # online | offline (files under RUN/wandb, `wandb sync` later) | disabled
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 500
-    keep_last: int = 2
+    every_n_steps: int = 500  # checkpoint interval, in optimizer steps
+    keep_last: int = 2  # step checkpoints kept (last.ckpt besides)
 
 
 @dataclass
@@ -209,18 +210,18 @@ class EvalConfig:
     stride: int = 0  # sliding: tokens each window moves and scores; 0 = half of each length
     max_tokens: int = 4096  # scored tokens of the validation split
     every_n_steps: int = 0  # 0 = at every validation (trainer.val_every_n_steps)
-    batch_tokens: int = 16384
+    batch_tokens: int = 16384  # tokens per evaluation batch
 
 
 @dataclass
 class SlurmConfig:
     # `lmtrain submit`: nodes = trainer.num_nodes, tasks (and GPUs) per node = trainer.devices.
     job_name: str = ""  # default: run.name
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
+    partition: str = ""  # the partition (comma-separated: any of them); empty: the default
+    account: str = ""  # the account to charge; empty: yours by default
+    qos: str = ""  # quality of service; empty: the default
     time: str = "24:00:00"  # [D-]HH:MM:SS
-    cpus_per_task: int = 8
+    cpus_per_task: int = 8  # CPUs per task (per GPU); checked against the partition
     mem: str = "0"  # per node, e.g. 480G; 0 = all of it
     signal_seconds: int = 300  # USR1 this long before the time limit: save, requeue, exit
     env_hook: str = ""  # a shell file sourced before training (module loads, venv activation)

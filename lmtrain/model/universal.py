@@ -93,8 +93,8 @@ class UniversalConfig(DepthConfig):
 class ACTConfig(DepthConfig):
     kind: str = "act"
     max_steps: int = 8  # most applications of the shared block a position may take
-    timestep_signal: bool = True
-    position_signal: bool = True
+    timestep_signal: bool = True  # add sinusoids of the step number before each application
+    position_signal: bool = True  # re-apply the position scheme's embedding before each application
     eps: float = 0.01  # a position halts once its summed halting probability reaches 1 - eps
     ponder_cost: float = 0.01  # tau: loss += tau * mean over positions of (N + R)
     halting_bias_init: float = 1.0  # b of the halting unit at initialisation (the UT code's value)

@@ -41,8 +41,8 @@ class RFAConfig(RandomFeatureConfig):
     # s at initialisation (softmax inverse temperature s^2 on unit q, k). Larger s sharpens attention
     # but raises the variance of the estimate, whose denominator can then approach 0.
     init_scale: float = 1.0
-    learn_scale: bool = True
-    gate: bool = False
+    learn_scale: bool = True  # learn the random features' scale per head and dimension
+    gate: bool = False  # RFA's recency gate (their Eq. 7): a learned per-head forget gate
     gate_bias_init: float = 2.0  # b_h: g = sigmoid(2) = 0.88 at initialisation
     eps: float = 1e-4  # smallest magnitude of the denominator
 
