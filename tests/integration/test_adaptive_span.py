@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from tests.helpers import CONFIGS, TINY_MODEL, run_cli
 
 
@@ -48,6 +50,8 @@ def spans_at(run, step):
     return read_metrics(run / "metrics.jsonl", "span/layer1")[step]
 
 
+# The `lmtrain bench` commands run under `make test-slow` (benchmarks, not the default suite's budget).
+@pytest.mark.slow
 def test_bench_attention_compares_spans_side_by_side(tmp_path):
     import json
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.helpers import CONFIGS, TINY_MODEL, run_cli, train_and_signal
@@ -42,6 +43,8 @@ def test_cli_refuses_alibi_with_exit_code_2(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+# The `lmtrain bench` commands run under `make test-slow` (benchmarks, not the default suite's budget).
+@pytest.mark.slow
 def test_bench_attention_sweeps_lengths_against_softmax(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "attention", "--kind", "performer", "--lengths", "128,256", "--features", "32",

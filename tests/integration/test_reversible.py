@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import CONFIGS, run_cli, train_and_signal
 
 
@@ -45,6 +47,8 @@ def test_100_steps_equal_plain_autograd_with_a_resume(tiny_data, tmp_path):
     assert plain[100] < plain[1] - 0.5  # it trains
 
 
+# The `lmtrain bench` commands run under `make test-slow` (benchmarks, not the default suite's budget).
+@pytest.mark.slow
 def test_bench_memory_runs_each_case_in_its_own_process(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "memory", "--layers", "1,3", "--length", "64", "--d-model", "32", "--repeats", "1",

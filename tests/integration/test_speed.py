@@ -30,6 +30,8 @@ def test_compiled_training_gives_the_losses_of_eager_training(tiny_data, tmp_pat
     assert summaries[1]["step"] == 3 and summaries[1]["val_loss"] == pytest.approx(summaries[0]["val_loss"], rel=1e-4)
 
 
+# The `lmtrain bench` commands run under `make test-slow` (benchmarks, not the default suite's budget).
+@pytest.mark.slow
 def test_bench_train_against_peers_with_the_same_parameter_count(tiny_data, tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("x_transformers")
