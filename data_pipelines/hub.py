@@ -6,6 +6,8 @@ node without the network should hear at once why a Hub name cannot be used and w
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 from typing import Optional
@@ -33,3 +35,35 @@ def unreachable(timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
     except OSError as e:
         return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
     return None
+
+
+@contextlib.contextmanager
+def quiet():
+    """huggingface_hub's and transformers' warnings (retries) held back: a failure is said in
+    one line by the caller."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers", "datasets")]
+    levels = [g.level for g in loggers]
+    for g in loggers:
+        g.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for g, level in zip(loggers, levels):
+            g.setLevel(level)
+
+
+@contextlib.contextmanager
+def cache_only(on: bool):
+    """datasets and huggingface_hub in offline mode for one call (the cache, no retries)."""
+    if not on:
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved

@@ -26,7 +26,6 @@ column must hold strings; anything else is refused with the file and the row.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -360,23 +359,6 @@ class DiskSource(TabularSource):
                       "dataset": self.dataset()._fingerprint})
 
 
-@contextlib.contextmanager
-def _hub_offline(offline: bool):
-    """datasets and huggingface_hub in offline mode for one call (the cache only, no retries)."""
-    if not offline:
-        yield
-        return
-    import datasets
-    import huggingface_hub.constants as hub
-
-    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
-
-
 class HubSource(TabularSource):
     """A Hugging Face dataset name, loaded with `datasets.load_dataset(name, config, split=...,
     revision=..., streaming=...)`. Where the Hub cannot be reached only the cache is asked,
@@ -396,11 +378,11 @@ class HubSource(TabularSource):
     def _load(self):
         import datasets
 
-        from data_pipelines.hub import unreachable
+        from data_pipelines.hub import cache_only, quiet, unreachable
 
         why = unreachable()
         try:
-            with _hub_offline(why is not None):
+            with quiet(), cache_only(why is not None):
                 return datasets.load_dataset(self.spec, self.name, split=self.split, revision=self.revision,
                                              streaming=self.streaming)
         except Exception as e:  # offline, unknown name, bad split: all the user's to fix

@@ -13,15 +13,15 @@ followed by the end-of-document token, as GPT-NeoX and lm-evaluation-harness enc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_pipelines.hub import quiet, unreachable
 
 EOT = "<|endoftext|>"
 VOCAB_MULTIPLE = 64  # a pretrained tokenizer's size is padded up to this (tensor-core friendly)
@@ -166,39 +166,22 @@ def _resolve(spec: str, path: Path) -> Pretrained:
     return _from_transformers(spec, spec)
 
 
-@contextlib.contextmanager
-def _quiet_hub():
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
-    levels = [g.level for g in loggers]
-    for g in loggers:
-        g.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for g, level in zip(loggers, levels):
-            g.setLevel(level)
-
-
 def _from_transformers(spec: str, where: str) -> Pretrained:
     try:
         from transformers import AutoTokenizer
     except ImportError:
         folder = Path(where)
         if (folder / "tokenizer.json").is_file():  # readable without transformers
-            p = resolve_pretrained(str(folder / "tokenizer.json"))
-            p.spec = spec
-            return p
+            return replace(resolve_pretrained(str(folder / "tokenizer.json")), spec=spec)
         raise TokenizerError(f"data.tokenizer: loading {spec} needs transformers (pip install 'lmtrain[hf]'), "
                              "or give its tokenizer.json") from None
     try:
-        with _quiet_hub():  # its retries are warnings; a failure is one line below
+        with quiet():  # its retries are warnings; a failure is one line below
             try:  # a directory, or a name in the Hugging Face cache
                 hf = AutoTokenizer.from_pretrained(where, local_files_only=True)
             except OSError:
                 if Path(where).is_dir():
                     raise
-                from data_pipelines.hub import unreachable
-
                 why = unreachable()
                 if why is not None:
                     raise TokenizerError(
