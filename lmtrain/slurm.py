@@ -264,11 +264,15 @@ def submit(cfg: Config, *, dry_run: bool, eval_length: Optional[str] = None, pyt
         raise ConfigError(f"--dependency: {dependency!r} is not a SLURM dependency (e.g. afterok:123, "
                           "afterany:123:124, singleton)")
     configs = sweep_tasks or [cfg]
-    values = settings(configs[0], python, workdir)
-    for other in configs[1:]:
-        settings(other, python, workdir)  # every task's values checked before anything is written
-    run_dirs = [Path(settings(c, python, workdir)["run_dir"]) for c in configs]
+    per_task = [settings(c, python, workdir) for c in configs]  # all checked before anything is written
+    values, run_dirs = per_task[0], [Path(v["run_dir"]) for v in per_task]
     if sweep_tasks:
+        # One script serves every task: what it requests must not depend on the task.
+        shared = [k for k in per_task[0] if k not in ("job_name", "run_dir", "log_dir", "config", "config_block")]
+        differ = sorted({k for v in per_task[1:] for k in shared if v[k] != per_task[0][k]})
+        if differ:
+            raise ConfigError(f"--sweep: the tasks of one job array share its request, and these differ between "
+                              f"them: {', '.join(differ)}; sweep other keys, or submit separately")
         base = Path(values["run_dir"]).parent
         sweep_dir = base / f"{cfg.run.name}-sweep"
         values = {**values, "job_name": settings(cfg, python, workdir)["job_name"],

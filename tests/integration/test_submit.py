@@ -152,6 +152,7 @@ def test_sweep_extra_and_dependency_reach_sbatch(tmp_path):
     (["--sweep", "optim.lr"], "--sweep optim.lr: write key=value1,value2"),
     (["--sweep", "optim.lr=1,1"], "give distinct, non-empty values"),
     (["--sweep", "run.name=a,b"], "--sweep: run.name and run.root name the task run dirs"),
+    (["--sweep", "trainer.devices=1,2"], "these differ between them: tasks_per_node"),
     (["--sweep", "model.n_layer=2,4"], "model.n_layer: unknown key"),
 ])
 def test_bad_sweeps_extras_and_dependencies_exit_2(tmp_path, args, message):
