@@ -99,7 +99,8 @@ def ws(tmp_path_factory, tiny_data):
 
 def sources(src: Path) -> None:
     """Text sources, bad and good, for prepare-data."""
-    for name in ("empty", "binary", "binkind", "latin", "jint", "jbad", "jfield", "parquet", "long", "nofiles"):
+    for name in ("empty", "binary", "binkind", "latin", "jint", "jbad", "jfield", "parquet", "long", "nofiles",
+                 "gzcut"):
         (src / name).mkdir(parents=True)
     rng = random.Random(1)
     for i in range(3):
@@ -115,6 +116,13 @@ def sources(src: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": list(range(10))}), src / "parquet" / "d.parquet")
+    import gzip
+
+    import datasets
+
+    (src / "gzcut" / "a.txt.gz").write_bytes(gzip.compress(b"some text\n" * 500)[:40])  # truncated
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"]})}).save_to_disk(
+        str(src / "saved"))
     # One line of 2 MB without a space (a minified blob), and a few ordinary documents.
     (src / "long" / "blob.txt").write_text("".join(rng.choice("abcdefghij") for _ in range(2_000_000)))
     for i in range(3):
@@ -392,6 +400,11 @@ CASES = [
     Case("source-no-text-kinds", prep("binkind"), "holds no text, jsonl, json, parquet or arrow files (only .bin); "
                                                   "set data.glob"),
     Case("source-latin-1", prep("latin"), "not valid utf-8"),
+    Case("source-gzip-truncated", prep("gzcut"), "a.txt.gz: not a readable gzip file"),
+    Case("source-saved-no-split", prep("saved", "data.hf_split=validation"),
+         "has no split 'validation' (its splits: train)"),
+    Case("source-saved-no-field", prep("saved", "data.text_field=body"), "data.text_field: "),
+    Case("source-glob-no-match", prep("long", "data.glob='*.csv'"), "data.glob: '*.csv' matches no files"),
     Case("source-latin-1-on-purpose", prep("latin", "data.encoding=latin-1"), code=0, writes=True,
          check=prepared("prep-latin-latin-1")),
     Case("source-json-int", prep("jint/*.jsonl"), "d.jsonl: line 7: data.text_field 'text' is a int"),
@@ -469,6 +482,27 @@ CASES = [
     Case("submit-time", cmd("submit", DEBUG, "slurm.time=soon", "--dry-run"), "slurm.time"),
     Case("submit-eval-args", cmd("submit", DEBUG, "--eval-length", "--lengths 64 --bogus", "--dry-run"),
          "--eval-length"),
+    Case("submit-extra-owned", cmd("submit", DEBUG, "slurm.extra=[--time=5]", "--dry-run"),
+         "slurm.extra: --time is not allowed here (set it with slurm.time)"),
+    Case("submit-extra-shell", cmd("submit", DEBUG, "slurm.extra=['--comment=$(id)']", "--dry-run"),
+         "slurm.extra: '--comment=$(id)' is not allowed here"),
+    Case("submit-dependency", cmd("submit", DEBUG, "--dependency", "after:x", "--dry-run"),
+         "--dependency: 'after:x' is not a SLURM dependency"),
+    Case("submit-sweep-shape", cmd("submit", DEBUG, "--sweep", "optim.lr", "--dry-run"), "--sweep optim.lr: write"),
+    Case("submit-sweep-resources", cmd("submit", DEBUG, "--sweep", "slurm.time=10,20", "--dry-run"),
+         "these differ between them: time"),
+    Case("submit-sweep-bad-value", cmd("submit", DEBUG, "--sweep", "optim.lr=1e-3,fast", "--dry-run"),
+         "optim.lr: wrong type"),
+    # -- the keys of everyday use --
+    Case("glob-not-a-directory", cfg("data.glob='*.txt'"), "data.glob: chooses files of a directory data.source"),
+    Case("hub-key-on-local-source", cfg("data.hf_revision=main"), "data.hf_revision: applies to a Hugging Face"),
+    Case("loggers-unknown", cfg("trainer.loggers=[tensorboard,mlflow]"),
+         "trainer.loggers: 'mlflow' is not one of tensorboard, csv, wandb"),
+    Case("loggers-twice", cfg("trainer.loggers=[csv,csv]"), "trainer.loggers: a logger is named twice"),
+    Case("wandb-mode", cfg("wandb.mode=cloud"), "wandb.mode: 'cloud' is not one of online, offline, disabled"),
+    Case("describe-bad-key", cmd("config", "--describe", DEBUG, "model.n_layer=2"),
+         "model.n_layer: unknown key (did you mean model.n_layers?)"),
+    Case("config-no-preset", cmd("config"), "config: give a preset"),
 ]
 
 
