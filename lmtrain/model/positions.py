@@ -3,7 +3,9 @@
 A scheme can act in three places, and each declares which:
   * `embed`      - added to the token embeddings (sinusoidal, learned),
   * `rotate`     - applied to queries and keys (RoPE),
-  * `score_bias` - an additive bias on attention scores (ALiBi).
+  * `score_bias` - an additive bias on attention scores: ALiBi's fixed one, and the learned
+                   functions of distance (`DistanceBias`: exp_decay, gaussian, kerple_log,
+                   rel_buckets), whose parameters are the model's.
 Attention kernels read `has_score_bias` to refuse or to handle the bias; the decoder
 calls `embed` and the attention block calls `rotate`, whatever the scheme.
 
@@ -126,6 +128,299 @@ class ALiBi(Position):
 
     def linear_bias_slopes(self) -> Tensor:
         return self.slopes
+
+
+# -- learned functions of the distance ------------------------------------------------------------
+class DistanceBias(Position):
+    """An additive bias f_h(d) of the distance d = q_pos - k_pos >= 0, with per-head learned
+    parameters (patterns.md, "Distance scores"). One module per model: every layer adds the
+    same bias, as with ALiBi and T5's relative bias.
+
+    Subclasses give `head_values()` (name -> H positive per-head values, computed from the
+    parameters with their gradients) and `bias(values, d)` for values broadcast against the
+    distances d (float, >= 0). From these: `score_bias` for the CPU paths (d clamped at 0, so
+    masked future keys never produce NaN in the backward), the FlexAttention `score_mod`, the
+    per-head statistics (`head_stats`) and the bias-against-distance profile (`distance_profile`)."""
+
+    has_score_bias = True
+    no_weight_decay = True  # a bias, not a weight matrix: AdamW's decay would pull it to 0
+
+    def head_values(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def bias(self, values: dict[str, Tensor], d: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.head_values().values())).dtype
+
+    def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
+        """H L S for query positions L; B H L S for per-row query positions B L (any leading
+        dimensions broadcast as in ALiBi.score_bias)."""
+        d = (q_pos_L[..., None] - k_pos_S).clamp(min=0).unsqueeze(-3)  # ... 1 l S
+        values = {k: v[:, None, None] for k, v in self.head_values().items()}
+        return self.bias(values, d.to(self._dtype()))
+
+    def score_mod(self) -> Callable:
+        # One function per module (see ALiBi.score_mod): it reads the parameters at call time.
+        if getattr(self, "_score_mod", None) is None:
+            module = self
+
+            def distance_bias(score, b, h, q_idx, kv_idx):
+                d = (q_idx - kv_idx).clamp(min=0).to(score.dtype)
+                return score + module.bias({k: v[h].to(score.dtype) for k, v in module.head_values().items()}, d)
+
+            self._score_mod = distance_bias
+        return self._score_mod
+
+    def head_stats(self) -> dict[str, Tensor]:
+        return {f"{self.cfg.kind}.{k}": v.detach() for k, v in self.head_values().items()}
+
+    def head_stat_limits(self) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def distance_profile(self, d: Tensor) -> dict[str, Tensor]:
+        """H x n: the bias at the distances d (n)."""
+        values = {k: v[:, None].float() for k, v in self.head_values().items()}
+        return {f"{self.cfg.kind}.bias": self.bias(values, d.float()[None])}
+
+
+@dataclass
+class ExpDecayConfig(PositionConfig):
+    kind: str = "exp_decay"
+    learn: bool = True  # learn the slopes (false: ALiBi's fixed slopes, exactly ALiBi)
+
+
+@POSITIONS.register("exp_decay")
+class ExpDecay(DistanceBias):
+    """-lambda_h d: ALiBi with learned slopes. lambda_h = m_h exp(r_h), m_h ALiBi's slope and
+    r_h a learned log-scale starting at 0: positive in every precision, and exactly ALiBi at
+    initialisation (and when frozen, `learn: false`). Linear in d, so the kernels fold it into
+    the dot product like ALiBi (`linear_bias_slopes`), with gradients reaching r."""
+
+    Config = ExpDecayConfig
+    cfg: ExpDecayConfig
+
+    def __init__(self, cfg: ExpDecayConfig, *, n_heads: int, **kw):
+        super().__init__(cfg, n_heads=n_heads, **kw)
+        self.register_buffer("alibi", torch.tensor(alibi_slopes(n_heads)), persistent=False)
+        self.log_scale = nn.Parameter(torch.zeros(n_heads)) if cfg.learn else None
+        self.init_parameters()
+
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        return a.model.n_heads if a.model.position.learn else 0
+
+    @torch.no_grad()
+    def init_parameters(self) -> None:
+        if self.log_scale is not None:
+            self.log_scale.zero_()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.alibi.copy_(torch.tensor(alibi_slopes(len(self.alibi)), dtype=self.alibi.dtype))
+
+    def slopes(self) -> Tensor:
+        if self.log_scale is None:
+            return self.alibi
+        return self.alibi.to(self.log_scale.dtype) * self.log_scale.exp()
+
+    def head_values(self) -> dict[str, Tensor]:
+        return {"slope": self.slopes()}
+
+    def bias(self, values, d):
+        return -values["slope"] * d
+
+    def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
+        # k - q unclamped, as ALiBi: the same numbers on every path (masked entries never count).
+        slopes = self.slopes()
+        dist_LS = (k_pos_S - q_pos_L[..., None]).to(slopes.dtype)
+        return slopes[:, None, None] * dist_LS.unsqueeze(-3)
+
+    def linear_bias_slopes(self) -> Tensor:
+        return self.slopes()
+
+
+@dataclass
+class GaussianConfig(PositionConfig):
+    kind: str = "gaussian"
+    min_width: float = 2.0  # initial width sigma of the first head (the heads' widths are geometric)
+    max_width: float = 0.0  # initial width of the last head; 0 = data.seq_len
+
+
+@POSITIONS.register("gaussian")
+class Gaussian(DistanceBias):
+    """-d^2 / (2 sigma_h^2) with learned widths sigma_h = exp(s_h). It removes long range
+    altogether (the bias falls quadratically), so expect it to extrapolate by forgetting."""
+
+    Config = GaussianConfig
+    cfg: GaussianConfig
+    test_options = {"min_width": 3.0, "max_width": 30.0}
+
+    def __init__(self, cfg: GaussianConfig, *, n_heads: int, seq_len: int, **kw):
+        super().__init__(cfg, n_heads=n_heads, seq_len=seq_len, **kw)
+        self.seq_len = seq_len
+        self.log_width = nn.Parameter(torch.zeros(n_heads))
+        self.init_parameters()
+
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        return a.model.n_heads
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        p = a.model.position
+        top = p.max_width or a.seq_len
+        if not 0 < p.min_width <= top:
+            return [f"model.position.min_width: must be positive and at most max_width ({top}); "
+                    f"got {p.min_width}"]
+        return []
+
+    def initial_widths(self) -> Tensor:
+        H = len(self.log_width)
+        lo, hi = math.log(self.cfg.min_width), math.log(self.cfg.max_width or self.seq_len or self.cfg.min_width)
+        return torch.tensor([lo + (hi - lo) * h / max(1, H - 1) for h in range(H)]).exp()
+
+    @torch.no_grad()
+    def init_parameters(self) -> None:
+        self.log_width.copy_(self.initial_widths().log())
+
+    def head_values(self) -> dict[str, Tensor]:
+        return {"width": self.log_width.exp()}
+
+    def bias(self, values, d):
+        return -(d * d) / (2 * values["width"] ** 2)
+
+
+@dataclass
+class KerpleLogConfig(PositionConfig):
+    kind: str = "kerple_log"
+    eps: float = 0.01  # p and a are kept at least this (KERPLE's clamp)
+
+
+@POSITIONS.register("kerple_log")
+class KerpleLog(DistanceBias):
+    """KERPLE's logarithmic kernel (Chi et al. 2022): -p_h log(1 + a_h d), p, a > 0, kept at
+    least `eps` after every optimizer step as in the paper's code. Initialised with a_h = 1 and
+    p_h = 16 m_h (m_h ALiBi's slopes): heads from local to nearly flat."""
+
+    Config = KerpleLogConfig
+    cfg: KerpleLogConfig
+
+    def __init__(self, cfg: KerpleLogConfig, *, n_heads: int, **kw):
+        super().__init__(cfg, n_heads=n_heads, **kw)
+        self.p = nn.Parameter(torch.ones(n_heads))
+        self.a = nn.Parameter(torch.ones(n_heads))
+        self.init_parameters()
+
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        return 2 * a.model.n_heads
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        if not a.model.position.eps > 0:
+            return [f"model.position.eps: must be positive (0.01 in KERPLE); got {a.model.position.eps}"]
+        return []
+
+    @torch.no_grad()
+    def init_parameters(self) -> None:
+        self.p.copy_(16 * torch.tensor(alibi_slopes(len(self.p))))
+        self.a.fill_(1.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.p.clamp_(min=self.cfg.eps)
+        self.a.clamp_(min=self.cfg.eps)
+
+    def head_values(self) -> dict[str, Tensor]:
+        return {"p": self.p, "a": self.a}
+
+    def bias(self, values, d):
+        return -values["p"] * torch.log1p(values["a"] * d)
+
+
+@dataclass
+class RelBucketsConfig(PositionConfig):
+    kind: str = "rel_buckets"
+    buckets: int = 32  # half exact distances 0 .. buckets/2 - 1, half log-spaced up to max_distance
+    max_distance: int = 128  # distances from here on share the last bucket
+    table_std: float = 0.0  # the table starts N(0, table_std); 0 = zeros (no bias at first)
+
+
+def relative_buckets(d: Tensor, buckets: int, max_distance: int) -> Tensor:
+    """T5's causal bucketing of distances d >= 0 (Raffel et al. 2020, `_relative_position_bucket`
+    with bidirectional=False): exact buckets below buckets/2, then log-spaced ones up to
+    max_distance, beyond which the last bucket applies."""
+    exact = buckets // 2
+    d = d.long().clamp(min=0)
+    # Computed in fp32 whatever the model's dtype, so every path gets the same buckets.
+    scaled = torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (buckets - exact)
+    large = (exact + scaled.long()).clamp(max=buckets - 1)
+    return torch.where(d < exact, d, large)
+
+
+@POSITIONS.register("rel_buckets")
+class RelBuckets(DistanceBias):
+    """A learned scalar per head and distance bucket (T5's relative attention bias; Shaw et al.
+    2018 in its scalar form), initialised to 0 (or N(0, table_std))."""
+
+    Config = RelBucketsConfig
+    cfg: RelBucketsConfig
+    test_options = {"buckets": 8, "max_distance": 16, "table_std": 0.5}
+
+    def __init__(self, cfg: RelBucketsConfig, *, n_heads: int, **kw):
+        super().__init__(cfg, n_heads=n_heads, **kw)
+        self.table = nn.Parameter(torch.zeros(n_heads, cfg.buckets))
+        self.init_parameters()
+
+    @classmethod
+    def own_parameters(cls, a) -> int:
+        return a.model.n_heads * a.model.position.buckets
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        p = a.model.position
+        if p.buckets < 2:
+            return [f"model.position.buckets: at least 2 (32 in T5); got {p.buckets}"]
+        if p.table_std < 0:
+            return [f"model.position.table_std: must be 0 or positive; got {p.table_std}"]
+        if p.max_distance <= p.buckets // 2:
+            return [f"model.position.max_distance: must exceed buckets/2 = {p.buckets // 2} "
+                    f"(the exact buckets); got {p.max_distance}"]
+        return []
+
+    @torch.no_grad()
+    def init_parameters(self) -> None:
+        self.table.normal_(0.0, self.cfg.table_std) if self.cfg.table_std > 0 else self.table.zero_()
+
+    def buckets_of(self, d: Tensor) -> Tensor:
+        return relative_buckets(d, self.cfg.buckets, self.cfg.max_distance)
+
+    def head_values(self) -> dict[str, Tensor]:
+        return {"table": self.table}
+
+    def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
+        idx = self.buckets_of(q_pos_L[..., None] - k_pos_S)  # ([B] l S)
+        return self.table.t()[idx].movedim(-1, -3)  # ([B] H l S)
+
+    def score_mod(self) -> Callable:
+        if getattr(self, "_score_mod", None) is None:
+            module = self
+
+            def relative_bias(score, b, h, q_idx, kv_idx):
+                return score + module.table[h, module.buckets_of(q_idx - kv_idx)].to(score.dtype)
+
+            self._score_mod = relative_bias
+        return self._score_mod
+
+    def head_stats(self) -> dict[str, Tensor]:
+        return {}  # one value per bucket: the distance profile shows them
+
+    @torch.no_grad()
+    def distance_profile(self, d: Tensor) -> dict[str, Tensor]:
+        return {"rel_buckets.bias": self.table.float()[:, self.buckets_of(d)]}
 
 
 @dataclass

@@ -9,8 +9,10 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: never on norms, biases or embedding tables."""
+    """Weight decay on matrices only: never on norms, biases, embedding tables or position biases."""
     no_decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Modules that say so (learned position biases: a bucket table is a matrix, not a weight).
+    no_decay |= {id(p) for m in model.modules() if getattr(m, "no_weight_decay", False) for p in m.parameters()}
     decay, rest = [], []
     for _, p in model.named_parameters():  # shared (tied) parameters appear once
         if not p.requires_grad:

@@ -49,7 +49,8 @@ def test_every_preset_is_described():
 def test_describe_on_the_command_line():
     proc = run_cli("config", "--describe", str(CONFIGS / "default.yaml"), check=True)
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("model.position.kind") and "one of none, alibi, rope" in line for line in lines)
+    kinds = "one of none, alibi, exp_decay, gaussian, kerple_log, rel_buckets, rope"
+    assert any(line.startswith("model.position.kind") and kinds in line for line in lines)
     assert any(line.startswith("model.position.theta") and "[kind=rope]" in line for line in lines)
     assert any(line.startswith("trainer.precision") and "one of 32-true" in line for line in lines)
     assert run_cli("config", "--describe", check=True).stdout == format_describe(describe_rows()) + "\n"
