@@ -11,7 +11,7 @@ from lmtrain.model.attention.base import (
 )
 
 # Each import registers one kind.
-from lmtrain.model.attention import softmax, adaptive_span, performer, rfa, linear, sparse  # noqa: E402,F401  isort: skip
+from lmtrain.model.attention import softmax, adaptive_span, performer, rfa, linear, sparse, distance_aware  # noqa: E402,F401  isort: skip
 
 __all__ = ["ATTENTION", "AttentionConfig", "AttentionInputs", "AttentionKernel", "Capabilities", "Tolerance",
            "build_attention", "reference_paths"]
