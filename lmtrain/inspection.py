@@ -2,7 +2,10 @@
 
 Prints the checkpoint, step and model (every axis with its options), then one table per
 head statistic (`head_stats` hooks, lmtrain/model/hooks.py: the spans of adaptive-span
-heads, for example), layers by heads, with a summary line per statistic. For models that report per-token
+heads, the slopes of exp_decay, for example), layers by heads, with a summary line per
+statistic, and each learned function of the distance (`distance_profile` hooks: a position
+scheme's bias, the DA-Transformer's rescaling) at distances 0, 1, 2, 4, ... up to 32x the
+training length. For models that report per-token
 statistics (`Aux.tokens`: ACT's steps per token) it measures them on windows of the run's
 validation split and prints their distribution and the tokens at either end.
 """
@@ -15,20 +18,49 @@ from lmtrain.model.axes import AXES
 from lmtrain.train.checkpoint import load_trained
 
 
+def number(v: float, big: bool) -> str:
+    """One decimal for large quantities (spans in positions), 4 significant digits for small
+    ones (slopes, widths of a few positions, DA weights)."""
+    return f"{v:.1f}" if big else f"{v:.4g}"
+
+
 def stat_table(name: str, rows, limit: float | None) -> list[str]:
+    import torch
+
+    flat = torch.cat(list(rows))
+    big = float(flat.abs().max()) >= 10 if flat.numel() else True
     n_heads = max(len(r) for r in rows)
     lines = [f"{name} per layer and head" + (f" (max {limit:g})" if limit else "") + ":", "",
              "| layer | " + " | ".join(f"head {h}" for h in range(n_heads)) + " | mean |",
              "|---:|" + "---:|" * (n_heads + 1)]
     for i, r in enumerate(rows):
-        lines.append(f"| {i} | " + " | ".join(f"{float(v):.1f}" for v in r) + f" | {float(r.mean()):.1f} |")
-    import torch
-
-    flat = torch.cat(list(rows))
+        cells = [number(float(v), big) for v in r] + [number(float(r.mean()), big)]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     mean = float(flat.mean())
     share = f" ({100 * mean / limit:.1f}% of {limit:g})" if limit else ""
-    lines += ["", f"all heads: mean {mean:.1f}{share}, median {float(flat.median()):.1f}, "
-              f"min {float(flat.min()):.1f}, max {float(flat.max()):.1f}"]
+    lines += ["", f"all heads: mean {number(mean, big)}{share}, median {number(float(flat.median()), big)}, "
+              f"min {number(float(flat.min()), big)}, max {number(float(flat.max()), big)}"]
+    return lines
+
+
+def profile_distances(seq_len: int) -> "torch.Tensor":  # noqa: F821
+    """Where learned functions of the distance are shown: 0, 1, 2, 4, ... up to 32x the
+    training length (the longest evaluation of the extrapolation study)."""
+    import torch
+
+    top, d = 32 * max(1, seq_len), [0]
+    while d[-1] * 2 <= top:
+        d.append(max(1, d[-1] * 2))
+    return torch.tensor(d)
+
+
+def profile_table(name: str, rows, d) -> list[str]:
+    """One line per layer and head: the learned function at the distances d."""
+    lines = [f"{name} against the distance i - j, per layer and head:", "",
+             "| layer | head | " + " | ".join(f"d={int(x)}" for x in d) + " |", "|---:|---:|" + "---:|" * len(d)]
+    for i, r in enumerate(rows):
+        for h, values in enumerate(r):
+            lines.append(f"| {i} | {h} | " + " | ".join(f"{float(v):.3g}" for v in values) + " |")
     return lines
 
 
@@ -93,6 +125,9 @@ def inspect(source, windows: int = 16, pattern_png: str | None = None) -> str:
         out += ["", "no module of this model reports learned per-head statistics"]
     for name, rows in stats.items():
         out += [""] + stat_table(name, rows, limits.get(name))
+    d = profile_distances(t.cfg.data.seq_len)
+    for name, rows in t.model.distance_profiles(d).items():
+        out += [""] + profile_table(name, rows, d)
     out += token_sections(t, windows)
     if pattern_png:
         from lmtrain.evaluate.patterns import picture_length, write_pattern_png

@@ -123,6 +123,15 @@ class Decoder(nn.Module):
             limits.update(module.head_stat_limits())
         return stats, limits
 
+    def distance_profiles(self, d: Tensor) -> dict[str, list[Tensor]]:
+        """name -> one H x n profile (values at the distances d) per module that reports it, in
+        layer order (the DistanceProfile hook)."""
+        out: dict[str, list[Tensor]] = {}
+        for module in self.hooks.profiles:
+            for name, values in module.distance_profile(d).items():
+                out.setdefault(name, []).append(values.float().cpu())
+        return out
+
     def pattern_masks(self, L: int) -> list[Tensor]:
         """One H' x L x L visibility mask (key j to query i) per module with an attention
         pattern (the PatternPicture hook), in layer order; empty when no module has one."""

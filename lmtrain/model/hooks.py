@@ -13,6 +13,9 @@ implement any of these; the decoder finds the implementers once, at construction
   * `head_stats()` and `head_stat_limits()` - learned per-head quantities (name -> H
                                values) and their upper limits, logged per layer and head
                                and printed by `lmtrain inspect`;
+  * `distance_profile(d)`    - learned functions of the distance (name -> H x n values at the
+                               distances d): a position scheme's bias, the DA-Transformer's
+                               weights; drawn as a heatmap per module and printed by `inspect`;
   * `pattern_mask(L)`        - which keys each query may see on positions 0 .. L - 1
                                (H' x L x L; sparse patterns), drawn as a picture per layer.
 """
@@ -43,6 +46,11 @@ class HeadStatistics(Protocol):
 
 
 @runtime_checkable
+class DistanceProfile(Protocol):
+    def distance_profile(self, d: Tensor) -> dict[str, Tensor]: ...
+
+
+@runtime_checkable
 class PatternPicture(Protocol):
     def pattern_mask(self, L: int) -> Tensor: ...
 
@@ -55,6 +63,7 @@ class Hooks:
     losses: list = field(default_factory=list)
     head_stats: list = field(default_factory=list)
     patterns: list = field(default_factory=list)
+    profiles: list = field(default_factory=list)
 
     @classmethod
     def collect(cls, model: nn.Module) -> "Hooks":
@@ -62,4 +71,5 @@ class Hooks:
         return cls(after_step=[m for m in mods if isinstance(m, AfterOptimizerStep)],
                    losses=[m for m in mods if isinstance(m, ParameterLosses)],
                    head_stats=[m for m in mods if isinstance(m, HeadStatistics)],
-                   patterns=[m for m in mods if isinstance(m, PatternPicture)])
+                   patterns=[m for m in mods if isinstance(m, PatternPicture)],
+                   profiles=[m for m in mods if isinstance(m, DistanceProfile)])

@@ -175,7 +175,8 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
         callbacks.append(EvalLength(cfg, metrics_path=run_dir / "metrics.jsonl"))
     from lmtrain.train.callbacks.head_stats import HeadStats, PatternPictures
 
-    callbacks.append(HeadStats(every=t.log_every_n_steps, metrics_path=run_dir / "metrics.jsonl"))
+    callbacks.append(HeadStats(every=t.log_every_n_steps, metrics_path=run_dir / "metrics.jsonl",
+                               seq_len=cfg.data.seq_len))
     callbacks.append(PatternPictures(cfg.data.seq_len, run_dir / "attention_patterns.png"))
     from lmtrain.train.callbacks.token_stats import TokenStats
 

@@ -4,7 +4,9 @@ such as the spans that adaptive-span heads learn.
 On logging steps: `NAME/layerI/headH` scalars, `NAME/mean` and `NAME/max` over all heads
 (TensorBoard), and a line in metrics.jsonl with the per-layer values. At each validation
 and at the end of training: a histogram per layer (`NAME/layerI`) and a heatmap image of
-layers x heads (`NAME/heatmap`).
+layers x heads (`NAME/heatmap`), and for each learned function of the distance
+(`distance_profile` hooks: a position scheme's bias, DA's rescaling) a heatmap of its value
+per layer and head against the distance (`NAME/distance`), up to 32x the training length.
 
 `PatternPictures`: at the start of training, a picture of each layer's attention pattern
 (`attention/pattern` in TensorBoard, and RUN/attention_patterns.png), for models whose
@@ -31,23 +33,50 @@ def heatmap_figure(name: str, rows: list[torch.Tensor], limit: float | None, ste
 
     data = torch.stack(rows).numpy()
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * data.shape[1], 1.0 + 0.4 * data.shape[0]), dpi=100)
-    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=limit or float(data.max()), aspect="auto")
+    low = min(0.0, float(data.min()))  # learned values may be negative (DA's w)
+    im = ax.imshow(data, cmap="viridis", vmin=low, vmax=limit or float(data.max()), aspect="auto")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(data.shape[1]))
     ax.set_yticks(range(data.shape[0]))
     top = limit or float(data.max())
+    big = float(np.abs(data).max()) >= 10
     for (i, j), v in np.ndenumerate(data):
-        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < top / 2 else "black")
+        ax.text(j, i, f"{v:.0f}" if big else f"{v:.2g}", ha="center", va="center", fontsize=7,
+                color="white" if v < (low + top) / 2 else "black")
     ax.set_title(f"{name} per layer and head, step {step}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
 
 
+def profile_figure(name: str, rows: list[torch.Tensor], d: torch.Tensor, step: int):
+    """A heatmap of a learned function of the distance: one row per layer and head, one column
+    per distance in d (0, 1, 2, 4, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = torch.cat(rows).numpy()  # (modules x H) x n
+    n_heads = rows[0].shape[0]
+    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * data.shape[1], 1.0 + 0.22 * data.shape[0]), dpi=100)
+    im = ax.imshow(data, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(d)))
+    ax.set_xticklabels([str(int(x)) for x in d], rotation=90, fontsize=7)
+    ax.set_yticks(range(data.shape[0]))
+    ax.set_yticklabels([f"L{i // n_heads} h{i % n_heads}" if len(rows) > 1 else f"head {i}"
+                        for i in range(data.shape[0])], fontsize=7)
+    ax.set_xlabel("distance i - j")
+    ax.set_title(f"{name} against distance, step {step}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 class HeadStats(pl.Callback):
-    def __init__(self, every: int, metrics_path: Path | None = None):
-        self.every, self.metrics_path = every, metrics_path
+    def __init__(self, every: int, metrics_path: Path | None = None, seq_len: int = 1):
+        self.every, self.metrics_path, self.seq_len = every, metrics_path, seq_len
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -85,6 +114,13 @@ class HeadStats(pl.Callback):
             for i, r in enumerate(rows):
                 writer.add_histogram(f"{name}/layer{i}", r, global_step=step)
             writer.add_figure(f"{name}/heatmap", heatmap_figure(name, rows, limits.get(name), step), global_step=step)
+        from lmtrain.inspection import profile_distances
+
+        d = profile_distances(self.seq_len)
+        for name, rows in pl_module.model.distance_profiles(d).items():
+            if any(r.numel() == 0 for r in rows):
+                continue
+            writer.add_figure(f"{name}/distance", profile_figure(name, rows, d, step), global_step=step)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self._pictures(trainer, pl_module)
