@@ -47,6 +47,36 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env_extra
     return proc
 
 
+def train_twice_from_a_checkpoint(args: list[str], root: Path, *, at: int = 4, compare=(6, 8)) -> Path:
+    """`lmtrain train ARGS` as run `a`, then as run `b` starting from a's checkpoint at step
+    `at`; asserts that b's logged metrics equal a's at the steps `compare`. Returns a's dir."""
+    import shutil
+
+    from lmtrain.train.callbacks.metrics_file import read_metrics
+
+    run_cli("train", *args, "run.name=a", check=True)
+    run = root / "a"
+    (root / "b" / "checkpoints").mkdir(parents=True)
+    name = f"step{at:06d}.ckpt"
+    shutil.copy(run / "checkpoints" / name, root / "b" / "checkpoints" / name)
+    run_cli("train", *args, "run.name=b", check=True)
+    want, got = read_metrics(run / "metrics.jsonl"), read_metrics(root / "b" / "metrics.jsonl")
+    assert [got[s] for s in compare] == [want[s] for s in compare]
+    return run
+
+
+def flex_vs_reference_logits(model, x) -> None:
+    """The model's logits on the flex path (eager on CPU) equal its reference paths'."""
+    from lmtrain.model.attention import reference_paths
+
+    with torch.no_grad():
+        flex = model(x).logits_BLV
+        with reference_paths():
+            ref = model(x).logits_BLV
+    torch.testing.assert_close(flex, ref, rtol=1e-4, atol=1e-4)
+    assert all(k.path_counts["flex"] >= 1 for k in model.attention_kernels())
+
+
 def train_and_signal(args: list[str], metrics: Path, after_step: int, timeout: float = 300) -> tuple[int, str]:
     """Start `lmtrain train ARGS`, send SIGUSR1 once metrics.jsonl shows `after_step`, and wait:
     (exit code, stdout + stderr)."""

@@ -1,4 +1,5 @@
-"""GPU paths: compiled FlexAttention (softmax, adaptive span and sparse patterns), bf16 SDPA,
+"""GPU paths: compiled FlexAttention (softmax with every score bias, the learned distance
+schemes included; distance_aware; adaptive span and sparse patterns), bf16 SDPA,
 bf16-mixed training, ACT in bf16, kernelized attention through Triton in bf16, MFU of a 350M
 model at 4k in bf16 and the cost of ALiBi there, DeepSpeed ZeRO-2/3 in bf16 on one GPU, vLLM
 serving the native HF exports (where vLLM is installed). Skipped without CUDA;
@@ -19,10 +20,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
 
-def _model(position: str, backend: str, dtype):
+def _model(position: str, backend: str, dtype, *extra: str):
     cfg = load_config(CONFIGS / "debug.yaml", [
         f"model.position={position}", f"model.attention.backend={backend}", "model.n_layers=2", "model.d_model=256",
-        "model.n_heads=4", "model.d_ff=512", "data.vocab_size=1024", "data.seq_len=1024"])
+        "model.n_heads=4", "model.d_ff=512", "data.vocab_size=1024", "data.seq_len=1024", *extra])
     torch.manual_seed(0)
     return build_model(cfg, device="cuda").to(dtype)
 
@@ -38,13 +39,29 @@ def _fwd_bwd(model, x, reference: bool):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("position", ["alibi", "none"])
+@pytest.mark.parametrize("position", ["alibi", "none", "exp_decay", "gaussian", "kerple_log", "rel_buckets"])
 def test_compiled_flex_matches_reference(position, dtype):
+    """Outputs and gradients, the learned schemes' own parameters included (their score_mod
+    reads them: FlexAttention's gradients for captured tensors)."""
     model = _model(position, "flex", dtype)
     x = torch.randint(0, 1024, (2, 1024), device="cuda")
     (out, grads), (ref, ref_grads) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
     tol = BF16_TOL if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out.float(), ref.float(), **tol)
+    for n in grads:
+        torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), **tol, msg=n)
+    assert all(k.path_counts["flex"] >= 1 for k in model.attention_kernels())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_distance_aware_compiled_flex_matches_reference(dtype):
+    model = _model("none", "flex", dtype, "model.attention.kind=distance_aware", "model.attention.init_w=-0.01",
+                   "model.attention.init_v=0.5")
+    x = torch.randint(0, 1024, (2, 1024), device="cuda")
+    (out, grads), (ref, ref_grads) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
+    tol = BF16_TOL if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    assert any(n.endswith("kernel.w") for n in grads)
     for n in grads:
         torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), **tol, msg=n)
     assert all(k.path_counts["flex"] >= 1 for k in model.attention_kernels())

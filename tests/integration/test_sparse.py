@@ -4,28 +4,18 @@ statistics and pattern pictures, passkey retrieval; the copy probe as a data sou
 
 from __future__ import annotations
 
-import shutil
-
-from tests.helpers import CONFIGS, TINY_MODEL, run_cli
+from tests.helpers import CONFIGS, TINY_MODEL, run_cli, train_twice_from_a_checkpoint
 
 
 def test_sparse_with_document_masks_trains_resumes_exactly_and_generates(tiny_data, tmp_path):
     import json
-
-    from lmtrain.train.callbacks.metrics_file import read_metrics
 
     args = [str(CONFIGS / "debug.yaml"), *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", "model.dropout=0.1",
             "model.attention.kind=sparse", "model.attention.block=16", "model.attention.window=32",
             "model.attention.layer_patterns=[window|bigbird,window+globals]", "model.attention.global_every=16",
             "data.document_mask=true", "trainer.max_steps=8", "checkpoint.every_n_steps=4",
             "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=2"]
-    run_cli("train", *args, "run.name=a", check=True)
-    run = tmp_path / "a"
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "checkpoints" / "step000004.ckpt", tmp_path / "b" / "checkpoints" / "step000004.ckpt")
-    run_cli("train", *args, "run.name=b", check=True)
-    want, got = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
-    assert [got[s] for s in (6, 8)] == [want[s] for s in (6, 8)]
+    run = train_twice_from_a_checkpoint(args, tmp_path)
 
     out = run_cli("generate", str(run), "--prompt", "def ", "--max-new-tokens", "8", check=True)
     assert out.stdout.strip()

@@ -15,7 +15,7 @@ from lmtrain.model.attention import reference_paths
 from lmtrain.model.layer import KVCache
 from lmtrain.model.outputs import Aux
 from lmtrain.model.positions import POSITIONS
-from tests.helpers import V, fast_vs_reference, make_model, property_config
+from tests.helpers import V, fast_vs_reference, flex_vs_reference_logits, make_model, property_config
 
 POSITION_KINDS = sorted(POSITIONS)
 
@@ -75,14 +75,7 @@ def test_alibi_is_folded_into_the_dot_product_at_long_lengths(monkeypatch, dtype
 def test_flex_forward_matches_reference_on_cpu(position):
     pytest.importorskip("torch.nn.attention.flex_attention")
     model = make_model(f"model.position={position}", "model.attention.backend=flex", dtype=torch.float32)
-    x = torch.randint(0, V, (2, 32))
-    with torch.no_grad():
-        flex = model(x).logits_BLV
-        with reference_paths():
-            ref = model(x).logits_BLV
-    torch.testing.assert_close(flex, ref, rtol=1e-4, atol=1e-4)
-    for k in model.attention_kernels():
-        assert k.path_counts["flex"] >= 1
+    flex_vs_reference_logits(model, torch.randint(0, V, (2, 32)))
 
 
 def test_flex_with_a_kv_cache_falls_back_to_sdpa():
