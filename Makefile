@@ -39,9 +39,10 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Length extrapolation (issue 3): train five position schemes at L=128 (auto-resumes),
-# then evaluate all of them on the same tokens up to 32x the training length.
-EXTRAP_SCHEMES := alibi rope sinusoidal learned none
+# Length extrapolation (issues 3 and 21): train ten ways of using positions at L=128 (the
+# fixed schemes, the learned distance schemes and the DA-Transformer; auto-resumes), then
+# evaluate all of them on the same tokens up to 32x the training length.
+EXTRAP_SCHEMES := alibi rope sinusoidal learned none exp_decay gaussian kerple_log rel_buckets distance_aware
 EXTRAP_LENGTHS := 128,256,512,1024,2048,4096
 EXTRAP_OUT     := runs/extrapolation
 extrapolation: $(STAMP)
