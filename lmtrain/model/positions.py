@@ -151,15 +151,14 @@ class DistanceBias(Position):
     def bias(self, values: dict[str, Tensor], d: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self.head_values().values())).dtype
-
     def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
         """H L S for query positions L; B H L S for per-row query positions B L (any leading
-        dimensions broadcast as in ALiBi.score_bias)."""
+        dimensions broadcast as in ALiBi.score_bias). In fp32 at least: a model cast to bf16
+        would otherwise round the distances (bf16 holds integers exactly only up to 256)."""
         d = (q_pos_L[..., None] - k_pos_S).clamp(min=0).unsqueeze(-3)  # ... 1 l S
-        values = {k: v[:, None, None] for k, v in self.head_values().items()}
-        return self.bias(values, d.to(self._dtype()))
+        values = self.head_values()
+        dt = torch.promote_types(next(iter(values.values())).dtype, torch.float32)
+        return self.bias({k: v.to(dt)[:, None, None] for k, v in values.items()}, d.to(dt))
 
     def score_mod(self) -> Callable:
         # One function per module (see ALiBi.score_mod): it reads the parameters at call time.
@@ -235,6 +234,7 @@ class ExpDecay(DistanceBias):
     def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
         # k - q unclamped, as ALiBi: the same numbers on every path (masked entries never count).
         slopes = self.slopes()
+        slopes = slopes.to(torch.promote_types(slopes.dtype, torch.float32))
         dist_LS = (k_pos_S - q_pos_L[..., None]).to(slopes.dtype)
         return slopes[:, None, None] * dist_LS.unsqueeze(-3)
 

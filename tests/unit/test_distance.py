@@ -32,6 +32,7 @@ def randomise(module, seed: int = 0) -> None:
 
 def formula(pos, kind: str, h: int, d: int) -> float:
     """The paper's bias of head h at distance d >= 0, from the scheme's parameters."""
+    pos = pos.requires_grad_(False)
     if kind == "exp_decay":
         return -alibi_slopes(len(pos.alibi))[h] * math.exp(float(pos.log_scale[h])) * d
     if kind == "gaussian":

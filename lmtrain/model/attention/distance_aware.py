@@ -123,8 +123,10 @@ class DistanceAwareAttention(AttentionKernel):
         """One block of queries over its keys: the formula with the causal (and document) mask."""
         D = q_BHlD.shape[-1]
         dist = q_pos[..., None] - k_pos  # ([B] l s)
-        w, v = (p.to(q_BHlD.dtype)[:, None, None] for p in (self.w, self.v))
-        scale = rescale(w, v, dist.abs().to(q_BHlD.dtype).unsqueeze(-3))  # ([B] H l s)
+        # Rhat in fp32 at least (bf16 rounds distances above 256), then in the scores' dtype.
+        dt = torch.promote_types(q_BHlD.dtype, torch.float32)
+        w, v = (p.to(dt)[:, None, None] for p in (self.w, self.v))
+        scale = rescale(w, v, dist.abs().to(dt).unsqueeze(-3)).to(q_BHlD.dtype)  # ([B] H l s)
         scores = torch.relu(q_BHlD @ k_BHsD.transpose(-1, -2)) * (scale / math.sqrt(D))
         scores = and_mask(scores.masked_fill((dist < 0).unsqueeze(-3), float("-inf")), allowed)
         probs = F.dropout(scores.softmax(dim=-1), p=self.attn_dropout, training=self.attn_dropout > 0)
