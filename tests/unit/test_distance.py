@@ -84,6 +84,7 @@ def test_score_mod_equals_score_bias(kind):
     """The FlexAttention score_mod (GPU) adds the same bias as the CPU paths, element by element."""
     pos = build_position(kind, d_model=32, n_heads=4, seq_len=64).double()
     randomise(pos)
+    pos.requires_grad_(False)
     fn = pos.score_mod()
     assert pos.score_mod() is fn  # one function per module: no recompiles
     bias = pos.score_bias(torch.arange(20), torch.arange(20)).detach()
