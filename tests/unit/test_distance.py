@@ -177,7 +177,8 @@ def test_kerple_keeps_p_and_a_positive_after_each_step():
         model.position.p.fill_(-1.0)
         model.position.a[0] = 0.01
     model.after_optimizer_step()
-    assert float(model.position.p.min()) == pytest.approx(0.05) and float(model.position.a.min()) == pytest.approx(0.05)
+    p, a = model.position.p.detach(), model.position.a.detach()
+    assert float(p.min()) == pytest.approx(0.05) and float(a.min()) == pytest.approx(0.05)
 
 
 def test_learned_position_biases_get_no_weight_decay():
