@@ -204,7 +204,7 @@ def test_distance_aware_follows_the_paper_formula():
     q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64) for _ in range(3))
     want = torch.zeros_like(q)
     for h in range(2):
-        w_h, v_h = float(kernel.w[h]), float(kernel.v[h])
+        w_h, v_h = float(kernel.w[h].detach()), float(kernel.v[h].detach())
         for i in range(10):
             s = torch.tensor([max(0.0, float(q[0, h, i] @ k[0, h, j])) * (1 + math.exp(v_h))
                               / (1 + math.exp(v_h - w_h * abs(i - j))) / math.sqrt(8) for j in range(i + 1)],
