@@ -60,7 +60,7 @@ def profile_table(name: str, rows, d) -> list[str]:
              "| layer | head | " + " | ".join(f"d={int(x)}" for x in d) + " |", "|---:|---:|" + "---:|" * len(d)]
     for i, r in enumerate(rows):
         for h, values in enumerate(r):
-            lines.append(f"| {i} | {h} | " + " | ".join(f"{float(v):.3g}" for v in values) + " |")
+            lines.append(f"| {i} | {h} | " + " | ".join(f"{float(v) + 0.0:.3g}" for v in values) + " |")  # no -0
     return lines
 
 
