@@ -121,12 +121,13 @@ def inspect(source, windows: int = 16, pattern_png: str | None = None) -> str:
            f"{params:,} parameters"]
     out += [f"{axis:<12} {axis_line(getattr(m, axis))}" for axis in AXES]
     stats, limits = t.model.head_stats()
-    if not stats:
+    d = profile_distances(t.cfg.data.seq_len)
+    profiles = t.model.distance_profiles(d)
+    if not stats and not profiles:
         out += ["", "no module of this model reports learned per-head statistics"]
     for name, rows in stats.items():
         out += [""] + stat_table(name, rows, limits.get(name))
-    d = profile_distances(t.cfg.data.seq_len)
-    for name, rows in t.model.distance_profiles(d).items():
+    for name, rows in profiles.items():
         out += [""] + profile_table(name, rows, d)
     out += token_sections(t, windows)
     if pattern_png:
