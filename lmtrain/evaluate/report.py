@@ -21,6 +21,13 @@ CSV_FIELDS = ("run", "position", "train_length", "step", "mode", "stride", "leng
               "tokens_scored", "tokens_processed", "windows", "seconds")
 
 
+def scheme(run: dict) -> str:
+    """The run's position scheme, with its attention kind where that is not plain softmax
+    (DA-Transformer runs have position `none` and their distance function in the kernel)."""
+    attention = run.get("attention", "softmax")
+    return run["position"] if attention == "softmax" else f"{run['position']} + {attention}"
+
+
 def report_dict(report: dict, runs: Optional[list] = None) -> dict:
     runs = report["runs"] if runs is None else runs
     return {**{k: v for k, v in report.items() if k != "runs"}, "runs": [r.to_dict() for r in runs]}
@@ -51,7 +58,7 @@ def markdown(rep: dict) -> str:
             else:
                 notes.append(f"{run['name']} at L={r['length']}: {r['reason']}")
                 cells.append(f"n/a [{len(notes)}]")
-        lines.append(f"| {run['name']} | {run['position']} | {run['train_length']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run['name']} | {scheme(run)} | {run['train_length']} | " + " | ".join(cells) + " |")
     lines += ["", "Perplexity relative to the training length (1.00 = no change):", "",
               "| run | " + " | ".join(f"L={L}" for L in lengths) + " |", "|---|" + "---:|" * len(lengths)]
     for run in rep["runs"]:
@@ -97,7 +104,7 @@ def ppl_figure(rep: dict):
     for run in rep["runs"]:
         pts = [(r["length"], r["ppl"]) for r in run["results"] if r["status"] == "ok" and r["ppl"] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{run['name']} ({run['position']})")
+            ax.plot(*zip(*pts), marker="o", label=f"{run['name']} ({scheme(run)})")
         train_lengths.add(run["train_length"])
     for L in sorted(train_lengths):
         ax.axvline(L, color="grey", linestyle="--", linewidth=1)
@@ -142,7 +149,7 @@ def positions_figure(rep: dict):
                 ax.plot(*zip(*pts), linewidth=1, label=f"L={r['length']}")
         ax.axvline(run["train_length"], color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{run['name']} ({run['position']})", fontsize=10)
+        ax.set_title(f"{run['name']} ({scheme(run)})", fontsize=10)
         ax.set_xlabel("position in window")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
