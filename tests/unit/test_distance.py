@@ -103,6 +103,9 @@ def test_flex_forward_matches_reference_on_cpu(overrides):
     model = make_model(*overrides, "model.attention.backend=flex", dtype=torch.float32)
     randomise(model.position)
     flex_vs_reference_logits(model, torch.randint(0, V, (2, 32)))
+    if model.cfg.attention.kind == "distance_aware":  # one score_mod per kernel, as for the schemes: no recompiles
+        kernel = model.attention_kernels()[0]
+        assert kernel.score_mod() is kernel.score_mod()
 
 
 CASES = [  # (overrides, the fast path that must run)

@@ -151,17 +151,24 @@ class DistanceAwareAttention(AttentionKernel):
             outs.append(checkpoint(self._block, *args, use_reentrant=False) if recompute else self._block(*args))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def score_mod(self):
+        """ReLU and Rhat as a FlexAttention score_mod: one function per module, reading w and v
+        at call time, so torch.compile sees the same function every call (no recompiles)."""
+        if getattr(self, "_score_mod", None) is None:
+            module = self
+
+            def da(score, b, h, q_idx, kv_idx):
+                dist = (q_idx - kv_idx).abs().to(score.dtype)
+                return torch.relu(score) * rescale(module.w[h].to(score.dtype), module.v[h].to(score.dtype), dist)
+
+            self._score_mod = da
+        return self._score_mod
+
     def _flex(self, q_BHLD, k_BHSD, v_BHSD):
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
-        module = self
-
-        def da(score, b, h, q_idx, kv_idx):
-            dist = (q_idx - kv_idx).abs().to(score.dtype)
-            return torch.relu(score) * rescale(module.w[h].to(score.dtype), module.v[h].to(score.dtype), dist)
-
         fn = flex_fn(q_BHLD.is_cuda)
-        return fn(q_BHLD, k_BHSD, v_BHSD, score_mod=da, block_mask=causal_block_mask(L, S, str(q_BHLD.device)),
-                  scale=1 / math.sqrt(q_BHLD.shape[-1]))
+        return fn(q_BHLD, k_BHSD, v_BHSD, score_mod=self.score_mod(),
+                  block_mask=causal_block_mask(L, S, str(q_BHLD.device)), scale=1 / math.sqrt(q_BHLD.shape[-1]))
 
     def reference(self, q_BHLD, k_BHSD, v_BHSD, inp):
         """softmax(ReLU(q k^T) * Rhat / sqrt(D)) v over all L x S scores, masked after the product."""
