@@ -127,6 +127,9 @@ class ModelConfig:
     d_model: int = 256  # hidden size
     n_heads: int = 4  # attention heads (d_model / n_heads per head)
     d_ff: int = 1024  # feed-forward inner size
+    # Feed-forward in chunks of this many positions (Reformer): its L x d_ff activations exist one
+    # chunk at a time, and in training each chunk is recomputed in the backward. 0: all at once.
+    ffn_chunk: int = 0
     dropout: float = 0.0  # residual, embedding and attention-probability dropout
     # The axes, each a node typed by its kind (lmtrain/model/axes.py).
     position: PositionConfig = field(default_factory=PositionConfig)
@@ -576,6 +579,7 @@ def validate(cfg: Config) -> list[str]:
     need(m.d_model >= 1 and m.d_model % max(m.n_heads, 1) == 0,
          f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
     need(m.d_ff >= 1, "model.d_ff: must be at least 1")
+    need(m.ffn_chunk >= 0, "model.ffn_chunk: must be 0 (no chunks) or a positive number of positions")
     need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
     need(m.norm in NORMS, f"model.norm: {m.norm!r} is not one of {', '.join(NORMS)}")
     need(m.init_std > 0, "model.init_std: must be positive")

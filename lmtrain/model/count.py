@@ -14,11 +14,12 @@ def norm_parameters(model_cfg) -> int:
 
 
 def layer_parameters(a: Assembly) -> int:
-    """One decoder layer: two norms, the q/k/v and output projections, the kernel's own, the
-    feed-forward."""
+    """One decoder layer: two norms, the q/k/v (q/v for shared query-key kernels) and output
+    projections, the kernel's own, the feed-forward."""
     m = a.model
     d = m.d_model
-    attention = 4 * d * d + (4 * d if m.bias else 0) + a.attention.own_parameters(a)
+    projections = 3 if a.attention.shared_qk else 4  # q, (k,) v and the output
+    attention = projections * d * (d + (1 if m.bias else 0)) + a.attention.own_parameters(a)
     return 2 * norm_parameters(m) + attention + a.ffn.own_parameters(a)
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Hashable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmtrain.model.attention import AttentionInputs, build_attention
 from lmtrain.model.ffn import FFN
@@ -28,6 +29,11 @@ class KVCache:
 
     entries: dict = field(default_factory=dict)
     length: int = 0  # positions already cached
+    states: dict = field(default_factory=dict)  # per slot: what a kernel keeps across steps
+
+    def state(self, key: Hashable) -> dict:
+        """Slot `key`'s kernel state (lowrank_causal's segment summaries), created empty."""
+        return self.states.setdefault(key, {})
 
     def extend(self, key: Hashable, k_BHLD: Tensor, v_BHLD: Tensor, pos_L: Tensor):
         if key in self.entries:
@@ -103,10 +109,12 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg, index: int):
         super().__init__()
         self.n_heads, self.index = cfg.n_heads, index
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = ResidualOut(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.kernel = build_attention(cfg.attention, d_model=cfg.d_model, n_heads=cfg.n_heads, dropout=cfg.dropout,
                                       layer=index)
+        # q, k, v; or q, v where the keys are the queries (shared query-key attention)
+        self.shared_qk = self.kernel.shared_qk
+        self.qkv = nn.Linear(cfg.d_model, (2 if self.shared_qk else 3) * cfg.d_model, bias=cfg.bias)
+        self.proj = ResidualOut(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable, rows_BQ: Optional[Tensor] = None) -> Tensor:
         """B x L x M, or B x Q x M for the query positions `rows_BQ` (keys and values always
@@ -122,6 +130,9 @@ class SelfAttention(nn.Module):
             q = F.linear(gather_rows(x_BLM, rows_BQ), w_q, b_q).view(B, -1, H, D).transpose(1, 2)  # B H Q D
             k, v = F.linear(x_BLM, w_kv, b_kv).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 B H L D
             q_pos = ctx.pos_L[rows_BQ]  # B Q
+        elif self.shared_qk:
+            q, v = self.qkv(x_BLM).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 B H L D
+            k = q
         else:
             q, k, v = self.qkv(x_BLM).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 B H L D
         q, k = ctx.position.rotate(q, q_pos), ctx.position.rotate(k, ctx.pos_L)
@@ -129,7 +140,8 @@ class SelfAttention(nn.Module):
         if ctx.cache is not None:
             k, v, k_pos = ctx.cache.extend(key, k, v, ctx.pos_L)
         inp = AttentionInputs(position=ctx.position, q_pos=q_pos, k_pos=k_pos, aux=ctx.aux, doc_ids=ctx.doc_ids,
-                              global_mask=ctx.global_mask)
+                              global_mask=ctx.global_mask,
+                              cache_state=ctx.cache.state(key) if ctx.cache is not None else None)
         o_BLM = self.kernel(q, k, v, inp).transpose(1, 2).reshape(B, -1, M)
         if ctx.cache is not None:
             # Keys no later query can see leave the cache (a window keeps its last W and the global
@@ -153,6 +165,7 @@ class Layer(nn.Module):
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias)
         self.ffn = FFN.get(cfg.ffn.kind)(cfg.ffn, d_model=cfg.d_model, d_ff=cfg.d_ff, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.ffn_chunk = cfg.ffn_chunk
 
     def f_parameters(self) -> list[nn.Parameter]:
         """The parameters of sublayer F (its norm and the attention block)."""
@@ -169,5 +182,17 @@ class Layer(nn.Module):
         return self.drop(self.attn(self.attn_norm(x_BLM), ctx, key, rows_BQ))
 
     def g(self, x_BLM: Tensor, ctx: Context) -> Tensor:
-        """Feed-forward sublayer (its own norm and dropout)."""
+        """Feed-forward sublayer (its own norm and dropout). With `model.ffn_chunk`, in chunks of
+        positions: the same values (every position is computed alone), one chunk's d_ff
+        activations at a time; under autograd each chunk keeps only its input and is recomputed
+        in the backward (its RNG state replayed, so dropout masks match)."""
+        c, L = self.ffn_chunk, x_BLM.shape[1]
+        if not c or L <= c:
+            return self._g(x_BLM)
+        grad = torch.is_grad_enabled()
+        parts = [checkpoint(self._g, x_BLM[:, s:s + c], use_reentrant=False) if grad else self._g(x_BLM[:, s:s + c])
+                 for s in range(0, L, c)]
+        return torch.cat(parts, dim=1)
+
+    def _g(self, x_BLM: Tensor) -> Tensor:
         return self.drop(self.ffn(self.ffn_norm(x_BLM)))

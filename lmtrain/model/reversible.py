@@ -18,7 +18,9 @@ and the stack's output is the mean (y1 + y2) / 2, which goes to the final norm.
                  for one extra forward of F and G per layer.
 
 Randomness replays exactly: the RNG state before each F and each G is saved in the
-forward and restored for its recomputation (dropout masks are the same). Attention kinds
+forward and restored for its recomputation (dropout masks are the same). Discrete
+decisions of the attention kernel (LSH's buckets) are kept in the forward and replayed:
+a rebuilt input that differs in the last bit could otherwise flip one. Attention kinds
 must declare `caps.deterministic_recompute`. The stack's forward runs without a graph, so
 losses must not come from it: parameter losses (the span loss) are added by the decoder,
 outside the stack (lmtrain/model/hooks.py).
@@ -31,6 +33,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from lmtrain.model.attention import kept_decisions
 from lmtrain.model.outputs import Aux
 from lmtrain.model.residual import RESIDUAL, Residual
 
@@ -75,14 +78,17 @@ class ReversibleLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, x1, x2, layer, ctx, stash, last, *params):
+        decisions: dict = {}  # discrete choices of F's kernel (LSH buckets), replayed in backward
         with torch.no_grad():
             s_f = _rng_state(x1.device)
-            y1 = x1 + layer.f(x2, ctx)
+            with kept_decisions(decisions, replay=False):
+                y1 = x1 + layer.f(x2, ctx)
             s_g = _rng_state(x1.device)
             y2 = x2 + layer.g(y1, ctx)
         if last:
             stash.outputs = (y1.detach(), y2.detach())
         fctx.layer, fctx.ctx, fctx.stash, fctx.states, fctx.params_order = layer, ctx, stash, (s_f, s_g), params
+        fctx.decisions = decisions
         return y1, y2
 
     @staticmethod
@@ -99,7 +105,7 @@ class ReversibleLayer(torch.autograd.Function):
         x2 = (y2 - gy).detach()
         with torch.enable_grad():
             x2_req = x2.requires_grad_(True)
-            with _replay(s_f, x2.device):
+            with _replay(s_f, x2.device), kept_decisions(fctx.decisions, replay=True):
                 fx = layer.f(x2_req, ctx)
             d_x2, *d_f = torch.autograd.grad(fx, (x2_req, *f_params), g_y1, allow_unused=True)
         fctx.stash.outputs = ((y1 - fx).detach(), x2)  # this layer's inputs: the outputs of the one below

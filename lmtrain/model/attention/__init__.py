@@ -7,14 +7,16 @@ from lmtrain.model.attention.base import (
     AttentionKernel,
     Capabilities,
     Tolerance,
+    decide,
+    kept_decisions,
     reference_paths,
 )
 
 # Each import registers one kind.
-from lmtrain.model.attention import softmax, adaptive_span, performer, rfa, linear, sparse, distance_aware  # noqa: E402,F401  isort: skip
+from lmtrain.model.attention import softmax, adaptive_span, performer, rfa, linear, sparse, distance_aware, lsh, lowrank  # noqa: E402,F401  isort: skip
 
 __all__ = ["ATTENTION", "AttentionConfig", "AttentionInputs", "AttentionKernel", "Capabilities", "Tolerance",
-           "build_attention", "reference_paths"]
+           "build_attention", "decide", "kept_decisions", "reference_paths"]
 
 
 def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float,

@@ -16,7 +16,8 @@ A kernel declares, as class data:
   * `caps`        - what it supports (`Capabilities`), asked at config time;
   * `refusals`    - for a capability it lacks, why (it goes into the error message);
   * `backends`    - its selectable fast paths (`model.attention.backend`: auto, these, reference);
-  * `tolerances`  - per dtype, how closely its fast paths match its reference.
+  * `tolerances`  - per dtype, how closely its fast paths match its reference;
+  * `shared_qk`   - the keys are the queries (LSH): the block projects no keys.
 It implements `route` (which path runs; `auto_backend` for backend=auto), `fast(path, ...)`
 and `reference(...)`, the plain implementation its fast paths are tested against.
 
@@ -56,6 +57,9 @@ class AttentionInputs:
     doc_ids: Optional[Tensor] = None  # B x S document of each key (document masking); None: one document
     global_mask: Optional[Tensor] = None  # B x S, True for global tokens; None: none
     seed: Optional[int] = None  # for kernels whose pattern is drawn per forward
+    # With a KV cache: this call site's own state across decoding steps (lowrank_causal keeps the
+    # summaries of finished segments there); None without a cache.
+    cache_state: Optional[dict] = None
 
     @property
     def per_row(self) -> bool:
@@ -104,6 +108,33 @@ def reference_paths(enabled: bool = True):
         _REFERENCE.reset(token)
 
 
+_DECISIONS = contextvars.ContextVar("lmtrain_attention_decisions", default=None)
+
+
+@contextlib.contextmanager
+def kept_decisions(store: dict, replay: bool):
+    """Keep the discrete decisions kernels make in a forward (LSH's buckets) in `store`, or,
+    with `replay`, give them back: a recompute (reversible layers' backward) whose inputs
+    differ from the forward's in the last bits then attends exactly as the forward did."""
+    token = _DECISIONS.set((store, replay))
+    try:
+        yield
+    finally:
+        _DECISIONS.reset(token)
+
+
+def decide(kernel: nn.Module, make):
+    """`make()`, kept for a replay under `kept_decisions` (one decision per kernel and call)."""
+    slot = _DECISIONS.get()
+    if slot is None:
+        return make()
+    store, replay = slot
+    if replay and kernel in store:
+        return store[kernel]
+    store[kernel] = value = make()
+    return value
+
+
 @dataclass
 class AttentionConfig(KindConfig):
     """Options every kind has; each kind subclasses it with its own."""
@@ -119,6 +150,8 @@ class AttentionKernel(Variant, nn.Module):
     backends: ClassVar[tuple[str, ...]] = ()
     backends_without_dropout: ClassVar[tuple[str, ...]] = ("flex",)
     tolerances: ClassVar[dict[torch.dtype, Tolerance]] = DEFAULT_TOLERANCES
+    # Shared query-key attention: the block projects no keys and passes the queries as k.
+    shared_qk: ClassVar[bool] = False
 
     def __init__(self, cfg: AttentionConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
         super().__init__()

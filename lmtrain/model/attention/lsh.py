@@ -1,0 +1,303 @@
+"""LSH attention (Kitaev, Kaiser and Levskaya 2020, "Reformer: The Efficient Transformer").
+
+Shared query-key attention: the block projects queries and values only (`shared_qk`), and
+the key of position j is its query, normalised, k_j = q_j / |q_j|. Similar vectors hash to
+the same bucket with high probability, so attending within buckets approximates full
+attention at O(rounds x L x chunk) cost:
+
+  * hashing: per round r and head h, a random rotation R_rh (D x n/2) gives the bucket
+    argmax([k R ; -k R]) of n `buckets` (0: about 2 L / chunk). The rotations come from the
+    seed buffer `hash_seed` (in the state dict: a checkpoint brings its hash functions).
+  * sorting: per round, positions sorted by (bucket, position), then cut into chunks of
+    `chunk`; each chunk attends to itself and the previous one.
+  * visibility: key j is visible to query i in round r iff both have the same bucket, j <= i,
+    and fewer than `chunk` positions of that bucket lie in (j, i]: a sliding window of
+    `chunk` over the bucket's positions, which always lies in the chunk and the previous
+    one. Reformer's plain rule (any key of the two chunks, j <= i) is not causal: which
+    earlier keys share a chunk with query i depends on how many *later* positions hash to
+    lower buckets. The window rule reads earlier positions only (a test checks it), and
+    makes incremental decoding exact (`caps.kv_cache`: a step hashes the cached keys).
+  * self: a query sees its own key only when no other key is visible (its score is replaced
+    by -1e5, which vanishes next to any other key: q . q/|q| would dominate otherwise).
+  * rounds: each round's output o_r and log-sum-exp lse_r combine as
+    o = sum_r o_r softmax_r(lse_r), attention over the union of the rounds' keys (a pair
+    two rounds share counts twice, as in Reformer without its duplicate correction).
+
+Reversible layers rebuild their inputs in the backward pass with rounding errors that can
+flip an argmax: the buckets of the forward pass are kept and replayed (`decide` in
+base.py), so the recompute attends exactly as the forward did.
+
+Paths:
+  * chunks    - the sort-and-chunk engine above (training and full-sequence evaluation).
+  * dense     - the visibility rule over all cached keys, for decoding steps with a KV cache
+                (a few new queries over S keys: O(S) per query).
+  * reference - the same rule as dense L x S masks built from the buckets, per round.
+
+Statistics (aux.stats, logged to TensorBoard as stats/... and shown by `lmtrain inspect`):
+bucket occupancy (the largest bucket's size over `chunk`, and the share of queries whose
+bucket holds more earlier keys than the window reaches), and in evaluation the share of
+full shared-QK attention mass each round recovers, and all rounds together, on a sample
+of `mass_sample` queries of the first sequence.
+
+Shapes: B batch, H heads, R rounds, L queries, S keys, D head dim, N chunks, C chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities, decide
+from lmtrain.model.attention.paths import document_mask
+
+SELF_SCORE = -1e5  # a query's score for its own key: zero weight beside any other key
+
+
+@dataclass
+class LSHConfig(AttentionConfig):
+    kind: str = "lsh"
+    chunk: int = 64  # positions per sorted chunk; each query sees up to `chunk` keys of its bucket
+    rounds: int = 2  # hash rounds (more: closer to full attention, proportionally slower)
+    buckets: int = 0  # buckets per round: 1 or even; 0 = about 2 L / chunk for each length L
+    mass_sample: int = 256  # queries of the first sequence whose recovered attention mass evaluation reports; 0: off
+    backend: str = "auto"  # auto: chunks for full sequences, dense for decoding steps
+
+
+def bucket_count(cfg: LSHConfig, L: int) -> int:
+    """The buckets per round at length L: the configured count, or 2 L / chunk rounded up to even."""
+    if cfg.buckets:
+        return cfg.buckets
+    n = max(2, -(-2 * L // cfg.chunk))
+    return n + (n % 2)
+
+
+def hash_buckets(k_BHSD: Tensor, rotations_HRDN: Optional[Tensor]) -> Tensor:
+    """B x H x R x S buckets: argmax([k R ; -k R]) per round (None rotations: one bucket)."""
+    if rotations_HRDN is None:
+        B, H, S, _ = k_BHSD.shape
+        return torch.zeros(B, H, 1, S, dtype=torch.long, device=k_BHSD.device)
+    proj = torch.einsum("bhsd,hrdn->bhrsn", k_BHSD.to(rotations_HRDN.dtype), rotations_HRDN)
+    return torch.cat((proj, -proj), dim=-1).argmax(dim=-1)
+
+
+def bucket_sizes(buckets_BHRS: Tensor, n_buckets: int) -> Tensor:
+    """B x H x R x n: how many keys each bucket holds."""
+    sizes = buckets_BHRS.new_zeros(*buckets_BHRS.shape[:-1], n_buckets)
+    return sizes.scatter_add_(-1, buckets_BHRS, torch.ones_like(buckets_BHRS))
+
+
+def sorted_ranks(sorted_BHRS: Tensor, n_buckets: int) -> Tensor:
+    """For keys sorted by (bucket, position): each one's rank within its bucket."""
+    sizes = bucket_sizes(sorted_BHRS, n_buckets)
+    starts = sizes.cumsum(dim=-1) - sizes
+    return torch.arange(sorted_BHRS.shape[-1], device=sorted_BHRS.device) - starts.gather(-1, sorted_BHRS)
+
+
+def ranks_in_bucket(buckets_BHRS: Tensor, n_buckets: int) -> Tensor:
+    """For each key (keys in position order), how many keys of its bucket come before it."""
+    sorted_BHRS, perm = torch.sort(buckets_BHRS, dim=-1, stable=True)
+    return torch.empty_like(perm).scatter_(-1, perm, sorted_ranks(sorted_BHRS, n_buckets))
+
+
+def unit_keys(q_BHLD: Tensor) -> Tensor:
+    return q_BHLD / q_BHLD.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def combine_rounds(o_BHRLD: Tensor, lse_BHRL: Tensor) -> Tensor:
+    """o = sum_r o_r softmax_r(lse_r): attention over the union of the rounds' keys."""
+    return (o_BHRLD * lse_BHRL.softmax(dim=2)[..., None]).sum(dim=2)
+
+
+@ATTENTION.register("lsh")
+class LSHAttention(AttentionKernel):
+    Config = LSHConfig
+    caps = Capabilities(score_bias=False, kv_cache=True, query_rows=False, document_mask=True)
+    refusals = {"score_bias": "a score bias of the distance would not follow the buckets: LSH picks keys by "
+                              "content, so a bias on the distance cannot reach the far keys it leaves out",
+                "query_rows": "every position's normalised query is also its key, so all queries are computed"}
+    backends = ("chunks", "dense")
+    shared_qk = True
+    test_options = {"chunk": 8, "rounds": 2, "buckets": 4, "mass_sample": 16}
+
+    cfg: LSHConfig
+
+    def __init__(self, cfg: LSHConfig, *, d_model: int, n_heads: int, dropout: float, layer: int = 0):
+        super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)
+        # The hash functions' seed: drawn from torch's generator (run.seed), kept in the state dict.
+        seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
+        self.register_buffer("hash_seed", torch.tensor(seed, dtype=torch.int64))
+        self._rotations: dict = {}
+
+    @classmethod
+    def check(cls, a) -> list[str]:
+        reasons = super().check(a)
+        cfg, m = a.model.attention, a.model
+        if cfg.chunk < 1:
+            reasons.append("model.attention.chunk must be at least 1")
+        if cfg.rounds < 1:
+            reasons.append("model.attention.rounds must be at least 1")
+        if cfg.buckets < 0 or (cfg.buckets > 1 and cfg.buckets % 2):
+            reasons.append(f"model.attention.buckets={cfg.buckets}: use 1, an even count (rotations give n/2 "
+                           "directions and their opposites), or 0 for about 2 L / chunk")
+        if cfg.mass_sample < 0:
+            reasons.append("model.attention.mass_sample must be 0 (off) or positive")
+        if m.position.kind == "rope":
+            reasons.append("model.attention.kind=lsh with model.position.kind=rope: RoPE rotates queries and keys by "
+                           "their positions, so the buckets of a shared query-key would depend on position, not "
+                           "content; use model.position.kind=none, sinusoidal or learned")
+        return reasons
+
+    @classmethod
+    def attention_flops(cls, model, seq_len: int) -> float:
+        """Per round, each query scores 2 chunks of keys: 12 x 2 C x d x rounds, whatever L."""
+        cfg = model.attention
+        return 12.0 * model.d_model * min(seq_len, 2 * cfg.chunk) * cfg.rounds
+
+    # -- hashing ------------------------------------------------------------------------------
+    def rotations(self, n_buckets: int, head_dim: int, device, dtype) -> Optional[Tensor]:
+        """H x R x D x n/2 random rotations for n buckets, drawn from the seed buffer (None: one bucket)."""
+        if n_buckets == 1:
+            return None
+        key = (int(self.hash_seed), n_buckets, head_dim, str(device), dtype)
+        if key not in self._rotations:
+            g = torch.Generator().manual_seed(key[0] * 1_000_003 + n_buckets)
+            shape = (self.n_heads, self.cfg.rounds, head_dim, n_buckets // 2)
+            self._rotations = {key: torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)}
+        return self._rotations[key]
+
+    def buckets(self, k_BHSD: Tensor, n_buckets: int) -> Tensor:
+        """B x H x R x S buckets of the keys (R = 1 with one bucket: every round is the same)."""
+        dt = torch.promote_types(k_BHSD.dtype, torch.float32)
+        with torch.no_grad():
+            return hash_buckets(k_BHSD.detach(), self.rotations(n_buckets, k_BHSD.shape[-1], k_BHSD.device, dt))
+
+    # -- paths ----------------------------------------------------------------------------
+    def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
+        return "chunks" if inp.aligned else "dense"
+
+    def route(self, q_BHLD, k_BHSD, inp) -> str:
+        path = super().route(q_BHLD, k_BHSD, inp)
+        return path if inp.aligned else "dense"  # decoding steps: new queries over cached keys
+
+    def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
+        if path == "dense":
+            return self.reference(q_BHLD, k_BHSD, v_BHSD, inp)
+        return self._chunks(q_BHLD, k_BHSD, v_BHSD, inp)
+
+    def _chunks(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        B, H, L, D = q_BHLD.shape
+        C, n = self.cfg.chunk, bucket_count(self.cfg, L)
+        buckets_BHRL = decide(self, lambda: self.buckets(k_BHSD, n))
+        R = buckets_BHRL.shape[2]
+        N = -(-L // C)
+        Lp = N * C
+        dt = torch.promote_types(q_BHLD.dtype, torch.float32)
+        q, kn, v = q_BHLD.to(dt), unit_keys(k_BHSD.to(dt)), v_BHSD.to(dt)
+        pos = inp.k_pos
+        doc = inp.doc_ids
+        if Lp > L:  # padding: a bucket of its own, after every real position
+            pad = Lp - L
+            q, kn, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, kn, v))
+            buckets_BHRL = F.pad(buckets_BHRL, (0, pad), value=n)
+            pos = torch.cat((pos, pos[-1] + 1 + torch.arange(pad, device=pos.device)))
+            doc = F.pad(doc, (0, pad), value=-1) if doc is not None else None
+        # Sort each round by (bucket, position): a stable sort of the buckets keeps position order.
+        sb_BHRL, perm_BHRL = torch.sort(buckets_BHRL, dim=-1, stable=True)
+
+        def gather(x_BHLD):
+            idx = perm_BHRL[..., None].expand(-1, -1, -1, -1, x_BHLD.shape[-1])
+            return x_BHLD[:, :, None].expand(-1, -1, R, -1, -1).gather(3, idx).view(B, H, R, N, C, -1)
+
+        sq, sk, sv = gather(q), gather(kn), gather(v)
+        spos = pos[perm_BHRL].view(B, H, R, N, C)
+        sb = sb_BHRL.view(B, H, R, N, C)
+        rank = torch.arange(Lp, device=q.device).view(N, C)  # sorted index
+
+        def with_previous(x):  # each chunk's keys: the previous chunk's, then its own
+            return torch.cat((x.roll(1, dims=3), x), dim=4)
+
+        k2, v2, pos2, b2 = with_previous(sk), with_previous(sv), with_previous(spos), with_previous(sb)
+        rank2 = torch.cat((rank.roll(1, dims=0), rank), dim=1)  # N x 2C
+        scores = sq @ k2.transpose(-1, -2) / math.sqrt(D)  # B H R N C 2C
+        visible = ((b2[..., None, :] == sb[..., None]) & (pos2[..., None, :] <= spos[..., None])
+                   & ((rank[:, :, None] - rank2[:, None, :]) < C) & (rank2[:, None, :] <= rank[:, :, None]))
+        if doc is not None:
+            sdoc = doc[:, None, None].expand(-1, H, R, -1).gather(3, perm_BHRL).view(B, H, R, N, C)
+            visible = visible & (with_previous(sdoc)[..., None, :] == sdoc[..., None])
+        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(pos2[..., None, :] == spos[..., None], SELF_SCORE)
+        lse = scores.logsumexp(dim=-1)  # B H R N C
+        probs = torch.exp(scores - lse[..., None])
+        probs = F.dropout(probs, p=self.attn_dropout, training=self.attn_dropout > 0)
+        o_sorted = (probs @ v2).view(B, H, R, Lp, D)
+        # Back to position order: the inverse permutation, gathered (differentiable).
+        arange = torch.arange(Lp, device=q.device).expand_as(perm_BHRL)
+        inv = torch.empty_like(perm_BHRL).scatter_(-1, perm_BHRL, arange)
+        o_BHRLD = o_sorted.gather(3, inv[..., None].expand(-1, -1, -1, -1, D))[..., :L, :]
+        lse_BHRL = lse.view(B, H, R, Lp).gather(3, inv)[..., :L]
+        self._statistics(sb_BHRL, buckets_BHRL[..., :L], n, q_BHLD, k_BHSD, inp)
+        return combine_rounds(o_BHRLD, lse_BHRL).to(q_BHLD.dtype)
+
+    # -- the rule as dense masks ----------------------------------------------------------------
+    def visible(self, buckets_BHRS: Tensor, n_buckets: int, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """B x H x R x L x S: key j visible to query i in round r (queries are among the keys)."""
+        rank = ranks_in_bucket(buckets_BHRS, n_buckets)  # B H R S
+        q_idx = q_pos - k_pos[0]  # the queries' own keys
+        qb, qr = buckets_BHRS[..., q_idx], rank[..., q_idx]  # B H R L
+        same = qb[..., :, None] == buckets_BHRS[..., None, :]
+        causal = (k_pos[None, :] <= q_pos[:, None])
+        window = (qr[..., :, None] - rank[..., None, :]) < self.cfg.chunk
+        return same & causal & window
+
+    def reference(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        """Per round: softmax over the keys the rule makes visible (self only if alone), by dense
+        L x S masks from the same buckets; rounds combined by their log-sum-exp."""
+        dtype = q_BHLD.dtype
+        dt = torch.promote_types(dtype, torch.float32)
+        q, k, v = q_BHLD.to(dt), unit_keys(k_BHSD.to(dt)), v_BHSD.to(dt)
+        S = k.shape[2]
+        n = bucket_count(self.cfg, S)
+        buckets_BHRS = decide(self, lambda: self.buckets(k_BHSD, n))
+        visible = self.visible(buckets_BHRS, n, inp.q_pos, inp.k_pos)
+        allowed = document_mask(inp, inp.q_pos, inp.k_pos)  # B 1 L S
+        if allowed is not None:
+            visible = visible & allowed[:, :, None]
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))[:, :, None]  # B H 1 L S
+        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill((inp.q_pos[:, None] == inp.k_pos[None, :]), SELF_SCORE)
+        lse = scores.logsumexp(dim=-1)
+        probs = F.dropout(torch.exp(scores - lse[..., None]), p=self.attn_dropout, training=self.attn_dropout > 0)
+        return combine_rounds(probs @ v[:, :, None], lse).to(dtype)
+
+    # -- statistics ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _statistics(self, sorted_BHRL, buckets_BHRL, n, q_BHLD, k_BHSD, inp) -> None:
+        """Bucket occupancy per forward; in evaluation, the attention mass each round recovers."""
+        L, C, stats = buckets_BHRL.shape[-1], self.cfg.chunk, inp.aux.stats
+        name = f"lsh/layer{self.layer}"
+        stats[f"{name}/largest_bucket_over_chunk"] = bucket_sizes(buckets_BHRL, n).max().float() / C
+        # A query whose bucket holds more than `chunk` keys up to it misses its bucket's oldest.
+        rank = sorted_ranks(sorted_BHRL[..., :L], n)
+        stats[f"{name}/queries_beyond_window"] = (rank >= C).float().mean()
+        if self.training or torch.is_grad_enabled() or not self.cfg.mass_sample:
+            return
+        # Full shared-QK attention of sampled queries of the first sequence, and the share of
+        # its mass on the keys each round (and all rounds) make visible.
+        g = torch.Generator().manual_seed(int(self.hash_seed))
+        rows = torch.randperm(L, generator=g)[: self.cfg.mass_sample].sort().values.to(q_BHLD.device)
+        dt = torch.promote_types(q_BHLD.dtype, torch.float32)
+        q, k = q_BHLD[:1, :, rows].to(dt), unit_keys(k_BHSD[:1].to(dt))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # 1 H l L
+        q_pos, k_pos = inp.k_pos[rows], inp.k_pos
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        scores = scores.masked_fill(k_pos[None, :] == q_pos[:, None], SELF_SCORE)
+        full = scores.softmax(dim=-1)[:, :, None]  # 1 H 1 l L
+        visible = self.visible(buckets_BHRL[:1], n, q_pos, k_pos)  # 1 H R l L
+        for r in range(visible.shape[2]):
+            stats[f"{name}/mass_round{r + 1}"] = (full[:, :, 0] * visible[:, :, r]).sum(-1).mean()
+        stats[f"{name}/mass_all_rounds"] = (full[:, :, 0] * visible.any(dim=2)).sum(-1).mean()
