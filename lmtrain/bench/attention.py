@@ -150,8 +150,10 @@ def measure(case: Case) -> dict:
     q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
     pos = torch.arange(L)
 
+    keys = q if kernel.shared_qk else k  # shared query-key kinds (LSH): the keys are the queries
+
     def step():
-        out = kernel(q, k, v, AttentionInputs(position=position, q_pos=pos, k_pos=pos, aux=Aux()))
+        out = kernel(q, keys, v, AttentionInputs(position=position, q_pos=pos, k_pos=pos, aux=Aux()))
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
         kernel.zero_grad(set_to_none=True)

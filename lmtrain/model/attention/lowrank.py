@@ -53,8 +53,8 @@ COMPRESSIONS = ("static", "dynamic")
 @dataclass
 class LowRankCausalConfig(AttentionConfig):
     kind: str = "lowrank_causal"
-    segment: int = 128  # positions per segment: each query sees its own segment's keys exactly
-    slots: int = 16  # compressed keys per completed earlier segment (at most `segment`)
+    segment: int = 256  # positions per segment: each query sees its own segment's keys exactly
+    slots: int = 8  # compressed keys per completed earlier segment (at most `segment`)
     compress: str = "static"  # static (a learned slots x segment map per head) | dynamic (softmax of keys)
     block: int = 1024  # queries per SDPA call on the segments path (rounded to whole segments)
     backend: str = "auto"  # auto: segments for full sequences, cached for decoding steps
@@ -175,14 +175,17 @@ class LowRankCausalAttention(AttentionKernel):
         sk, sv = self.summaries(k_BHSD, v_BHSD)
         pos = inp.k_pos
         block = max(1, self.cfg.block // c) * c
+        # Pieces by split, not slices: a slice's backward writes a full-size zero tensor per block.
+        sk, sv = sk.split(r, dim=2), sv.split(r, dim=2)  # per segment
+        qs, ks, vs = (t.split(block, dim=2) for t in (q_BHLD, k_BHSD, v_BHSD))
         outs = []
-        for s0 in range(0, L, block):
+        for b, s0 in enumerate(range(0, L, block)):
             s1 = min(L, s0 + block)
-            n_sum = (s1 - 1) // c * r  # slots of the segments before the block's last one
-            keys = torch.cat((sk[:, :, :n_sum], k_BHSD[:, :, s0:s1]), dim=2)
-            values = torch.cat((sv[:, :, :n_sum], v_BHSD[:, :, s0:s1]), dim=2)
-            mask = self._mask(pos[s0:s1] - pos[0], pos[s0:s1] - pos[0], n_sum)
-            outs.append(F.scaled_dot_product_attention(q_BHLD[:, :, s0:s1], keys, values, attn_mask=mask,
+            n_seg = (s1 - 1) // c  # the segments before the block's last one
+            keys = torch.cat((*sk[:n_seg], ks[b]), dim=2)
+            values = torch.cat((*sv[:n_seg], vs[b]), dim=2)
+            mask = self._mask(pos[s0:s1] - pos[0], pos[s0:s1] - pos[0], n_seg * r)
+            outs.append(F.scaled_dot_product_attention(qs[b], keys, values, attn_mask=mask,
                                                        dropout_p=self.attn_dropout))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

@@ -6,8 +6,10 @@ the same bucket with high probability, so attending within buckets approximates 
 attention at O(rounds x L x chunk) cost:
 
   * hashing: per round r and head h, a random rotation R_rh (D x n/2) gives the bucket
-    argmax([k R ; -k R]) of n `buckets` (0: about 2 L / chunk). The rotations come from the
-    seed buffer `hash_seed` (in the state dict: a checkpoint brings its hash functions).
+    argmax([k R ; -k R]) of n `buckets` (0: the power of two at or above 2 L / chunk). From
+    64 buckets (a power of two) two independent levels n1 x n2 hash instead, so that hashing
+    stays O(L sqrt(L)) when n grows with L. The rotations come from the seed buffer
+    `hash_seed` (in the state dict: a checkpoint brings its hash functions).
   * sorting: per round, positions sorted by (bucket, position), then cut into chunks of
     `chunk`; each chunk attends to itself and the previous one.
   * visibility: key j is visible to query i in round r iff both have the same bucket, j <= i,
@@ -63,26 +65,45 @@ class LSHConfig(AttentionConfig):
     kind: str = "lsh"
     chunk: int = 64  # positions per sorted chunk; each query sees up to `chunk` keys of its bucket
     rounds: int = 2  # hash rounds (more: closer to full attention, proportionally slower)
-    buckets: int = 0  # buckets per round: 1 or even; 0 = about 2 L / chunk for each length L
+    buckets: int = 0  # buckets per round: 1 or even; 0 = the power of two at or above 2 L / chunk, per length
     mass_sample: int = 256  # queries of the first sequence whose recovered attention mass evaluation reports; 0: off
     backend: str = "auto"  # auto: chunks for full sequences, dense for decoding steps
 
 
 def bucket_count(cfg: LSHConfig, L: int) -> int:
-    """The buckets per round at length L: the configured count, or 2 L / chunk rounded up to even."""
+    """The buckets per round at length L: the configured count, or the power of two at or above
+    2 L / chunk (at least 2)."""
     if cfg.buckets:
         return cfg.buckets
-    n = max(2, -(-2 * L // cfg.chunk))
-    return n + (n % 2)
+    return max(2, 1 << (-(-2 * L // cfg.chunk) - 1).bit_length())
 
 
-def hash_buckets(k_BHSD: Tensor, rotations_HRDN: Optional[Tensor]) -> Tensor:
-    """B x H x R x S buckets: argmax([k R ; -k R]) per round (None rotations: one bucket)."""
+def bucket_factors(n: int) -> tuple[int, ...]:
+    """Hash levels for n buckets: a power of two from 64 up hashes as two independent levels
+    n1 x n2 (HF Reformer's factorised buckets), so hashing costs (n1 + n2) / 2 projections per
+    key instead of n / 2: with n proportional to L, one level would make hashing O(L^2)."""
+    if n < 64 or n & (n - 1):
+        return (n,)
+    n1 = 1 << ((n.bit_length() - 1 + 1) // 2)
+    return (n1, n // n1)
+
+
+def hash_buckets(k_BHSD: Tensor, rotations_HRDN: Optional[Tensor], factors: tuple[int, ...] = ()) -> Tensor:
+    """B x H x R x S buckets: per level of `factors` (one level: all n/2 columns of the rotations),
+    argmax([k R ; -k R]), combined in mixed radix. None rotations: one bucket."""
     if rotations_HRDN is None:
         B, H, S, _ = k_BHSD.shape
         return torch.zeros(B, H, 1, S, dtype=torch.long, device=k_BHSD.device)
     proj = torch.einsum("bhsd,hrdn->bhrsn", k_BHSD.to(rotations_HRDN.dtype), rotations_HRDN)
-    return torch.cat((proj, -proj), dim=-1).argmax(dim=-1)
+    factors = factors or (2 * proj.shape[-1],)
+    bucket = None
+    for n, p in zip(factors, proj.split([f // 2 for f in factors], dim=-1)):
+        # argmax over [p ; -p] without building it: the larger of max(p) and -min(p) (ties: p).
+        top, i_top = p.max(dim=-1)
+        low, i_low = p.min(dim=-1)
+        b = torch.where(top >= -low, i_top, i_low + n // 2)
+        bucket = b if bucket is None else bucket * n + b
+    return bucket
 
 
 def bucket_sizes(buckets_BHRS: Tensor, n_buckets: int) -> Tensor:
@@ -111,6 +132,40 @@ def unit_keys(q_BHLD: Tensor) -> Tensor:
 def combine_rounds(o_BHRLD: Tensor, lse_BHRL: Tensor) -> Tensor:
     """o = sum_r o_r softmax_r(lse_r): attention over the union of the rounds' keys."""
     return (o_BHRLD * lse_BHRL.softmax(dim=2)[..., None]).sum(dim=2)
+
+
+class ChunkAttention(torch.autograd.Function):
+    """o = softmax(q k^T + bias) v and lse = logsumexp(q k^T + bias) over batches of chunks
+    (q already scaled), with the backward written out: dS = P (dO v^T - rowsum(dO o) + dlse).
+    Autograd's version of the same formula keeps and walks twice as many chunk-sized buffers
+    (the log-sum-exp's own backward recomputes the probabilities)."""
+
+    @staticmethod
+    def forward(fctx, q, k, v, bias):
+        probs = torch.baddbmm(bias, q, k.transpose(1, 2))
+        lse = probs.logsumexp(dim=-1, keepdim=True)
+        probs.sub_(lse).exp_()
+        o = torch.bmm(probs, v)
+        fctx.save_for_backward(q, k, v, probs, o)
+        return o, lse.squeeze(-1)
+
+    @staticmethod
+    def backward(fctx, d_o, d_lse):
+        q, k, v, probs, o = fctx.saved_tensors
+        d_s = torch.bmm(d_o, v.transpose(1, 2))
+        shift = (d_o * o).sum(dim=-1, keepdim=True)
+        if d_lse is not None:
+            shift = shift - d_lse[..., None]
+        d_s.sub_(shift).mul_(probs)
+        return torch.bmm(d_s, k), torch.bmm(d_s.transpose(1, 2), q), torch.bmm(probs.transpose(1, 2), d_o), None
+
+
+def chunk_attention_with_dropout(q, k, v, bias, p: float):
+    """ChunkAttention's formula through autograd, with dropout on the probabilities."""
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2))
+    lse = scores.logsumexp(dim=-1)
+    probs = F.dropout(torch.exp(scores - lse[..., None]), p=p, training=True)
+    return torch.bmm(probs, v), lse
 
 
 @ATTENTION.register("lsh")
@@ -160,13 +215,14 @@ class LSHAttention(AttentionKernel):
 
     # -- hashing ------------------------------------------------------------------------------
     def rotations(self, n_buckets: int, head_dim: int, device, dtype) -> Optional[Tensor]:
-        """H x R x D x n/2 random rotations for n buckets, drawn from the seed buffer (None: one bucket)."""
+        """H x R x D x sum(n_i / 2) random rotations for n buckets (n_i: its `bucket_factors`),
+        drawn from the seed buffer (None: one bucket)."""
         if n_buckets == 1:
             return None
         key = (int(self.hash_seed), n_buckets, head_dim, str(device), dtype)
         if key not in self._rotations:
             g = torch.Generator().manual_seed(key[0] * 1_000_003 + n_buckets)
-            shape = (self.n_heads, self.cfg.rounds, head_dim, n_buckets // 2)
+            shape = (self.n_heads, self.cfg.rounds, head_dim, sum(f // 2 for f in bucket_factors(n_buckets)))
             self._rotations = {key: torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)}
         return self._rotations[key]
 
@@ -174,7 +230,8 @@ class LSHAttention(AttentionKernel):
         """B x H x R x S buckets of the keys (R = 1 with one bucket: every round is the same)."""
         dt = torch.promote_types(k_BHSD.dtype, torch.float32)
         with torch.no_grad():
-            return hash_buckets(k_BHSD.detach(), self.rotations(n_buckets, k_BHSD.shape[-1], k_BHSD.device, dt))
+            rotations = self.rotations(n_buckets, k_BHSD.shape[-1], k_BHSD.device, dt)
+            return hash_buckets(k_BHSD.detach(), rotations, bucket_factors(n_buckets))
 
     # -- paths ----------------------------------------------------------------------------
     def auto_backend(self, q_BHLD, k_BHSD, inp) -> str:
@@ -197,50 +254,52 @@ class LSHAttention(AttentionKernel):
         N = -(-L // C)
         Lp = N * C
         dt = torch.promote_types(q_BHLD.dtype, torch.float32)
-        q, kn, v = q_BHLD.to(dt), unit_keys(k_BHSD.to(dt)), v_BHSD.to(dt)
-        pos = inp.k_pos
+        q, kn, v = q_BHLD.to(dt) / math.sqrt(D), unit_keys(k_BHSD.to(dt)), v_BHSD.to(dt)
         doc = inp.doc_ids
         if Lp > L:  # padding: a bucket of its own, after every real position
             pad = Lp - L
             q, kn, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, kn, v))
             buckets_BHRL = F.pad(buckets_BHRL, (0, pad), value=n)
-            pos = torch.cat((pos, pos[-1] + 1 + torch.arange(pad, device=pos.device)))
             doc = F.pad(doc, (0, pad), value=-1) if doc is not None else None
         # Sort each round by (bucket, position): a stable sort of the buckets keeps position order.
         sb_BHRL, perm_BHRL = torch.sort(buckets_BHRL, dim=-1, stable=True)
-
-        def gather(x_BHLD):
-            idx = perm_BHRL[..., None].expand(-1, -1, -1, -1, x_BHLD.shape[-1])
-            return x_BHLD[:, :, None].expand(-1, -1, R, -1, -1).gather(3, idx).view(B, H, R, N, C, -1)
-
-        sq, sk, sv = gather(q), gather(kn), gather(v)
-        spos = pos[perm_BHRL].view(B, H, R, N, C)
-        sb = sb_BHRL.view(B, H, R, N, C)
-        rank = torch.arange(Lp, device=q.device).view(N, C)  # sorted index
+        # Rows of the flattened (B H Lp) x D tensors, in each round's sorted order.
+        base = (torch.arange(B * H, device=q.device) * Lp).view(B, H, 1, 1)
+        rows = (perm_BHRL + base).reshape(-1)
 
         def with_previous(x):  # each chunk's keys: the previous chunk's, then its own
             return torch.cat((x.roll(1, dims=3), x), dim=4)
 
-        k2, v2, pos2, b2 = with_previous(sk), with_previous(sv), with_previous(spos), with_previous(sb)
-        rank2 = torch.cat((rank.roll(1, dims=0), rank), dim=1)  # N x 2C
-        scores = sq @ k2.transpose(-1, -2) / math.sqrt(D)  # B H R N C 2C
-        visible = ((b2[..., None, :] == sb[..., None]) & (pos2[..., None, :] <= spos[..., None])
-                   & ((rank[:, :, None] - rank2[:, None, :]) < C) & (rank2[:, None, :] <= rank[:, :, None]))
-        if doc is not None:
-            sdoc = doc[:, None, None].expand(-1, H, R, -1).gather(3, perm_BHRL).view(B, H, R, N, C)
-            visible = visible & (with_previous(sdoc)[..., None, :] == sdoc[..., None])
-        scores = scores.masked_fill(~visible, float("-inf"))
-        scores = scores.masked_fill(pos2[..., None, :] == spos[..., None], SELF_SCORE)
-        lse = scores.logsumexp(dim=-1)  # B H R N C
-        probs = torch.exp(scores - lse[..., None])
-        probs = F.dropout(probs, p=self.attn_dropout, training=self.attn_dropout > 0)
-        o_sorted = (probs @ v2).view(B, H, R, Lp, D)
-        # Back to position order: the inverse permutation, gathered (differentiable).
+        rows2 = with_previous(rows.view(B, H, R, N, C)).reshape(-1)
+        sq = q.reshape(-1, D).index_select(0, rows)  # (B H R N C) x D
+        k2, v2 = (x.reshape(-1, D).index_select(0, rows2) for x in (kn, v))  # (B H R N 2C) x D
+        with torch.no_grad():  # the rule as an additive mask: 0 visible, -inf not, SELF_SCORE for itself
+            # Within a bucket, sorted order is position order: a key of the query's bucket at sorted
+            # index 0 <= lag < C before it is an earlier position (lag 0: the query itself).
+            sb = sb_BHRL.view(B, H, R, N, C)
+            rank = torch.arange(Lp, device=q.device).view(N, C)  # sorted index
+            rank2 = torch.cat((rank.roll(1, dims=0), rank), dim=1)  # N x 2C
+            lag = rank[:, :, None] - rank2[:, None, :]
+            visible = (with_previous(sb)[..., None, :] == sb[..., None]) & ((lag >= 0) & (lag < C))
+            if doc is not None:
+                sdoc = doc[:, None, None].expand(-1, H, R, -1).gather(3, perm_BHRL).view(B, H, R, N, C)
+                visible &= with_previous(sdoc)[..., None, :] == sdoc[..., None]
+            bias = torch.where(visible, 0.0, float("-inf")).to(dt).masked_fill_(lag == 0, SELF_SCORE)
+        shape3 = (-1, C, D), (-1, 2 * C, D), (-1, 2 * C, D), (-1, C, 2 * C)
+        args = [t.reshape(sh) for t, sh in zip((sq, k2, v2, bias), shape3)]
+        if self.attn_dropout > 0:
+            o_sorted, lse = chunk_attention_with_dropout(*args, self.attn_dropout)
+        else:
+            o_sorted, lse = ChunkAttention.apply(*args)
+        # Back to position order: each position's row in each round's sorted order.
         arange = torch.arange(Lp, device=q.device).expand_as(perm_BHRL)
         inv = torch.empty_like(perm_BHRL).scatter_(-1, perm_BHRL, arange)
-        o_BHRLD = o_sorted.gather(3, inv[..., None].expand(-1, -1, -1, -1, D))[..., :L, :]
-        lse_BHRL = lse.view(B, H, R, Lp).gather(3, inv)[..., :L]
+        back = (inv[..., :L] + torch.arange(B * H * R, device=q.device).view(B, H, R, 1) * Lp).reshape(-1)
+        o_BHRLD = o_sorted.reshape(-1, D).index_select(0, back).view(B, H, R, L, D)
         self._statistics(sb_BHRL, buckets_BHRL[..., :L], n, q_BHLD, k_BHSD, inp)
+        if R == 1:
+            return o_BHRLD[:, :, 0].to(q_BHLD.dtype)
+        lse_BHRL = lse.reshape(-1).index_select(0, back).view(B, H, R, L)
         return combine_rounds(o_BHRLD, lse_BHRL).to(q_BHLD.dtype)
 
     # -- the rule as dense masks ----------------------------------------------------------------
