@@ -68,7 +68,7 @@ def token_sections(t, windows: int) -> list[str]:
     """The distribution of each per-token statistic over `windows` validation windows."""
 
     from data_pipelines.shards import DataDirError
-    from lmtrain.evaluate.tokens import distribution_lines, extremes_lines, measure
+    from lmtrain.evaluate.tokens import distribution_lines, extremes_lines, measure_all
     from lmtrain.train.checkpoint import tokenizer_path
     from lmtrain.train.data import WindowDataset, validation_sample
 
@@ -81,9 +81,10 @@ def token_sections(t, windows: int) -> list[str]:
     if len(val_set) < 1:
         return ["", f"the validation split of {t.cfg.data.dir} is shorter than one window of {L} tokens"]
     ids = validation_sample(val_set, windows)[:, :-1]
-    stats = measure(t.model, ids)
+    stats, scalars = measure_all(t.model, ids)
+    out = forward_stat_lines(scalars, ids.shape[0], L)
     if not stats:
-        return []
+        return out
     limits = t.model.depth.token_stat_limits()
     decode = None
     tok_path = tokenizer_path(t)
@@ -92,7 +93,6 @@ def token_sections(t, windows: int) -> list[str]:
 
         tok = load_tokenizer(tok_path)
         decode = lambda i: tok.decode([i])  # noqa: E731
-    out = []
     for name, values in stats.items():
         if values.dtype.is_floating_point:  # a continuous statistic: a summary line
             out += ["", f"{name}: mean {float(values.mean()):.3f}, max {float(values.max()):.3f} "
@@ -103,6 +103,23 @@ def token_sections(t, windows: int) -> list[str]:
         out += distribution_lines(name, values, int(limit) if limit else None)
         if decode is not None:
             out += extremes_lines(name, ids, values, decode)
+    return out
+
+
+def forward_stat_lines(scalars: dict[str, float], windows: int, L: int) -> list[str]:
+    """Scalar statistics of the forward pass on validation windows, one row per group and
+    layer (`kind/layerN/stat` names: LSH's occupancy and recovered mass), stats as columns."""
+    if not scalars:
+        return []
+    rows: dict[str, dict[str, float]] = {}
+    for name, value in scalars.items():
+        group, _, stat = name.rpartition("/")
+        rows.setdefault(group or "model", {})[stat] = value
+    cols = list(dict.fromkeys(c for r in rows.values() for c in r))
+    out = ["", f"forward statistics, mean over {windows} validation windows of {L} tokens:", "",
+           "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for group, r in rows.items():
+        out.append(f"| {group} | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in cols) + " |")
     return out
 
 

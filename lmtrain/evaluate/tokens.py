@@ -20,17 +20,29 @@ def measure(model, windows_NL: Tensor, batch_size: int = 8) -> dict[str, Tensor]
     """name -> N x L values of every per-token statistic the model reports, over `windows_NL`
     (each window a full-length sequence, so positions see their usual context). Integer
     statistics (counts such as ACT steps) keep an integer dtype."""
+    return measure_all(model, windows_NL, batch_size)[0]
+
+
+@torch.no_grad()
+def measure_all(model, windows_NL: Tensor, batch_size: int = 8) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """`measure`'s per-token statistics, and the mean over batches of every scalar statistic
+    the forward reports (aux.stats: LSH's bucket occupancy and recovered attention mass)."""
     was_training = model.training
     model.eval()
     out: dict[str, list[Tensor]] = {}
+    scalars: dict[str, list[float]] = {}
     try:
         for start in range(0, windows_NL.shape[0], batch_size):
             _, aux = model.features(windows_NL[start : start + batch_size])
             for name, values in aux.tokens.items():
                 out.setdefault(name, []).append(values.detach().cpu())
+            for name, value in aux.stats.items():
+                if value.numel() == 1:
+                    scalars.setdefault(name, []).append(float(value))
     finally:
         model.train(was_training)
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    return ({name: torch.cat(parts) for name, parts in out.items()},
+            {name: sum(v) / len(v) for name, v in scalars.items()})
 
 
 def integer_histogram(values: Tensor, limit: Optional[int] = None) -> dict[int, int]:

@@ -113,14 +113,19 @@ class LMModule(pl.LightningModule):
         if self.cfg.data.source == "copy":  # the copy probe: also scored on its copied half
             from lmtrain.evaluate.probes import copy_scores
 
-            logits = self.model(x_BL).logits_BLV
+            out = self.model(x_BL)
+            logits, aux = out.logits_BLV, out.aux
             loss = lm_loss(logits, y_BL)
             copy_loss, copy_acc = copy_scores(logits, y_BL, x_BL.shape[1])
             self.log("val/copy_loss", copy_loss, on_epoch=True, sync_dist=True, batch_size=B)
             self.log("val/copy_acc", copy_acc, on_epoch=True, sync_dist=True, batch_size=B, prog_bar=True)
         else:
-            loss, _ = self._loss(x_BL, y_BL)
+            loss, aux = self._loss(x_BL, y_BL)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=B, prog_bar=True)
+        # Statistics only evaluation computes (LSH's attention mass recovered per round), averaged.
+        for name, value in aux.stats.items():
+            if value.numel() == 1:
+                self.log(f"val_stats/{name}", value.float(), on_epoch=True, sync_dist=True, batch_size=B)
         return loss
 
     def on_validation_epoch_end(self):

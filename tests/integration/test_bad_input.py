@@ -334,7 +334,7 @@ CASES = [
          "model.attention.rounds must be at least 1"),
     Case("lowrank-slots", cfg("model.attention.kind=lowrank_causal", "model.position=none",
                               "model.attention.segment=8", "model.attention.slots=9"),
-         "model.attention.slots=9: use 1 to model.attention.segment=8"),
+         "model.attention.slots=9: use 0 (own segment only) to model.attention.segment=8"),
     Case("lowrank-compress", cfg("model.attention.kind=lowrank_causal", "model.position=none",
                                  "model.attention.compress=pca"),
          "model.attention.compress='pca': choose one of static, dynamic"),

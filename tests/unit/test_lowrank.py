@@ -132,3 +132,13 @@ def test_the_flop_count_grows_with_the_summaries():
     cls = ATTENTION.get("lowrank_causal")
     assert cls.attention_flops(m, 64) == 12 * m.d_model * 64
     assert cls.attention_flops(m, 64 * 11) == 12 * m.d_model * (64 + 8 * 10)
+
+
+def test_no_slots_is_attention_within_the_segment():
+    kernel = lowrank(segment=8, slots=0, block=16).double()
+    q, k, v = qkv(30)
+    i = torch.arange(30)
+    allowed = (i[None, :] // 8 == i[:, None] // 8) & (i[None, :] <= i[:, None])
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    for reference in (False, True):
+        torch.testing.assert_close(call_kernel(kernel, q, k, v, reference=reference), want, rtol=0, atol=1e-12)

@@ -259,3 +259,20 @@ def test_chunked_feed_forward_equals_the_unchunked_one():
         torch.testing.assert_close(out, base_out, rtol=1e-13, atol=1e-13)
         for n, g in grads.items():
             torch.testing.assert_close(g, base_grads[n], rtol=1e-11, atol=1e-12, msg=n)
+
+
+def test_heads_in_groups_and_tiles_of_chunks_give_the_same_result(monkeypatch):
+    """One head at a time and one chunk per tile (as at long L) equal the reference."""
+    from lmtrain.model.attention import lsh as lsh_module
+
+    monkeypatch.setattr(lsh_module, "GROUP_BYTES", 1)
+    monkeypatch.setattr(lsh_module, "TILE_SCORES", 1)
+    kernel = lsh(chunk=4, rounds=3, buckets=4)
+    results = []
+    for reference in (False, True):
+        q, v = shared_qkv(27, grad=True)
+        out = call_kernel(kernel, q, q, v, reference=reference)
+        (out * torch.linspace(-1, 1, D, dtype=out.dtype)).sum().backward()
+        results.append((out.detach(), q.grad, v.grad))
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)

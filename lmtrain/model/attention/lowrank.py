@@ -7,6 +7,8 @@ softmax, to
   * `slots` (r) compressed keys and values of every *completed* earlier segment u:
     K~_u = P_u K_u, V~_u = P_u V_u with P_u an r x c map (long range).
 
+With `slots: 0` only the own segment remains: the window-only baseline of the same kernel.
+
 Compression (`compress`):
   * static  - P is a learned r x c matrix per head, the same for every segment, initialised
               to average pooling over c / r consecutive positions (with r = c, the identity:
@@ -54,7 +56,7 @@ COMPRESSIONS = ("static", "dynamic")
 class LowRankCausalConfig(AttentionConfig):
     kind: str = "lowrank_causal"
     segment: int = 256  # positions per segment: each query sees its own segment's keys exactly
-    slots: int = 8  # compressed keys per completed earlier segment (at most `segment`)
+    slots: int = 8  # compressed keys per completed earlier segment (at most `segment`; 0: own segment only)
     compress: str = "static"  # static (a learned slots x segment map per head) | dynamic (softmax of keys)
     block: int = 1024  # queries per SDPA call on the segments path (rounded to whole segments)
     backend: str = "auto"  # auto: segments for full sequences, cached for decoding steps
@@ -62,6 +64,8 @@ class LowRankCausalConfig(AttentionConfig):
 
 def pooling(r: int, c: int) -> Tensor:
     """r x c average pooling over consecutive groups of positions (the identity when r = c)."""
+    if r == 0:
+        return torch.zeros(0, c, dtype=torch.float64)
     group = (torch.arange(c) * r) // c  # which slot each position feeds
     m = (group[None, :] == torch.arange(r)[:, None]).double()
     return m / m.sum(dim=1, keepdim=True)
@@ -95,9 +99,9 @@ class LowRankCausalAttention(AttentionKernel):
         cfg = a.model.attention
         if cfg.segment < 1:
             reasons.append("model.attention.segment must be at least 1")
-        if not 1 <= cfg.slots <= max(cfg.segment, 1):
-            reasons.append(f"model.attention.slots={cfg.slots}: use 1 to model.attention.segment={cfg.segment} "
-                           "(more slots than positions compress nothing)")
+        if not 0 <= cfg.slots <= max(cfg.segment, 1):
+            reasons.append(f"model.attention.slots={cfg.slots}: use 0 (own segment only) to model.attention.segment="
+                           f"{cfg.segment} (more slots than positions compress nothing)")
         if cfg.compress not in COMPRESSIONS:
             reasons.append(f"model.attention.compress={cfg.compress!r}: choose one of {', '.join(COMPRESSIONS)}")
         if cfg.block < 1:
@@ -176,12 +180,12 @@ class LowRankCausalAttention(AttentionKernel):
         pos = inp.k_pos
         block = max(1, self.cfg.block // c) * c
         # Pieces by split, not slices: a slice's backward writes a full-size zero tensor per block.
-        sk, sv = sk.split(r, dim=2), sv.split(r, dim=2)  # per segment
+        sk, sv = (sk.split(r, dim=2), sv.split(r, dim=2)) if r else ((), ())  # per segment
         qs, ks, vs = (t.split(block, dim=2) for t in (q_BHLD, k_BHSD, v_BHSD))
         outs = []
         for b, s0 in enumerate(range(0, L, block)):
             s1 = min(L, s0 + block)
-            n_seg = (s1 - 1) // c  # the segments before the block's last one
+            n_seg = (s1 - 1) // c if r else 0  # the segments before the block's last one
             keys = torch.cat((*sk[:n_seg], ks[b]), dim=2)
             values = torch.cat((*sv[:n_seg], vs[b]), dim=2)
             mask = self._mask(pos[s0:s1] - pos[0], pos[s0:s1] - pos[0], n_seg * r)

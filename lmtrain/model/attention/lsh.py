@@ -134,38 +134,83 @@ def combine_rounds(o_BHRLD: Tensor, lse_BHRL: Tensor) -> Tensor:
     return (o_BHRLD * lse_BHRL.softmax(dim=2)[..., None]).sum(dim=2)
 
 
+TILE_SCORES = 1 << 19  # scores per tile of chunks (2 MB in float32): a tile's buffers stay in cache
+GROUP_BYTES = 4 << 20  # bytes of one head group's L x D tensor in the chunk engine
+
+
+def chunk_bias(qkey_TC: Tensor, kkey_TK: Tensor, base_CK: Tensor) -> Tensor:
+    """T x C x 2C additive mask of a tile of chunks: `base` (0, or SELF_SCORE at lag 0; -inf where
+    the sorted lag is outside [0, C)) where the keys match the query's, -inf elsewhere."""
+    return torch.where(kkey_TK[:, None, :] == qkey_TC[:, :, None], base_CK, float("-inf"))
+
+
 class ChunkAttention(torch.autograd.Function):
-    """o = softmax(q k^T + bias) v and lse = logsumexp(q k^T + bias) over batches of chunks
-    (q already scaled), with the backward written out: dS = P (dO v^T - rowsum(dO o) + dlse).
-    Autograd's version of the same formula keeps and walks twice as many chunk-sized buffers
-    (the log-sum-exp's own backward recomputes the probabilities)."""
+    """For M chunks of C sorted queries (already scaled by 1/sqrt(D)) and their keys and values
+    (M x C x D), each chunk over 2C keys (the previous chunk's, then its own):
+    o = softmax(q k^T + mask) v and lse = logsumexp(q k^T + mask).
+    Key j is visible to query i iff their match keys (bucket, and document) are equal and
+    `base` is finite there. Tiles of chunks go one at a time, and the backward recomputes
+    each tile's probabilities from q, k and lse (as flash attention does), with
+    dS = P (dO v^T - rowsum(dO o) + dlse): nothing chunk-sized is kept between the passes,
+    and each tile's buffers stay in cache."""
 
     @staticmethod
-    def forward(fctx, q, k, v, bias):
-        probs = torch.baddbmm(bias, q, k.transpose(1, 2))
-        lse = probs.logsumexp(dim=-1, keepdim=True)
-        probs.sub_(lse).exp_()
-        o = torch.bmm(probs, v)
-        fctx.save_for_backward(q, k, v, probs, o)
-        return o, lse.squeeze(-1)
+    def forward(fctx, q, k, v, qkey, kkey, base):
+        M, C, _ = q.shape
+        tile = max(1, TILE_SCORES // base.numel())
+        k2, v2 = with_previous_view(k), with_previous_view(v)
+        o, lse = torch.empty_like(q), q.new_empty(M, C)
+        for t0 in range(0, M, tile):
+            t = slice(t0, t0 + tile)
+            probs = torch.baddbmm(chunk_bias(qkey[t], kkey[t], base), q[t], k2[t].transpose(1, 2))
+            lse_t = probs.logsumexp(dim=-1, keepdim=True)
+            torch.bmm(probs.sub_(lse_t).exp_(), v2[t], out=o[t])
+            lse[t] = lse_t.squeeze(-1)
+        fctx.save_for_backward(q, k, v, qkey, kkey, base, o, lse)
+        return o, lse
 
     @staticmethod
     def backward(fctx, d_o, d_lse):
-        q, k, v, probs, o = fctx.saved_tensors
-        d_s = torch.bmm(d_o, v.transpose(1, 2))
+        q, k, v, qkey, kkey, base, o, lse = fctx.saved_tensors
+        M, C, D = q.shape
+        tile = max(1, TILE_SCORES // base.numel())
+        k2, v2 = with_previous_view(k), with_previous_view(v)
         shift = (d_o * o).sum(dim=-1, keepdim=True)
         if d_lse is not None:
             shift = shift - d_lse[..., None]
-        d_s.sub_(shift).mul_(probs)
-        return torch.bmm(d_s, k), torch.bmm(d_s.transpose(1, 2), q), torch.bmm(probs.transpose(1, 2), d_o), None
+        d_q = torch.empty_like(q)
+        # Gradients of the padded key and value rows: chunk m's 2C keys are rows m C .. m C + 2C.
+        d_kp, d_vp = q.new_zeros(M * C + C, D), q.new_zeros(M * C + C, D)
+        for t0 in range(0, M, tile):
+            t = slice(t0, t0 + tile)
+            n = min(M, t0 + tile) - t0
+            probs = torch.baddbmm(chunk_bias(qkey[t], kkey[t], base), q[t], k2[t].transpose(1, 2))
+            probs.sub_(lse[t, :, None]).exp_()
+            d_s = torch.bmm(d_o[t], v2[t].transpose(1, 2)).sub_(shift[t]).mul_(probs)
+            torch.bmm(d_s, k2[t], out=d_q[t])
+            d_k, d_v = torch.bmm(d_s.transpose(1, 2), q[t]), torch.bmm(probs.transpose(1, 2), d_o[t])
+            for d_p, grad in ((d_kp, d_k), (d_vp, d_v)):
+                d_p[t0 * C:(t0 + n) * C] += grad[:, :C].reshape(-1, D)  # as the previous chunk's keys
+                d_p[(t0 + 1) * C:(t0 + n + 1) * C] += grad[:, C:].reshape(-1, D)  # as their own chunk's
+        return d_q, d_kp[C:].view_as(k), d_vp[C:].view_as(v), None, None, None
 
 
-def chunk_attention_with_dropout(q, k, v, bias, p: float):
-    """ChunkAttention's formula through autograd, with dropout on the probabilities."""
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2))
+def with_previous_view(x_MCD: Tensor) -> Tensor:
+    """M x 2C x D: each chunk's previous chunk, then itself, as a strided view of x padded by one
+    chunk in front (no copy of the keys; chunk 0's previous rows are the zero padding, and the
+    previous chunk of a round's first chunk is masked by its match keys)."""
+    M, C, D = x_MCD.shape
+    padded = F.pad(x_MCD.reshape(M * C, D), (0, 0, C, 0))
+    return padded.as_strided((M, 2 * C, D), (C * D, D, 1))
+
+
+def chunk_attention_with_dropout(q, k, v, qkey, kkey, base, p: float):
+    """ChunkAttention's formula through autograd, with dropout on the probabilities (all tiles
+    at once: dropout needs its mask in the backward)."""
+    scores = torch.baddbmm(chunk_bias(qkey, kkey, base), q, with_previous_view(k).transpose(1, 2))
     lse = scores.logsumexp(dim=-1)
     probs = F.dropout(torch.exp(scores - lse[..., None]), p=p, training=True)
-    return torch.bmm(probs, v), lse
+    return torch.bmm(probs, with_previous_view(v)), lse
 
 
 @ATTENTION.register("lsh")
@@ -247,15 +292,29 @@ class LSHAttention(AttentionKernel):
         return self._chunks(q_BHLD, k_BHSD, v_BHSD, inp)
 
     def _chunks(self, q_BHLD, k_BHSD, v_BHSD, inp):
+        """Heads in groups whose L x D tensors take about GROUP_BYTES each: at long L one head at a
+        time, so that a group's gathered rows and buffers stay in the last-level cache."""
         B, H, L, D = q_BHLD.shape
-        C, n = self.cfg.chunk, bucket_count(self.cfg, L)
+        n = bucket_count(self.cfg, L)
         buckets_BHRL = decide(self, lambda: self.buckets(k_BHSD, n))
-        R = buckets_BHRL.shape[2]
+        g = max(1, GROUP_BYTES // (B * L * D * q_BHLD.element_size()))
+        outs, sorted_buckets = [], []
+        for h in range(0, H, g):
+            hs = slice(h, h + g)
+            o, sb = self._engine(q_BHLD[:, hs], k_BHSD[:, hs], v_BHSD[:, hs], buckets_BHRL[:, hs], inp.doc_ids, n)
+            outs.append(o)
+            sorted_buckets.append(sb)
+        self._statistics(torch.cat(sorted_buckets, dim=1), buckets_BHRL, n, q_BHLD, k_BHSD, inp)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _engine(self, q_BHLD, k_BHSD, v_BHSD, buckets_BHRL, doc, n):
+        """Sort, chunk, attend, unsort and combine rounds, for some heads: (output, sorted buckets)."""
+        B, H, L, D = q_BHLD.shape
+        C, R = self.cfg.chunk, buckets_BHRL.shape[2]
         N = -(-L // C)
         Lp = N * C
         dt = torch.promote_types(q_BHLD.dtype, torch.float32)
         q, kn, v = q_BHLD.to(dt) / math.sqrt(D), unit_keys(k_BHSD.to(dt)), v_BHSD.to(dt)
-        doc = inp.doc_ids
         if Lp > L:  # padding: a bucket of its own, after every real position
             pad = Lp - L
             q, kn, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, kn, v))
@@ -270,23 +329,22 @@ class LSHAttention(AttentionKernel):
         def with_previous(x):  # each chunk's keys: the previous chunk's, then its own
             return torch.cat((x.roll(1, dims=3), x), dim=4)
 
-        rows2 = with_previous(rows.view(B, H, R, N, C)).reshape(-1)
-        sq = q.reshape(-1, D).index_select(0, rows)  # (B H R N C) x D
-        k2, v2 = (x.reshape(-1, D).index_select(0, rows2) for x in (kn, v))  # (B H R N 2C) x D
-        with torch.no_grad():  # the rule as an additive mask: 0 visible, -inf not, SELF_SCORE for itself
+        sq, sk, sv = (x.reshape(-1, D).index_select(0, rows).view(-1, C, D) for x in (q, kn, v))  # (B H R N) C D
+        with torch.no_grad():
             # Within a bucket, sorted order is position order: a key of the query's bucket at sorted
-            # index 0 <= lag < C before it is an earlier position (lag 0: the query itself).
-            sb = sb_BHRL.view(B, H, R, N, C)
-            rank = torch.arange(Lp, device=q.device).view(N, C)  # sorted index
-            rank2 = torch.cat((rank.roll(1, dims=0), rank), dim=1)  # N x 2C
-            lag = rank[:, :, None] - rank2[:, None, :]
-            visible = (with_previous(sb)[..., None, :] == sb[..., None]) & ((lag >= 0) & (lag < C))
-            if doc is not None:
-                sdoc = doc[:, None, None].expand(-1, H, R, -1).gather(3, perm_BHRL).view(B, H, R, N, C)
-                visible &= with_previous(sdoc)[..., None, :] == sdoc[..., None]
-            bias = torch.where(visible, 0.0, float("-inf")).to(dt).masked_fill_(lag == 0, SELF_SCORE)
-        shape3 = (-1, C, D), (-1, 2 * C, D), (-1, 2 * C, D), (-1, C, 2 * C)
-        args = [t.reshape(sh) for t, sh in zip((sq, k2, v2, bias), shape3)]
+            # lag 0 <= lag < C before it is an earlier position (lag 0: the query itself). Match
+            # keys: the bucket (and document); the previous chunk of chunk 0 matches nothing.
+            key = sb_BHRL if doc is None else sb_BHRL * (int(doc.max()) + 2) + 1 + doc[:, None, None].expand(
+                -1, H, R, -1).gather(3, perm_BHRL)
+            qkey = key.view(B, H, R, N, C)
+            kkey = with_previous(qkey).clone()
+            kkey[:, :, :, 0, :C] = -1
+            i, j = torch.arange(C, device=q.device)[:, None], torch.arange(2 * C, device=q.device)[None, :]
+            lag = i + C - j  # C x 2C
+            base = torch.zeros(C, 2 * C, dtype=dt, device=q.device).masked_fill_((lag < 0) | (lag >= C),
+                                                                                 float("-inf"))
+            base.masked_fill_(lag == 0, SELF_SCORE)
+        args = (sq, sk, sv, qkey.reshape(-1, C), kkey.reshape(-1, 2 * C), base)
         if self.attn_dropout > 0:
             o_sorted, lse = chunk_attention_with_dropout(*args, self.attn_dropout)
         else:
@@ -296,11 +354,10 @@ class LSHAttention(AttentionKernel):
         inv = torch.empty_like(perm_BHRL).scatter_(-1, perm_BHRL, arange)
         back = (inv[..., :L] + torch.arange(B * H * R, device=q.device).view(B, H, R, 1) * Lp).reshape(-1)
         o_BHRLD = o_sorted.reshape(-1, D).index_select(0, back).view(B, H, R, L, D)
-        self._statistics(sb_BHRL, buckets_BHRL[..., :L], n, q_BHLD, k_BHSD, inp)
         if R == 1:
-            return o_BHRLD[:, :, 0].to(q_BHLD.dtype)
+            return o_BHRLD[:, :, 0].to(q_BHLD.dtype), sb_BHRL
         lse_BHRL = lse.reshape(-1).index_select(0, back).view(B, H, R, L)
-        return combine_rounds(o_BHRLD, lse_BHRL).to(q_BHLD.dtype)
+        return combine_rounds(o_BHRLD, lse_BHRL).to(q_BHLD.dtype), sb_BHRL
 
     # -- the rule as dense masks ----------------------------------------------------------------
     def visible(self, buckets_BHRS: Tensor, n_buckets: int, q_pos: Tensor, k_pos: Tensor) -> Tensor:
