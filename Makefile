@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse
+.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse lsh-lowrank
 
 env: $(STAMP)
 
@@ -96,6 +96,27 @@ sparse: $(STAMP)
 	$(VENV)/bin/lmtrain eval-retrieval $(foreach p,$(SPARSE_PRESETS),runs/sparse-$(p)) --lengths 512,1024,2048 \
 	  --trials 10 --out $(SPARSE_OUT)
 	@echo "results: $(SPARSE_OUT)/ (length_nonoverlap.md, retrieval_copy.md, retrieval_passkey.md and plots)"
+
+# LSH and causal low-rank attention (issue 22): dense, window-only (own segment), lowrank_causal
+# and LSH at equal steps at L = 2048 on the stdlib corpus (auto-resumes), then perplexity against
+# length; the copy probe with LSH at 1, 2 and 4 rounds beside full attention; the Reformer
+# recipe at L = 16384; and the kernels' speed against dense SDPA from 1k to 32k.
+LSH_PRESETS  := dense window lowrank lsh
+LSH_OUT      := runs/lsh_lowrank
+lsh-lowrank: $(STAMP)
+	for p in $(LSH_PRESETS); do \
+	  $(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/$$p.yaml $(ARGS) || exit 1; done
+	$(VENV)/bin/lmtrain eval-length $(foreach p,$(LSH_PRESETS),runs/lsh-lowrank-$(p)) --lengths 1024,2048,4096 \
+	  --max-tokens 16384 --out $(LSH_OUT)
+	$(VENV)/bin/lmtrain train configs/experiments/sparse/copy_dense.yaml $(ARGS)
+	for r in 1 2 4; do \
+	  $(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/copy_lsh$$r.yaml $(ARGS) || exit 1; done
+	$(VENV)/bin/lmtrain eval-retrieval runs/copy-dense runs/copy-lsh1 runs/copy-lsh2 runs/copy-lsh4 --task copy \
+	  --lengths 512,1024 --trials 16 --out $(LSH_OUT)
+	$(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/reformer.yaml $(ARGS)
+	$(VENV)/bin/lmtrain bench attention --kind lsh --rounds 1 --repeats 3
+	$(VENV)/bin/lmtrain bench attention --kind lowrank_causal --rounds 1 --repeats 3
+	@echo "results: $(LSH_OUT)/ and runs/*/summary.json (docs/results/lsh_lowrank.md)"
 
 clean-runs:
 	rm -rf runs

@@ -50,7 +50,8 @@ def child(spec: dict) -> dict:
     cfg = load_config(None, [
         f"model.residual={spec['residual']}", f"model.n_layers={spec['layers']}", f"model.d_model={spec['d_model']}",
         f"model.n_heads={spec['heads']}", f"model.d_ff={4 * spec['d_model']}", f"data.seq_len={spec['length']}",
-        f"data.vocab_size={spec['vocab']}", f"model.dropout={spec['dropout']}", f"model.position={spec['position']}"])
+        f"data.vocab_size={spec['vocab']}", f"model.dropout={spec['dropout']}", f"model.position={spec['position']}",
+        *spec.get("overrides", [])])
     torch.manual_seed(0)
     model = build_model(cfg, device=spec["device"]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -132,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="processes per case, alternating (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a config override for every case (repeatable), e.g. --set model.attention.kind=lsh "
+                        "--set model.ffn_chunk=1024 (the Reformer recipe)")
     p.add_argument("--out", help="also write the results as JSON here")
 
 
@@ -148,18 +152,22 @@ def main(args) -> int:
         raise ConfigError(f"bench memory: --residual from {', '.join(WIRINGS)}; --layers, --length, --repeats positive")
     import torch
 
+    from lmtrain.config import load_config
+
+    load_config(None, [f"data.seq_len={args.length}", f"model.position={args.position}", *args.overrides])
     print(f"bench memory: L={args.length}, batch {args.batch}, d_model {args.d_model}, {args.heads} heads, "
           f"position {args.position}, vocab "
           f"{args.vocab}, fp32, one training step (AdamW) on {args.device}; "
           f"{platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}"
+          + (f"; {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
     specs = {}
     for n in depths:
         for w in wirings:
             specs[f"{w} x {n}"] = {"residual": w, "layers": n, "length": args.length, "batch": args.batch,
                                    "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
                                    "dropout": args.dropout, "position": args.position, "repeats": args.repeats,
-                                   "threads": args.threads, "device": args.device}
+                                   "threads": args.threads, "device": args.device, "overrides": args.overrides}
     runs = alternate([(label, [sys.executable, "-m", "lmtrain.bench.memory", json.dumps(spec)])
                       for label, spec in specs.items()], args.rounds, env=child_env(args.device),
                      show=lambda _, r: f"activations {r['activation_mb']:9.1f} MB  step {r['time_s']:7.3f} s")

@@ -1,6 +1,7 @@
 """GPU paths: compiled FlexAttention (softmax with every score bias, the learned distance
 schemes included; distance_aware; adaptive span and sparse patterns), bf16 SDPA,
-bf16-mixed training, ACT in bf16, kernelized attention through Triton in bf16, MFU of a 350M
+bf16-mixed training, ACT in bf16, kernelized attention through Triton in bf16, LSH and
+causal low-rank attention in bf16, MFU of a 350M
 model at 4k in bf16 and the cost of ALiBi there, DeepSpeed ZeRO-2/3 in bf16 on one GPU, vLLM
 serving the native HF exports (where vLLM is installed). Skipped without CUDA;
 `scripts/gpu_check.sh` runs them on a GPU machine."""
@@ -80,6 +81,21 @@ def test_sdpa_bf16_matches_reference(position):
     x = torch.randint(0, 1024, (2, 512), device="cuda")
     (out, _), (ref, _) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
     torch.testing.assert_close(out.float(), ref.float(), **BF16_TOL)
+
+
+@pytest.mark.parametrize("kind, position, extra", [
+    ("lsh", "sinusoidal", ("model.attention.chunk=64", "model.attention.rounds=2")),
+    ("lowrank_causal", "rope", ("model.attention.segment=128", "model.attention.slots=8",
+                                "model.attention.block=256"))], ids=["lsh", "lowrank_causal"])
+def test_lsh_and_lowrank_bf16_on_cuda_match_reference(kind, position, extra):
+    """Issue 22's kernels on CUDA in bf16: the fast paths (chunk engine, SDPA per segment
+    block) against their references, outputs and gradients."""
+    model = _model(position, "auto", torch.bfloat16, f"model.attention.kind={kind}", *extra)
+    x = torch.randint(0, 1024, (2, 512), device="cuda")
+    (out, grads), (ref, ref_grads) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
+    torch.testing.assert_close(out.float(), ref.float(), **BF16_TOL)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=5e-2, atol=5e-2, msg=name)
 
 
 def test_bf16_mixed_training_runs_and_learns(tmp_path):

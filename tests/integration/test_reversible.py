@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import CONFIGS, run_cli, train_and_signal
 
 
+@pytest.mark.slow  # 100 steps of two models: `make test-slow`; the unit tests compare gradients per step
 def test_100_steps_equal_plain_autograd_with_a_resume(tiny_data, tmp_path):
     """Per-step training losses of the reversible model equal those of the two-stream model
     under plain autograd (relative 1e-5); a reversible run stopped mid-way and resumed gives

@@ -58,6 +58,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@pytest.mark.slow  # two training jobs under the local cluster: `make test-slow`
 def test_a_sweep_runs_as_one_array_and_a_preempted_task_resumes_alone(cluster, tiny_data, tmp_path):
     """`lmtrain submit --sweep` with two values: one job array, a run dir per task. USR1 to
     task 1 saves, requeues and resumes that task alone (task 0 never restarts); both finish,
