@@ -14,7 +14,8 @@ Compression (`compress`):
               to average pooling over c / r consecutive positions (with r = c, the identity:
               then the kernel is exactly full causal attention, the oracle test);
   * dynamic - P_u = softmax over the segment's positions of K_u W (W: D x r per head,
-              initialised to zero: average pooling over the whole segment), the
+              initialised normal with std 1/sqrt(D): a zero W would make the r slots the
+              same average, and equal slots get equal gradients forever), the
               content-dependent projection of the paper, computed from the keys.
 
 Linformer's projection of the sequence axis (K' = E K over all L positions) mixes future
@@ -88,7 +89,7 @@ class LowRankCausalAttention(AttentionKernel):
         super().__init__(cfg, d_model=d_model, n_heads=n_heads, dropout=dropout, layer=layer)
         r, c = cfg.slots, cfg.segment
         if cfg.compress == "dynamic":
-            self.proj = nn.Parameter(torch.zeros(n_heads, self.head_dim, r))
+            self.proj = nn.Parameter(torch.empty(n_heads, self.head_dim, r))
         else:
             self.proj = nn.Parameter(torch.empty(n_heads, r, c))
         self.init_parameters()
@@ -125,7 +126,7 @@ class LowRankCausalAttention(AttentionKernel):
     @torch.no_grad()
     def init_parameters(self) -> None:
         if self.cfg.compress == "dynamic":
-            self.proj.zero_()
+            self.proj.normal_(0.0, self.head_dim ** -0.5)
         else:
             self.proj.copy_(pooling(self.cfg.slots, self.cfg.segment).expand_as(self.proj))
 
