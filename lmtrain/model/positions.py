@@ -43,6 +43,9 @@ class Position(Variant, nn.Module):
     # True: the decoder follows Vaswani et al.'s embedding recipe for this scheme (token
     # embeddings initialised N(0, d^-1/2) and multiplied by sqrt(d) on input).
     scales_tokens: ClassVar[bool] = False
+    # True: `rotate` turns queries and keys by their positions (RoPE), so a query-key depends on
+    # position as well as content (LSH's buckets refuse that).
+    rotates_qk: ClassVar[bool] = False
 
     def __init__(self, cfg: PositionConfig, *, d_model: int, n_heads: int, seq_len: int):
         super().__init__()
@@ -434,6 +437,7 @@ class RoPE(Position):
     """Rotary embeddings (Su et al. 2021), rotating half-dimension pairs (GPT-NeoX layout)."""
 
     Config = RoPEConfig
+    rotates_qk = True
     cfg: RoPEConfig
 
     def __init__(self, cfg: RoPEConfig, *, d_model: int, n_heads: int, **kw):

@@ -325,7 +325,7 @@ CASES = [
                                      "model.attention.block=-1"),
          "model.attention.block must be 0 (from mask_budget_mb) or positive"),
     Case("lsh-with-rope", cfg("model.attention.kind=lsh", "model.position=rope"),
-         "model.attention.kind=lsh with model.position.kind=rope: RoPE rotates queries and keys"),
+         "model.attention.kind=lsh with model.position.kind=rope: it rotates queries and keys"),
     Case("lsh-with-alibi", cfg("model.attention.kind=lsh"),
          "model.attention.kind=lsh cannot apply the additive score bias of model.position.kind=alibi"),
     Case("lsh-odd-buckets", cfg("model.attention.kind=lsh", "model.position=none", "model.attention.buckets=5"),

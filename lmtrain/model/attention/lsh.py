@@ -243,13 +243,16 @@ class LSHAttention(AttentionKernel):
             reasons.append("model.attention.rounds must be at least 1")
         if cfg.buckets < 0 or (cfg.buckets > 1 and cfg.buckets % 2):
             reasons.append(f"model.attention.buckets={cfg.buckets}: use 1, an even count (rotations give n/2 "
-                           "directions and their opposites), or 0 for about 2 L / chunk")
+                           "directions and their opposites), or 0 for the power of two at or above 2 L / chunk")
         if cfg.mass_sample < 0:
             reasons.append("model.attention.mass_sample must be 0 (off) or positive")
-        if m.position.kind == "rope":
-            reasons.append("model.attention.kind=lsh with model.position.kind=rope: RoPE rotates queries and keys by "
-                           "their positions, so the buckets of a shared query-key would depend on position, not "
-                           "content; use model.position.kind=none, sinusoidal or learned")
+        if a.position.rotates_qk:
+            from lmtrain.model.positions import POSITIONS
+
+            plain = ", ".join(k for k, p in POSITIONS.items() if not (p.rotates_qk or p.has_score_bias))
+            reasons.append(f"model.attention.kind=lsh with model.position.kind={m.position.kind}: it rotates queries "
+                           "and keys by their positions, so the buckets of a shared query-key would depend on "
+                           f"position, not content; use one of {plain}")
         return reasons
 
     @classmethod
