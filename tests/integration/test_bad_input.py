@@ -507,6 +507,10 @@ CASES = [
     Case("bench-attention-unknown-pattern", cmd("bench", "attention", "--kind", "sparse", "--patterns", "windw"),
          "unknown pattern 'windw'"),
     Case("bench-memory-residual", cmd("bench", "memory", "--residual", "fancy"), "--residual"),
+    Case("bench-memory-set-kind", cmd("bench", "memory", "--set", "model.attention.kind=nope"),
+         "model.attention.kind: unknown kind 'nope'"),
+    Case("bench-memory-set-form", cmd("bench", "memory", "--set", "nonsense"),
+         "nonsense: an override must look like key=value"),
     Case("bench-train-peer", cmd("bench", "train", DEBUG, "--vs", "gpt5"), "unknown peer"),
     # -- plan, submit --
     Case("plan-gpus", cmd("plan", DEBUG, "--gpus", "0"), "--gpus"),

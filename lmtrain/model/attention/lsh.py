@@ -267,9 +267,11 @@ class LSHAttention(AttentionKernel):
         drawn from the seed buffer (None: one bucket)."""
         if n_buckets == 1:
             return None
-        key = (int(self.hash_seed), n_buckets, head_dim, str(device), dtype)
+        # Keyed by the seed buffer's storage and version (a load_state_dict changes it), so no call
+        # reads the buffer's value (a host sync on GPU) unless the rotations are drawn again.
+        key = (self.hash_seed.data_ptr(), self.hash_seed._version, n_buckets, head_dim, str(device), dtype)
         if key not in self._rotations:
-            g = torch.Generator().manual_seed(key[0] * 1_000_003 + n_buckets)
+            g = torch.Generator().manual_seed(int(self.hash_seed) * 1_000_003 + n_buckets)
             shape = (self.n_heads, self.cfg.rounds, head_dim, sum(f // 2 for f in bucket_factors(n_buckets)))
             self._rotations = {key: torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)}
         return self._rotations[key]
