@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATH", help="a prepared data dir (its validation split) or any data source "
                    "(text files, jsonl/parquet); default: the run's own validation split")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward batch (memory bound)")
+    _add_set(p)
     p.add_argument("--buckets-per-octave", type=int, default=4,
                    help="resolution of the per-position loss curve (buckets are log-spaced)")
     p.add_argument("--out", metavar="DIR", help="also write the combined report of all runs here")
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=int, default=5, help="passkey: depths from 0 (start) to 1 (end), evenly spaced")
     p.add_argument("--trials", type=int, default=10, help="keys (passkey) or documents (copy) per cell")
     p.add_argument("--seed", type=int, default=0, help="draws the keys, filler stretches and copy documents")
+    _add_set(p)
     p.add_argument("--filler", default="template", metavar="template|data|SOURCE",
                    help="passkey filler: the repeated sentence of the original test (template), the run's validation "
                         "text (data), or any data source")
@@ -185,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-tensorboard", action="store_true", help="do not log to the runs' TensorBoard")
     return ap
+
+
+def _add_set(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE", dest="model_overrides",
+                   help="evaluate every model with this change to how it computes (repeatable), e.g. "
+                        "model.attention.rounds=8 for more LSH hash rounds; the weights must still fit; "
+                        "reports get the change in their names")
 
 
 def _cuda() -> bool:
@@ -357,7 +366,8 @@ def cmd_eval_length(args) -> int:
     report = evaluate_runs(args.sources, lengths=parse_lengths(args.lengths) if args.lengths else None,
                            mode=args.mode, stride=args.stride, max_tokens=args.max_tokens or None, data=args.data,
                            batch_tokens=args.batch_tokens, buckets_per_octave=args.buckets_per_octave,
-                           device=args.device, progress_bar=True, log=lambda s: print(s, file=sys.stderr))
+                           device=args.device, progress_bar=True, log=lambda s: print(s, file=sys.stderr),
+                           overrides=args.model_overrides)
     print(markdown(report_dict(report)), end="")
     written = []
     for run in report["runs"]:
@@ -380,7 +390,7 @@ def cmd_eval_retrieval(args) -> int:
     report = evaluate_retrieval(args.sources, task=args.task,
                                 lengths=parse_lengths(args.lengths) if args.lengths else None, depths=args.depths,
                                 trials=args.trials, seed=args.seed, filler=args.filler, device=args.device,
-                                log=lambda s: print(s, file=sys.stderr))
+                                log=lambda s: print(s, file=sys.stderr), overrides=args.model_overrides)
     print(markdown(report), end="")
     written = []
     for run in report["runs"]:

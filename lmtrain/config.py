@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -373,8 +373,24 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Preset YAML + dotlist overrides -> validated `Config`. Raises ConfigError."""
     layers = _load_yaml(Path(path)) if path is not None else []
+    layer = _override_layer(overrides or [])
+    if layer is not None:
+        layers.append(layer)
+    schema = OmegaConf.structured(Config)
+    for layer in layers:
+        _check_shape(layer, schema)
+        _refuse_legacy(layer)
+    try:
+        raw = _merge_layers(layers)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
+    return _build(raw, load_tokenizer=True)
+
+
+def _override_layer(overrides: Sequence[str]) -> Optional[DictConfig]:
+    """`key=value` items -> one config layer (their order does not matter), or None."""
     parsed = []
-    for item in overrides or []:
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value")
         key, value = item.split("=", 1)
@@ -385,20 +401,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except Exception as e:  # OmegaConf errors, and YAML scanner errors on values such as `...`
             raise ConfigError(f"{item}: cannot parse this override ({str(e).splitlines()[0]}); quote the value") \
                 from None
-    if parsed:  # all overrides are one layer: their order does not matter
-        try:
-            layers.append(OmegaConf.merge(*parsed))
-        except OmegaConfBaseException as e:
-            raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
-    schema = OmegaConf.structured(Config)
-    for layer in layers:
-        _check_shape(layer, schema)
-        _refuse_legacy(layer)
+    if not parsed:
+        return None
     try:
-        raw = _merge_layers(layers)
+        return OmegaConf.merge(*parsed)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
-    return _build(raw, load_tokenizer=True)
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str], *, only: str = "model.") -> Config:
+    """A saved config with `key=value` overrides applied, through the same checks as a preset.
+    Every key must start with `only`: evaluation changes how a trained model computes (more
+    LSH rounds, another window), never its data or training. Raises ConfigError."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith(only):
+            raise ConfigError(f"{item}: only {only}* keys can be changed on a trained model")
+    layer = _override_layer(overrides)
+    if layer is None:
+        return cfg
+    _check_shape(layer, OmegaConf.structured(Config))
+    try:
+        raw = _merge_layers([OmegaConf.create(to_dict(cfg)), layer])
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
+    return _build(raw)
 
 
 def _check_shape(node: Any, schema: Any, prefix: str = "") -> None:

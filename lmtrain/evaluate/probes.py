@@ -206,7 +206,9 @@ def heatmap(rep: dict, path: Path) -> Path:
 
 def write_report(rep: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"retrieval_{rep['task']}"
+    from lmtrain.evaluate import override_suffix
+
+    stem = out / f"retrieval_{rep['task']}{override_suffix(rep.get('overrides', ()))}"
     files = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     files[0].write_text(json.dumps(rep, indent=2))
     files[1].write_text(markdown(rep))
@@ -233,15 +235,18 @@ def _filler_tokens(trained, spec: str, need: int) -> Optional[list[int]]:
 
 
 def evaluate_retrieval(sources: Sequence[str], *, task: str, lengths: Optional[Sequence[int]], depths: int,
-                       trials: int, seed: int, filler: str, device: str, log: Callable[[str], None] = print) -> dict:
-    """Run the probe on every source; everything the user gave is checked before any model is built."""
+                       trials: int, seed: int, filler: str, device: str, log: Callable[[str], None] = print,
+                       overrides: Sequence[str] = ()) -> dict:
+    """Run the probe on every source; everything the user gave is checked before any model is built.
+    `overrides` (`model.*=value`) change how every model computes (`--set`)."""
+    from lmtrain.evaluate import override_label
     from lmtrain.train.checkpoint import load_trained, reload_with_model, tokenizer_path
 
     if trials < 1:
         raise EvalError("--trials: must be at least 1")
     if depths < 1:
         raise EvalError("--depths: must be at least 1")
-    trained = [load_trained(s, with_model=False) for s in sources]
+    trained = [load_trained(s, with_model=False, overrides=overrides) for s in sources]
     if lengths is None:
         base = trained[0].cfg.data.seq_len
         lengths = [base // 2, base, base * 2] if task == "copy" else [base // 4, base // 2, base]
@@ -282,13 +287,13 @@ def evaluate_retrieval(sources: Sequence[str], *, task: str, lengths: Optional[S
 
                 symbols = copy_symbols(t.cfg.data.copy, t.cfg.data.vocab_size)
                 cells = copy_eval(model, lengths, trials, seed, device, symbols, bar.update)
-            runs.append({"name": t.run_dir.name, "run_dir": str(t.run_dir), "source": str(t.checkpoint), "step": t.step,
+            runs.append({"name": t.run_dir.name + override_label(overrides), "run_dir": str(t.run_dir), "source": str(t.checkpoint), "step": t.step,
                          "attention": _attention_name(t.cfg), "train_length": t.cfg.data.seq_len, "cells": cells})
             del model
     finally:
         bar.close()
     return {"task": task, "lengths": list(lengths), "depths": dgrid if task == "passkey" else None, "trials": trials,
-            "seed": seed, "filler": filler, "device": device, "torch": torch.__version__,
+            "overrides": list(overrides), "seed": seed, "filler": filler, "device": device, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": round(time.time() - t0, 1), "runs": runs}
 
 

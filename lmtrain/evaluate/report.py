@@ -168,7 +168,9 @@ def write_report(report: dict, out_dir: Path, runs: Optional[list] = None) -> li
 
     rep = report_dict(report, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"length_{rep['mode']}"
+    from lmtrain.evaluate import override_suffix
+
+    stem = out_dir / f"length_{rep['mode']}{override_suffix(rep.get('overrides', ()))}"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), Path(f"{stem}_positions.csv"),
              stem.with_suffix(".md"), Path(f"{stem}_ppl.png"), Path(f"{stem}_positions.png")]
     paths[0].write_text(json.dumps(rep, indent=2) + "\n")

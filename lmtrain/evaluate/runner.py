@@ -126,16 +126,19 @@ def _names(trained: Sequence, sources: Sequence[str]) -> list[str]:
 
 def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], mode: str, stride: Optional[int],
                   max_tokens: Optional[int], data: Optional[str], batch_tokens: int, buckets_per_octave: int,
-                  device: str, log: Callable[[str], None] = print, progress_bar: bool = True) -> dict:
+                  device: str, log: Callable[[str], None] = print, progress_bar: bool = True,
+                  overrides: Sequence[str] = ()) -> dict:
     """Evaluate every source on the same scored tokens; returns the report (see report.py).
-    Everything the user gave is checked before the long work starts."""
+    Everything the user gave is checked before the long work starts. `overrides`
+    (`model.*=value`) change how every model computes (`--set`)."""
+    from lmtrain.evaluate import override_label
     from lmtrain.train.checkpoint import load_trained, reload_with_model
 
     if batch_tokens < 1:
         raise EvalError("--batch-tokens: must be at least 1")
     # Configs first (cheap), so that every check is done before any model is built;
     # then one model at a time.
-    trained = [load_trained(s, with_model=False) for s in sources]
+    trained = [load_trained(s, with_model=False, overrides=overrides) for s in sources]
     if lengths is None:
         base = trained[0].cfg.data.seq_len
         lengths = [base * f for f in (1, 2, 4, 8, 16, 32)]
@@ -153,7 +156,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
     text = texts[0]
     plans = make_plans(len(text.tokens), lengths, mode, stride, max_tokens)
     offset, n = plans[lengths[0]].offset, plans[lengths[0]].n_scored
-    names = _names(trained, sources)
+    names = [n + override_label(overrides) for n in _names(trained, sources)]
     log(f"eval-length: {len(trained)} model(s), {mode}"
         f"{'' if mode == 'nonoverlap' else ' (stride ' + (str(stride) if stride else 'L/2') + ')'}, "
         f"lengths {','.join(map(str, lengths))}; {n:,} scored tokens (targets {offset:,}..{offset + n - 1:,}) "
@@ -178,6 +181,7 @@ def evaluate_runs(sources: Sequence[str], *, lengths: Optional[Sequence[int]], m
         bar.close()
     return {
         "mode": mode,
+        "overrides": list(overrides),
         "stride": stride if mode == "sliding" else None,
         "strides": {str(L): p.stride for L, p in plans.items()},
         "lengths": list(lengths),

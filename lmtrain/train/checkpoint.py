@@ -28,7 +28,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -265,6 +265,7 @@ class Trained:
     checkpoint: Path
     step: int
     run_dir: Path  # the run dir holding the checkpoint (its parent for a loose file)
+    overrides: tuple[str, ...] = ()  # `model.*=value` changes applied to the saved config (evaluation)
 
 
 def note(msg: str) -> None:
@@ -272,16 +273,19 @@ def note(msg: str) -> None:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_model: bool = True,
-                 log: Callable[[str], None] = note) -> Trained:
+                 log: Callable[[str], None] = note, overrides: Sequence[str] = ()) -> Trained:
     """A run directory (its newest intact checkpoint; a damaged newer one is skipped and named
     through `log`), a checkpoint file or DeepSpeed checkpoint directory, or an export
     directory -> Trained. With `with_model=False` only the config and the checkpoint's facts
-    (model None): cheap, since the checkpoint is memory-mapped. Raises CheckpointError."""
+    (model None): cheap, since the checkpoint is memory-mapped. `overrides` (`model.*=value`)
+    change how the model computes before it is built (more LSH rounds at evaluation); changes
+    that the weights do not fit are refused. Raises CheckpointError (ConfigError for a bad
+    override)."""
     from lmtrain.model import build_model
 
     path = Path(path)
     if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
-        return _load_export(path, device, with_model)
+        return _load_export(path, device, with_model, tuple(overrides))
     if _is_checkpoint(path):
         ckpt_path = path
     elif path.is_dir():
@@ -293,16 +297,47 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", *, with_m
         raise CheckpointError(f"{path}: no checkpoint there (expected a .ckpt file, a run dir with "
                               "checkpoints/last.ckpt, or an export dir)")
     cfg, ckpt = load_config_from_checkpoint(ckpt_path)
+    cfg = _overridden(cfg, overrides)
     model = None
+    if with_model or overrides:
+        state = model_state_dict(ckpt_path, ckpt)
+        # Built on the meta device first (no memory, no init): a misfit is named before any work.
+        problem = weights_misfit(build_model(cfg, device="meta").state_dict(), state)
+        if problem:
+            change = f" with {', '.join(overrides)}" if overrides else ""
+            raise CheckpointError(f"{ckpt_path}: its weights do not fit its config{change} ({problem})")
     if with_model:
         model = build_model(cfg, device=device)
-        try:
-            model.load_state_dict(model_state_dict(ckpt_path, ckpt))
-        except RuntimeError as e:  # missing, unexpected or misshapen weights
-            raise CheckpointError(f"{ckpt_path}: its weights do not fit its config ({_first_line(e)})") from None
+        model.load_state_dict(state)
         model.eval()
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    return Trained(cfg=cfg, model=model, checkpoint=ckpt_path, step=int(ckpt.get("global_step", -1)), run_dir=run_dir)
+    return Trained(cfg=cfg, model=model, checkpoint=ckpt_path, step=int(ckpt.get("global_step", -1)), run_dir=run_dir,
+                   overrides=tuple(overrides))
+
+
+def weights_misfit(expected: dict, got: dict) -> str:
+    """What keeps the weights `got` from loading into a model whose state dict is `expected`
+    ("" if nothing): missing and unexpected names, and the first shape that differs."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    reshaped = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, such as {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, such as {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{k} is {tuple(got[k].shape)} there and {tuple(expected[k].shape)} here")
+    return "; ".join(parts)
+
+
+def _overridden(cfg, overrides: Sequence[str]):
+    if not overrides:
+        return cfg
+    from lmtrain.config import with_overrides
+
+    return with_overrides(cfg, overrides)
 
 
 # An export dir (`lmtrain export`): consolidated fp32 weights, the config, the tokenizer.
@@ -310,7 +345,7 @@ EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_META = "model.safetensors", "config.yaml",
 HF_EXPORT_CONFIG = "lmtrain.yaml"  # beside config.json in `--format hf` exports
 
 
-def _load_export(path: Path, device, with_model: bool) -> Trained:
+def _load_export(path: Path, device, with_model: bool, overrides: tuple[str, ...] = ()) -> Trained:
     import json
 
     from safetensors.torch import load_model
@@ -330,8 +365,9 @@ def _load_export(path: Path, device, with_model: bool) -> Trained:
         cfg, prefix = load_config(path / HF_EXPORT_CONFIG), "model."
     else:
         cfg = load_config(path / EXPORT_CONFIG)
+    cfg = _overridden(cfg, overrides)
     model = None
-    if with_model:
+    if with_model or overrides:  # with overrides: loaded once here, so a misfit is named before any work
         model = build_model(cfg, device=device)
         try:
             if prefix:
@@ -344,14 +380,15 @@ def _load_export(path: Path, device, with_model: bool) -> Trained:
         except Exception as e:  # a truncated or foreign safetensors file, or weights of another model
             raise CheckpointError(f"{path / EXPORT_WEIGHTS}: damaged or not this model's weights "
                                   f"({_first_line(e)})") from None
-        model.eval()
-    return Trained(cfg=cfg, model=model, checkpoint=path / EXPORT_WEIGHTS, step=int(meta.get("step", -1)), run_dir=path)
+        model = model.eval() if with_model else None
+    return Trained(cfg=cfg, model=model, checkpoint=path / EXPORT_WEIGHTS, step=int(meta.get("step", -1)), run_dir=path,
+                   overrides=overrides)
 
 
 def reload_with_model(trained: Trained, device="cpu") -> Trained:
     """The same checkpoint (or export) again, now with its model built and loaded."""
     src = trained.run_dir if trained.checkpoint.name == EXPORT_WEIGHTS else trained.checkpoint
-    return load_trained(src, device)
+    return load_trained(src, device, overrides=trained.overrides)
 
 
 def tokenizer_path(trained: Trained) -> Path:

@@ -6,6 +6,8 @@ generates with its cache of summaries."""
 
 from __future__ import annotations
 
+import json
+
 from tests.helpers import CONFIGS, TINY_MODEL, run_cli, train_twice_from_a_checkpoint
 
 COMMON = ["trainer.max_steps=8", "checkpoint.every_n_steps=4", "trainer.val_every_n_steps=4",
@@ -31,6 +33,15 @@ def test_the_reformer_recipe_resumes_exactly_and_reports_its_buckets(tiny_data, 
     assert 0 < mass <= 1
     out = run_cli("inspect", str(run), check=True).stdout
     assert "forward statistics" in out and "mass_all_rounds" in out and "| lsh/layer1 |" in out
+    # Evaluated with more hash rounds than trained (Reformer's LSH-n evaluation): its own report
+    # beside the plain one, named by the change.
+    ev = ["eval-length", str(run), "--lengths", "64", "--max-tokens", "256", "--no-tensorboard"]
+    plain = run_cli(*ev, check=True).stdout
+    more = run_cli(*ev, "--set", "model.attention.rounds=4", check=True).stdout
+    assert "[attention.rounds=4]" in more and "[attention" not in plain
+    ppl = [json.loads((run / "eval" / f"length_nonoverlap{s}.json").read_text())["runs"][0]["results"][0]["ppl"]
+           for s in ("", "_rounds-4")]
+    assert ppl[0] != ppl[1]  # the model computed with 4 rounds, not its trained 2
 
 
 def test_lowrank_causal_trains_resumes_and_generates(tiny_data, tmp_path):

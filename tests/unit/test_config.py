@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from lmtrain.config import ConfigError, from_dict, load_config, to_dict
+from lmtrain.config import ConfigError, from_dict, load_config, to_dict, with_overrides
 from lmtrain.model import build_model
 from tests.helpers import CONFIGS, ROOT
 
@@ -189,3 +189,16 @@ def test_cli_version_and_train_help_explain_overrides():
     assert run_cli("--version").stdout.strip() == f"lmtrain {lmtrain.__version__}"
     out = run_cli("train", "--help").stdout
     assert "overrides:" in out and "model.position=rope is" in out and "lmtrain config PRESET" in out
+
+
+def test_overrides_on_a_saved_config_change_the_model_only_and_are_checked():
+    cfg = load_config(CONFIGS / "debug.yaml", ["model.position.kind=sinusoidal", "model.attention.kind=lsh"])
+    assert with_overrides(cfg, []) is cfg
+    more = with_overrides(cfg, ["model.attention.rounds=8", "model.attention.chunk=32"])
+    assert (more.model.attention.rounds, more.model.attention.chunk) == (8, 32)
+    assert cfg.model.attention.rounds != 8  # the saved config itself is unchanged
+    assert to_dict(more)["data"] == to_dict(cfg)["data"]
+    for bad, words in [("data.seq_len=64", "only model.* keys"), ("model.attention.roundz=2", "did you mean"),
+                       ("model.position=rope", "rope"), ("model.attention.rounds", "key=value")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            with_overrides(cfg, [bad])
