@@ -287,7 +287,8 @@ def evaluate_retrieval(sources: Sequence[str], *, task: str, lengths: Optional[S
 
                 symbols = copy_symbols(t.cfg.data.copy, t.cfg.data.vocab_size)
                 cells = copy_eval(model, lengths, trials, seed, device, symbols, bar.update)
-            runs.append({"name": t.run_dir.name + override_label(overrides), "run_dir": str(t.run_dir), "source": str(t.checkpoint), "step": t.step,
+            runs.append({"name": t.run_dir.name + override_label(overrides), "run_dir": str(t.run_dir),
+                         "source": str(t.checkpoint), "step": t.step,
                          "attention": _attention_name(t.cfg), "train_length": t.cfg.data.seq_len, "cells": cells})
             del model
     finally:
