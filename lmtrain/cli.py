@@ -145,9 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
-    p.add_argument("--show-token-stats", "--show-ponder", dest="show_token_stats", action="store_true",
-                   help="mark each new token with the per-token statistic of the position that predicted it "
-                        "(ACT depth: its steps)")
+    p.add_argument("--show-token-stats", "--show-ponder", "--show-exits", dest="show_token_stats",
+                   action="store_true", help="mark each new token with the per-token statistic of the position that "
+                                             "predicted it (ACT depth: its steps; early exit: its exit layer)")
+    p.add_argument("--exit", choices=("softmax", "state", "halting", "classifier"),
+                   help="early-exit models: a token leaves at the first exit whose confidence reaches --threshold "
+                        "(softmax: top-1 minus top-2 probability; state: cosine of a layer's output and input; "
+                        "halting: the halting unit; classifier: the trained exit classifier)")
+    p.add_argument("--threshold", type=float,
+                   help="the exit threshold (default: the one `lmtrain calibrate-exit` wrote into the run)")
+
+    p = sub.add_parser("calibrate-exit", help="early-exit models: choose the exit threshold with a stated risk "
+                                              "(Learn-then-Test) and write it into the run",
+                       description="Greedy generations from validation prompts with exits at each threshold, "
+                                   "from the most conservative down, are compared with the full model's; the "
+                                   "lowest threshold whose risk of differing tokens is at most --delta with "
+                                   "probability 1 - --epsilon is written to RUN/exit/MEASURE.json. With --measure "
+                                   "classifier the exit classifier is trained first (model frozen, on the "
+                                   "training split).")
+    p.add_argument("source", metavar="RUN")
+    p.add_argument("--measure", default="softmax", choices=("softmax", "state", "halting", "classifier"))
+    p.add_argument("--delta", type=float, default=0.05, help="the tolerated share of tokens that differ")
+    p.add_argument("--epsilon", type=float, default=0.05, help="the probability that the guarantee fails")
+    p.add_argument("--prompts", type=int, default=64, help="validation prompts (the independent samples)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens of each prompt")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated from each prompt")
+    p.add_argument("--classifier-steps", type=int, default=300, help="--measure classifier: its training steps")
+    p.add_argument("--batch-size", type=int, default=8, help="--measure classifier: windows per training step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
     p = sub.add_parser("eval-length", help="perplexity against context length, for one or more runs",
                        description="Score the same tokens at every length; write JSON, CSV, markdown and plots "
@@ -324,7 +350,15 @@ def cmd_generate(args) -> int:
     if model.max_len is not None and len(ids) + args.max_new_tokens > model.max_len:
         return _fail(f"--max-new-tokens: this model's {cfg.model.position.kind} positions end at {model.max_len}; "
                      f"the prompt has {len(ids)} tokens, so at most {model.max_len - len(ids)} new ones fit")
+    if args.exit:
+        from lmtrain.exits import apply_exit
+
+        args.threshold = apply_exit(model, trained.run_dir, args.exit, args.threshold, trained.step)
+    elif args.threshold is not None:
+        return _fail("--threshold: give it with --exit")
     stat = model.depth.primary_token_stat
+    if args.show_token_stats and stat == "exit_layer" and not args.exit:
+        return _fail("--show-exits: give --exit MEASURE (without it every token runs every layer)")
     if args.show_token_stats and stat is None:
         return _fail(f"--show-token-stats: model.depth.kind={cfg.model.depth.kind} reports no per-token statistic "
                      "(depth kinds such as act do)")
@@ -406,6 +440,68 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def cmd_calibrate_exit(args) -> int:
+    import json
+
+    import torch
+
+    from data_pipelines.shards import open_tokens
+    from lmtrain.exits import CLASSIFIER_FILE, ExitError, calibrate, early_exit_depth, exit_dir, train_classifier
+    from lmtrain.train.checkpoint import load_trained
+
+    for name in ("prompts", "prompt_tokens", "new_tokens", "classifier_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')}: must be at least 1")
+    if not (0 < args.delta < 1 and 0 < args.epsilon < 1):
+        return _fail("--delta and --epsilon: must be in (0, 1)")
+    trained = load_trained(args.source, device=args.device)
+    model, cfg = trained.model, trained.cfg
+    early_exit_depth(model)
+    if args.measure == "halting" and model.depth.halt is None:
+        raise ExitError("--measure halting: this model has no halting units (model.depth.halting was false)")
+    if model.max_len is not None and args.prompt_tokens + args.new_tokens > model.max_len:
+        return _fail(f"--prompt-tokens + --new-tokens: this model's positions end at {model.max_len}")
+    val = torch.from_numpy(open_tokens(cfg.data.dir, "val").astype("int64"))
+    span = args.prompt_tokens
+    if val.numel() < args.prompts * span:
+        return _fail(f"--prompts x --prompt-tokens: the validation split has {val.numel():,} tokens, fewer than "
+                     f"{args.prompts * span:,}")
+    step = val.numel() // args.prompts  # evenly spread, disjoint prompts: independent samples for the test
+    prompts = [val[i * step:i * step + span].to(args.device) for i in range(args.prompts)]
+    out = exit_dir(trained.run_dir)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    facts = {}
+    if args.measure == "classifier":
+        from safetensors.torch import save_model
+
+        train = torch.from_numpy(open_tokens(cfg.data.dir, "train").astype("int64"))
+        L = cfg.data.seq_len
+        n = min(4096, train.numel() // L)
+        g = torch.Generator().manual_seed(args.seed)
+        starts = torch.randint(0, train.numel() - L, (n,), generator=g)
+        windows = torch.stack([train[s:s + L] for s in starts.tolist()])
+        clf, facts = train_classifier(model, windows, steps=args.classifier_steps, batch_size=args.batch_size,
+                                      seed=args.seed, log=log)
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(clf, str(out / CLASSIFIER_FILE))
+        model.depth.classifier = clf.to(dtype=next(model.parameters()).dtype)
+    rep = calibrate(model, prompts, measure=args.measure, delta=args.delta, epsilon=args.epsilon,
+                    new_tokens=args.new_tokens, log=log)
+    rep.update({"source": str(trained.checkpoint), "step": trained.step, "prompt_tokens": span, **(
+        {"classifier": facts} if facts else {})})
+    if rep["threshold"] is None:
+        return _fail(f"no threshold of --measure {args.measure} keeps the risk at most --delta {args.delta} with "
+                     f"{args.prompts} prompts (the most conservative had risk {rep['tested'][0]['risk']}); raise "
+                     "--delta or --prompts")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.measure}.json"
+    path.write_text(json.dumps(rep, indent=2) + "\n")
+    print(f"threshold {rep['threshold']} for --exit {args.measure}: risk {rep['risk']} (at most {args.delta} with "
+          f"probability {1 - args.epsilon:.2f}), mean exit layer {rep['mean_exit_layer']} of {rep['n_layers']}")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval_harness(args) -> int:
     import torch
 
@@ -426,7 +522,8 @@ def cmd_eval_harness(args) -> int:
 
 COMMANDS = {"config": cmd_config, "eval-retrieval": cmd_eval_retrieval, "eval-harness": cmd_eval_harness,
             "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
-            "eval-length": cmd_eval_length, "plan": cmd_plan, "submit": cmd_submit,
+            "eval-length": cmd_eval_length, "calibrate-exit": cmd_calibrate_exit, "plan": cmd_plan,
+            "submit": cmd_submit,
             "export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
@@ -443,13 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipelines.sources import SourceError
     from lmtrain.config import ConfigError
     from lmtrain.evaluate.length import EvalError
+    from lmtrain.exits import ExitError
     from lmtrain.train.checkpoint import CheckpointError
     from lmtrain.train.run import ResumeError, TrainingStopped
     from lmtrain.train.rundir import RunDirError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, CheckpointError, RunDirError,
+    except (ConfigError, SourceError, DataDirError, ResumeError, EvalError, CheckpointError, RunDirError, ExitError,
             TrainingStopped, FileNotFoundError, FileExistsError) as e:
         return _fail(_one_line(e))
     except OSError as e:

@@ -6,6 +6,7 @@
   config.yaml         the resolved training config
   tokenizer.json      the model's tokenizer (tokenizer_config.json: its special tokens)
   export.json         source checkpoint, step, parameter count, format version
+  exit/               early exit: calibrated thresholds and the exit classifier (lmtrain/exits.py)
 
 The source is a run dir, a Lightning checkpoint file, or a DeepSpeed checkpoint directory
 of any ZeRO stage; ZeRO shards are consolidated into the fp32 master weights on the way
@@ -58,6 +59,7 @@ def export(source: str | Path, out: str | Path, *, fmt: str = "lmtrain", max_len
         else:
             _write(t, tok, tmp)
             _write_meta(t, tmp, {})
+        _copy_exit_calibration(t, tmp, log)
         make_readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,6 +86,25 @@ def _write(t, tok: Path, tmp: Path) -> None:
     shutil.copyfile(tok, tmp / "tokenizer.json")
     if (tok.parent / "tokenizer_config.json").is_file():  # its special tokens (bos, pad), for an HF export later
         shutil.copyfile(tok.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
+
+
+def _copy_exit_calibration(t, tmp: Path, log) -> None:
+    """RUN/exit/ (early exit: calibrated thresholds, the exit classifier) when it belongs to the
+    exported step; a calibration of another step is left out, with a note."""
+    from lmtrain.exits import EXIT_DIR
+
+    src = t.run_dir / EXIT_DIR
+    if not src.is_dir() or src.resolve() == (tmp / EXIT_DIR).resolve():
+        return
+    steps = {f.name: json.loads(f.read_text()).get("step") for f in src.glob("*.json")}
+    stale = [name for name, step in steps.items() if step != t.step]
+    if stale:
+        log(f"  not exported: {', '.join(sorted(stale))} in {src} (calibrated at another step than {t.step}; run "
+            "`lmtrain calibrate-exit` again)")
+    (tmp / EXIT_DIR).mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name not in stale:
+            shutil.copyfile(f, tmp / EXIT_DIR / f.name)
 
 
 def _write_meta(t, tmp: Path, extra: dict) -> None:

@@ -107,6 +107,15 @@ class Decoder(nn.Module):
                 ctx.aux.add_loss(name, value)
         return x_BLM, ctx.aux
 
+    def target_losses(self, aux: Aux, targets_BL: Tensor, chunk: int = 0) -> dict[str, Tensor]:
+        """Loss terms that need the targets (the TargetLosses hook: early exit's intermediate
+        exits), from what the forward left in `aux`; readouts in chunks of `chunk` positions
+        (0: one chunk)."""
+        out: dict[str, Tensor] = {}
+        for module in self.hooks.target_losses:
+            out.update(module.target_losses(aux, targets_BL, self.readout, chunk))
+        return out
+
     # -- lifecycle (lmtrain/model/hooks.py) ---------------------------------------------------
     def after_optimizer_step(self) -> None:
         for module in self.hooks.after_step:

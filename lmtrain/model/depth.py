@@ -9,6 +9,8 @@ a depth module can apply the decoder's final norm and LM head to any intermediat
   * universal - those layers as one shared block, applied `steps` times
                 (lmtrain/model/universal.py).
   * act       - the shared block with per-position ACT halting, up to `max_steps`.
+  * early_exit - the stack with an exit after every layer (or the `exits`): per-exit losses,
+                halting units, per-token confident exits (lmtrain/model/early_exit.py).
 """
 
 from __future__ import annotations
@@ -64,4 +66,4 @@ class FixedDepth(Depth):
 
 
 # The other kinds register themselves on import.
-from lmtrain.model import universal  # noqa: E402,F401
+from lmtrain.model import early_exit, universal  # noqa: E402,F401

@@ -17,7 +17,10 @@ implement any of these; the decoder finds the implementers once, at construction
                                distances d): a position scheme's bias, the DA-Transformer's
                                weights; drawn as a heatmap per module and printed by `inspect`;
   * `pattern_mask(L)`        - which keys each query may see on positions 0 .. L - 1
-                               (H' x L x L; sparse patterns), drawn as a picture per layer.
+                               (H' x L x L; sparse patterns), drawn as a picture per layer;
+  * `target_losses(aux, y, readout, chunk)` - loss terms that need the targets, from what the
+                               forward left in `aux` (early exit: the intermediate exits' LM
+                               losses and the halting loss); the trainer adds them.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class PatternPicture(Protocol):
     def pattern_mask(self, L: int) -> Tensor: ...
 
 
+@runtime_checkable
+class TargetLosses(Protocol):
+    def target_losses(self, aux, y_BL: Tensor, readout, chunk: int) -> dict[str, Tensor]: ...
+
+
 @dataclass
 class Hooks:
     """The model's modules that implement each hook, in module order (layer order)."""
@@ -64,6 +72,7 @@ class Hooks:
     head_stats: list = field(default_factory=list)
     patterns: list = field(default_factory=list)
     profiles: list = field(default_factory=list)
+    target_losses: list = field(default_factory=list)
 
     @classmethod
     def collect(cls, model: nn.Module) -> "Hooks":
@@ -72,4 +81,5 @@ class Hooks:
                    losses=[m for m in mods if isinstance(m, ParameterLosses)],
                    head_stats=[m for m in mods if isinstance(m, HeadStatistics)],
                    patterns=[m for m in mods if isinstance(m, PatternPicture)],
-                   profiles=[m for m in mods if isinstance(m, DistanceProfile)])
+                   profiles=[m for m in mods if isinstance(m, DistanceProfile)],
+                   target_losses=[m for m in mods if isinstance(m, TargetLosses)])

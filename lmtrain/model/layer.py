@@ -127,7 +127,7 @@ class SelfAttention(nn.Module):
             # Only the asked-for queries are projected and attended; keys and values of all.
             w_q, w_kv = self.qkv.weight.split((M, 2 * M))
             b_q, b_kv = self.qkv.bias.split((M, 2 * M)) if self.qkv.bias is not None else (None, None)
-            q = F.linear(gather_rows(x_BLM, rows_BQ), w_q, b_q).view(B, -1, H, D).transpose(1, 2)  # B H Q D
+            q = F.linear(gather_rows(x_BLM, rows_BQ), w_q, b_q).view(B, rows_BQ.shape[1], H, D).transpose(1, 2)
             k, v = F.linear(x_BLM, w_kv, b_kv).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 B H L D
             q_pos = ctx.pos_L[rows_BQ]  # B Q
         elif self.shared_qk:
@@ -142,7 +142,10 @@ class SelfAttention(nn.Module):
         inp = AttentionInputs(position=ctx.position, q_pos=q_pos, k_pos=k_pos, aux=ctx.aux, doc_ids=ctx.doc_ids,
                               global_mask=ctx.global_mask,
                               cache_state=ctx.cache.state(key) if ctx.cache is not None else None)
-        o_BLM = self.kernel(q, k, v, inp).transpose(1, 2).reshape(B, -1, M)
+        if q.shape[2]:
+            o_BLM = self.kernel(q, k, v, inp).transpose(1, 2).reshape(B, -1, M)
+        else:  # no query (every token of the step has exited): only the keys and values, for the cache
+            o_BLM = x_BLM.new_zeros(B, 0, M)
         if ctx.cache is not None:
             # Keys no later query can see leave the cache (a window keeps its last W and the global
             # ones); this call's own keys stay (ACT repeats them into later steps' slots).

@@ -8,6 +8,7 @@ loss, collected by the decoder: lmtrain/model/hooks.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +22,11 @@ class Aux:
     stats: dict[str, Tensor] = field(default_factory=dict)
     # Per-token quantities (detached, B x L), such as the ACT steps each position took.
     tokens: dict[str, Tensor] = field(default_factory=dict)
+    # Intermediate exits' states for losses that need the targets (early_exit: ExitOutputs).
+    exits: Any = None
+    # The weight of the LM loss of the final output in the training objective (early exit: the
+    # last exit's weight; the other exits' weighted losses come through the TargetLosses hook).
+    lm_weight: float = 1.0
 
     def add_loss(self, name: str, value: Tensor) -> None:
         self.losses[name] = self.losses[name] + value if name in self.losses else value

@@ -133,8 +133,9 @@ class TwoStream(Residual):
         m, reasons = a.model, []
         name = m.residual.kind
         if not a.depth.runs_layers_once:
-            reasons.append(f"model.residual.kind={name} runs each layer once, in order; model.depth.kind="
-                           f"{m.depth.kind} runs layers several times and needs a wiring such as prenorm")
+            reasons.append(f"model.residual.kind={name} runs each layer once, in order, for every position; "
+                           f"model.depth.kind={m.depth.kind} repeats layers or lets positions skip them, and needs "
+                           "a wiring such as prenorm")
         if not a.attention.caps.deterministic_recompute:
             reasons.append(f"model.residual.kind={name}: model.attention.kind={m.attention.kind} does not recompute "
                            "deterministically, so the layer inputs cannot be rebuilt exactly; use "

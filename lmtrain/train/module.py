@@ -66,9 +66,15 @@ class LMModule(pl.LightningModule):
         chunk = loss_chunk(self.cfg.trainer.loss_chunk_tokens, x_BL.numel(), self.cfg.data.vocab_size)
         if chunk and self._fused_loss:
             h_BLM, aux = self.model.features(x_BL)
-            return chunked_lm_loss(h_BLM, self.model.head.weight, y_BL, chunk), aux
-        out = self.model(x_BL)
-        return lm_loss(out.logits_BLV, y_BL), out.aux
+            loss = chunked_lm_loss(h_BLM, self.model.head.weight, y_BL, chunk)
+        else:
+            out = self.model(x_BL)
+            loss, aux = lm_loss(out.logits_BLV, y_BL), out.aux
+        # Terms that need the targets (early exit: the other exits' losses), readouts in chunks.
+        chunk = chunk or loss_chunk(-1, x_BL.numel(), self.cfg.data.vocab_size)
+        for name, value in self.model.target_losses(aux, y_BL, chunk).items():
+            aux.add_loss(name, value)
+        return loss, aux
 
     def forward(self, idx_BL):
         return self.model(idx_BL)
@@ -103,7 +109,8 @@ class LMModule(pl.LightningModule):
         # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)
         # run before the module's own batch-end hook.
         self.consumed_samples += x_BL.shape[0] * self.trainer.world_size
-        total = loss if aux is None else loss + aux
+        weighted = loss if out_aux.lm_weight == 1.0 else out_aux.lm_weight * loss  # early exit: the last exit's weight
+        total = weighted if aux is None else weighted + aux
         self._bad_loss = self._bad_loss.to(total.device) | ~torch.isfinite(total.detach())
         return total
 

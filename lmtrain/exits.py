@@ -1,0 +1,226 @@
+"""Early exit after training: CALM's exit classifier and the calibration of exit thresholds
+(Schuster et al. 2022, Sec. 3-4), for models with `model.depth.kind: early_exit`.
+
+  * `ExitClassifier` - a linear map per exit (but the last) from the normalised state to the
+    probability that the exit's prediction is the last layer's; trained with the model frozen
+    on that label (`train_classifier`), as CALM's "early-exit classifier" measure.
+  * `calibrate` - Learn-then-Test (Angelopoulos et al. 2021) over thresholds: on n validation
+    prompts, greedy generation with exits at threshold t is compared with the full model's
+    greedy generation; the risk of a prompt is the share of generated tokens that differ.
+    Thresholds are tested from the most conservative down (fixed-sequence testing); each gets
+    the Hoeffding-Bentkus p-value of "mean risk > delta", and the chosen threshold is the
+    lowest one before the first whose p-value exceeds epsilon. Then, with probability at least
+    1 - epsilon over the calibration prompts, the expected risk at that threshold is at most
+    delta.
+
+What calibration writes lives in RUN/exit/: `<measure>.json` (the threshold and the evidence)
+and `classifier.safetensors`; `lmtrain export` copies the folder, and `lmtrain generate --exit
+MEASURE` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EXIT_DIR = "exit"
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+class ExitError(ValueError):
+    """A request about exits that this model or run cannot serve (the CLI exits 2)."""
+
+
+class ExitClassifier(nn.Module):
+    """p(exit k agrees with the last layer) = sigmoid(w_k . layernorm(h_k) + b_k), k < K - 1."""
+
+    def __init__(self, n_exits: int, d_model: int):
+        super().__init__()
+        self.maps = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(n_exits - 1))
+
+    def logits(self, h_BLM: Tensor, k: int) -> Tensor:
+        h = F.layer_norm(h_BLM.to(self.maps[k].weight.dtype), h_BLM.shape[-1:])
+        return self.maps[k](h).squeeze(-1)
+
+    def forward(self, h_BLM: Tensor, k: int) -> Tensor:
+        return torch.sigmoid(self.logits(h_BLM, k).float())
+
+
+def early_exit_depth(model):
+    """The model's early-exit depth module, or ExitError naming the fix."""
+    depth = model.depth
+    if not hasattr(depth, "set_exit_policy"):
+        raise ExitError(f"--exit: this model has no exits (model.depth.kind={model.cfg.depth.kind}); train one with "
+                        "model.depth.kind=early_exit")
+    return depth
+
+
+def exit_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / EXIT_DIR
+
+
+def load_classifier(model, run_dir: Path) -> ExitClassifier:
+    from safetensors.torch import load_model
+
+    path = exit_dir(run_dir) / CLASSIFIER_FILE
+    if not path.is_file():
+        raise ExitError(f"--exit classifier: no trained exit classifier at {path}; train it with "
+                        f"`lmtrain calibrate-exit {run_dir} --measure classifier`")
+    depth = early_exit_depth(model)
+    clf = ExitClassifier(len(depth.exit_at), model.cfg.d_model)
+    try:
+        load_model(clf, str(path))
+    except Exception as e:
+        raise ExitError(f"{path}: not this model's exit classifier ({str(e).splitlines()[0]})") from None
+    p = next(model.parameters())
+    return clf.to(device=p.device, dtype=p.dtype).eval()
+
+
+def calibrated_threshold(run_dir: Path, measure: str, step: int) -> float:
+    """The threshold `calibrate-exit` wrote for `measure`, if it calibrated this step's model."""
+    path = exit_dir(run_dir) / f"{measure}.json"
+    if not path.is_file():
+        raise ExitError(f"--exit {measure}: no calibrated threshold at {path}; run `lmtrain calibrate-exit {run_dir} "
+                        f"--measure {measure}`, or give --threshold")
+    try:
+        rep = json.loads(path.read_text())
+        threshold, at = float(rep["threshold"]), rep.get("step")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExitError(f"{path}: damaged ({e}); run `lmtrain calibrate-exit` again") from None
+    if at != step:
+        raise ExitError(f"{path}: calibrated the model of step {at}, not this one (step {step}); run "
+                        f"`lmtrain calibrate-exit {run_dir} --measure {measure}` again, or give --threshold")
+    return threshold
+
+
+def apply_exit(model, run_dir: Path, measure: str, threshold: Optional[float], step: int) -> float:
+    """Set the model's exit policy from the arguments (the run's calibrated threshold for this
+    step's model when `threshold` is None). Returns the threshold used."""
+    depth = early_exit_depth(model)
+    if measure == "halting" and depth.halt is None:
+        raise ExitError("--exit halting: this model has no halting units (it was trained with model.depth.halting="
+                        "false)")
+    if threshold is None:
+        threshold = calibrated_threshold(run_dir, measure, step)
+    if not math.isfinite(threshold):
+        raise ExitError("--threshold: must be a finite number")
+    clf = load_classifier(model, run_dir) if measure == "classifier" else None
+    depth.set_exit_policy(measure, threshold, clf)
+    return threshold
+
+
+# -- the classifier ----------------------------------------------------------------------------
+def train_classifier(model, windows_NL: Tensor, *, steps: int, batch_size: int, lr: float = 1e-3, seed: int = 0,
+                     log: Callable[[str], None] = print) -> tuple[ExitClassifier, dict]:
+    """Fit the exit classifier on `windows_NL` with the model frozen: label = the exit's top
+    prediction equals the last layer's. Returns it and its training facts."""
+    depth = early_exit_depth(model)
+    p = next(model.parameters())
+    torch.manual_seed(seed)
+    clf = ExitClassifier(len(depth.exit_at), model.cfg.d_model).to(device=p.device, dtype=torch.float32)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    depth.set_exit_policy("none", 1.0)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    t0, loss = time.time(), torch.zeros(())
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, windows_NL.shape[0], (batch_size,), generator=g)
+        with torch.no_grad():
+            _, aux = model.features(windows_NL[idx].to(p.device))
+            states = aux.exits.states
+            final = model.readout.logits(states[-1]).argmax(-1)
+            labels = [(model.readout.logits(h).argmax(-1) == final).float() for h in states[:-1]]
+        loss = sum(F.binary_cross_entropy_with_logits(clf.logits(h.float(), k).float(), y)
+                   for k, (h, y) in enumerate(zip(states[:-1], labels))) / max(1, len(labels))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % max(1, steps // 10) == 0 or step == steps:
+            log(f"classifier step {step}/{steps}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+    return clf.eval(), {"steps": steps, "batch_size": batch_size, "lr": lr, "final_loss": round(float(loss), 5)}
+
+
+# -- Learn-then-Test ---------------------------------------------------------------------------
+def _log_binom_cdf(k: int, n: int, p: float) -> float:
+    """log P(Binomial(n, p) <= k)."""
+    if k >= n:
+        return 0.0
+    if k < 0:
+        return -math.inf
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+             + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    m = max(terms)
+    return m + math.log(sum(math.exp(t - m) for t in terms))
+
+
+def hoeffding_bentkus_p(mean_risk: float, n: int, delta: float) -> float:
+    """p-value of H0: expected risk > delta, from the mean of n independent risks in [0, 1]
+    (LTT, Angelopoulos et al. 2021, Prop. 3: the smaller of the Hoeffding and Bentkus bounds)."""
+    if mean_risk >= delta:
+        return 1.0
+    r = max(mean_risk, 1e-12)
+    kl = r * math.log(r / delta) + (1 - r) * math.log((1 - r) / (1 - delta))
+    hoeffding = math.exp(-n * kl)
+    bentkus = math.e * math.exp(_log_binom_cdf(math.ceil(n * mean_risk), n, delta))
+    return min(1.0, hoeffding, bentkus)
+
+
+def default_grid(measure: str) -> list[float]:
+    """Candidate thresholds, most conservative first."""
+    if measure == "state":  # a cosine
+        return [round(1.0 - 0.0025 * i, 4) for i in range(81)]  # 1.0 .. 0.8
+    return [round(1.0 - 0.02 * i, 4) for i in range(50)]  # 1.0 .. 0.02
+
+
+@torch.no_grad()
+def _greedy(model, prompts: Sequence[Tensor], new_tokens: int) -> tuple[list[Tensor], float]:
+    """Greedy continuations (batch 1 each) and the mean exit layer per generated token."""
+    from lmtrain.generate import generate
+
+    outs, layers = [], []
+    for p in prompts:
+        stats: list = []
+        seq = generate(model, p[None], new_tokens, temperature=0, token_stats=stats)
+        outs.append(seq[0, p.shape[0]:])
+        layers += [float(s["exit_layer"][0]) for s in stats if "exit_layer" in s]
+    return outs, (sum(layers) / len(layers) if layers else float(model.cfg.n_layers))
+
+
+def calibrate(model, prompts: Sequence[Tensor], *, measure: str, delta: float, epsilon: float, new_tokens: int,
+              grid: Optional[Sequence[float]] = None, log: Callable[[str], None] = print) -> dict:
+    """Learn-then-Test over `grid` (see the module docstring). Returns the report: the chosen
+    threshold (None when even the most conservative one fails), and every tested threshold's
+    mean risk, p-value and mean exit layer."""
+    if not 0 < delta < 1 or not 0 < epsilon < 1:
+        raise ExitError("--delta and --epsilon: must be in (0, 1)")
+    depth = early_exit_depth(model)
+    depth.set_exit_policy("none", 1.0)
+    full, _ = _greedy(model, prompts, new_tokens)
+    n = len(prompts)
+    rows, chosen = [], None
+    for t in grid or default_grid(measure):
+        depth.set_exit_policy(measure, t, depth.classifier)
+        outs, mean_layer = _greedy(model, prompts, new_tokens)
+        risks = [float((a != b).float().mean()) for a, b in zip(outs, full)]
+        mean_risk = sum(risks) / n
+        p = hoeffding_bentkus_p(mean_risk, n, delta)
+        rows.append({"threshold": t, "risk": round(mean_risk, 5), "p_value": p,
+                     "mean_exit_layer": round(mean_layer, 3)})
+        log(f"threshold {t:.4f}: risk {mean_risk:.4f}, p {p:.3g}, mean exit layer {mean_layer:.2f} of "
+            f"{model.cfg.n_layers}")
+        if p > epsilon:
+            break
+        chosen = rows[-1]
+    depth.set_exit_policy("none", 1.0)
+    return {"measure": measure, "delta": delta, "epsilon": epsilon, "prompts": n, "new_tokens": new_tokens,
+            "threshold": None if chosen is None else chosen["threshold"],
+            "risk": None if chosen is None else chosen["risk"],
+            "mean_exit_layer": None if chosen is None else chosen["mean_exit_layer"],
+            "n_layers": model.cfg.n_layers, "tested": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
