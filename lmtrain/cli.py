@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_act_args(bench.add_parser("act", help="what ACT halting saves: a trained ACT model's step time, "
                                                 "running positions only vs every position vs all steps"))
+    from lmtrain.bench.decode import add_arguments as bench_decode_args
+
+    bench_decode_args(bench.add_parser("decode", help="generation tokens/s and layers per token with and without "
+                                                      "early exit, batch 1 and 8, side by side"))
     from lmtrain.bench.train import add_arguments as bench_train_args
 
     bench_train_args(bench.add_parser("train", help="training tokens/s, MFU, memory and data wait of a config, "
@@ -154,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "halting: the halting unit; classifier: the trained exit classifier)")
     p.add_argument("--threshold", type=float,
                    help="the exit threshold (default: the one `lmtrain calibrate-exit` wrote into the run)")
+
+    p = sub.add_parser("eval-exit", help="early-exit models: validation loss against the mean exit layer, per "
+                                         "threshold of a confidence measure",
+                       description="Teacher-forced validation windows with per-token exits (exited tokens' states "
+                                   "copied upward) at each threshold, beside full depth and each exit alone; writes "
+                                   "RUN/eval/exit_MEASURE.{json,md}.")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("--measure", default="softmax", choices=("softmax", "state", "halting", "classifier"))
+    p.add_argument("--thresholds", default="0.99,0.95,0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2",
+                   help="comma-separated thresholds")
+    p.add_argument("--max-tokens", type=int, default=65536, help="validation tokens to score")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
     p = sub.add_parser("calibrate-exit", help="early-exit models: choose the exit threshold with a stated risk "
                                               "(Learn-then-Test) and write it into the run",
@@ -308,9 +324,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lmtrain.bench import act, attention, memory, train
+    from lmtrain.bench import act, attention, decode, memory, train
 
-    return {"attention": attention.main, "act": act.main, "memory": memory.main, "train": train.main}[args.bench](args)
+    return {"attention": attention.main, "act": act.main, "memory": memory.main, "train": train.main,
+            "decode": decode.main}[args.bench](args)
 
 
 def cmd_inspect(args) -> int:
@@ -440,6 +457,43 @@ def cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def cmd_eval_exit(args) -> int:
+    import json
+    from pathlib import Path
+
+    from lmtrain.exits import early_exit_depth, exit_tradeoff, load_classifier, tradeoff_markdown
+    from lmtrain.train.checkpoint import load_trained
+    from lmtrain.train.data import WindowDataset, validation_sample
+
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        return _fail(f"--thresholds {args.thresholds}: give comma-separated numbers, e.g. 0.9,0.8")
+    if not thresholds:
+        return _fail("--thresholds: give at least one")
+    if args.max_tokens < 1:
+        return _fail("--max-tokens: must be at least 1")
+    trained = load_trained(args.source, device=args.device)
+    model, cfg = trained.model, trained.cfg
+    depth = early_exit_depth(model)
+    if args.measure == "halting" and depth.halt is None:
+        return _fail("--measure halting: this model has no halting units (model.depth.halting was false)")
+    if args.measure == "classifier":
+        depth.classifier = load_classifier(model, trained.run_dir)
+    val = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len)
+    n = max(1, min(len(val), args.max_tokens // cfg.data.seq_len))
+    rep = exit_tradeoff(model, validation_sample(val, n), measure=args.measure, thresholds=thresholds,
+                        log=lambda s: print(s, file=sys.stderr))
+    rep.update({"source": str(trained.checkpoint), "step": trained.step})
+    print(tradeoff_markdown(rep), end="")
+    out = Path(trained.run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"exit_{args.measure}.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / f"exit_{args.measure}.md").write_text(tradeoff_markdown(rep))
+    print(f"wrote {out}/exit_{args.measure}.{{json,md}}", file=sys.stderr)
+    return 0
+
+
 def cmd_calibrate_exit(args) -> int:
     import json
 
@@ -522,7 +576,8 @@ def cmd_eval_harness(args) -> int:
 
 COMMANDS = {"config": cmd_config, "eval-retrieval": cmd_eval_retrieval, "eval-harness": cmd_eval_harness,
             "prepare-data": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
-            "eval-length": cmd_eval_length, "calibrate-exit": cmd_calibrate_exit, "plan": cmd_plan,
+            "eval-length": cmd_eval_length, "calibrate-exit": cmd_calibrate_exit,
+            "eval-exit": cmd_eval_exit, "plan": cmd_plan,
             "submit": cmd_submit,
             "export": cmd_export, "inspect": cmd_inspect, "bench": cmd_bench}
 

@@ -224,3 +224,66 @@ def calibrate(model, prompts: Sequence[Tensor], *, measure: str, delta: float, e
             "risk": None if chosen is None else chosen["risk"],
             "mean_exit_layer": None if chosen is None else chosen["mean_exit_layer"],
             "n_layers": model.cfg.n_layers, "tested": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# -- quality against depth ---------------------------------------------------------------------
+@torch.no_grad()
+def exit_tradeoff(model, windows_NL1: Tensor, *, measure: str, thresholds: Sequence[float], batch_size: int = 8,
+                  log: Callable[[str], None] = print) -> dict:
+    """Validation loss (teacher-forced, per-token exits with state copying) and the mean exit
+    layer at each threshold, beside the full-depth model and each exit alone (every token
+    leaving there). `windows_NL1`: N windows of L + 1 tokens."""
+    depth = early_exit_depth(model)
+    classifier = depth.classifier
+    n_layers = model.cfg.n_layers
+    device = next(model.parameters()).device
+
+    def evaluate(policy_measure: str, threshold: float) -> tuple[float, float, float, dict]:
+        depth.set_exit_policy(policy_measure, threshold, classifier)
+        total, count, layers, computed, per_exit = 0.0, 0, 0.0, 0.0, {}
+        for s in range(0, windows_NL1.shape[0], batch_size):
+            w = windows_NL1[s:s + batch_size].to(device)
+            x, y = w[:, :-1], w[:, 1:]
+            h, aux = model.features(x)
+            nll = F.cross_entropy(model.head(h).float().flatten(0, 1), y.flatten(), reduction="sum")
+            total, count = total + float(nll), count + y.numel()
+            ex = aux.tokens.get("exit_layer")
+            layers += float(ex.float().sum()) if ex is not None else n_layers * y.numel()
+            frac = aux.stats.get("exit/computed_fraction")
+            computed += (float(frac) if frac is not None else 1.0) * y.numel()
+            if policy_measure == "none":
+                for n, state in zip(aux.exits.layers, aux.exits.states):
+                    logits = model.readout.logits(state).float()
+                    per_exit[n] = per_exit.get(n, 0.0) + float(F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                                                reduction="sum"))
+        return total / count, layers / count, computed / count, {n: v / count for n, v in per_exit.items()}
+
+    full_loss, _, _, per_exit = evaluate("none", 1.0)
+    log(f"full depth: loss {full_loss:.4f}; each exit alone: "
+        + ", ".join(f"{n}: {v:.4f}" for n, v in per_exit.items()))
+    rows = []
+    for t in thresholds:
+        loss, mean_layer, computed, _ = evaluate(measure, t)
+        rows.append({"threshold": t, "loss": round(loss, 5), "loss_vs_full": round(loss / full_loss - 1, 5),
+                     "mean_exit_layer": round(mean_layer, 4), "layer_share": round(mean_layer / n_layers, 4),
+                     "computed_fraction": round(computed, 4)})
+        log(f"threshold {t:g}: loss {loss:.4f} ({100 * (loss / full_loss - 1):+.2f}%), mean exit layer "
+            f"{mean_layer:.2f} of {n_layers}")
+    depth.set_exit_policy("none", 1.0)
+    return {"measure": measure, "tokens": int(windows_NL1[:, 1:].numel()), "n_layers": n_layers,
+            "full_loss": round(full_loss, 5), "exit_loss": {str(n): round(v, 5) for n, v in per_exit.items()},
+            "thresholds": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def tradeoff_markdown(rep: dict) -> str:
+    lines = [f"Early exit by `{rep['measure']}` on {rep['tokens']:,} validation tokens (teacher-forced, exited "
+             f"tokens' states copied upward); full depth ({rep['n_layers']} layers): loss {rep['full_loss']:.4f}.", "",
+             "| threshold | loss | vs full depth | mean exit layer | share of layers | computed |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rep["thresholds"]:
+        lines.append(f"| {r['threshold']:g} | {r['loss']:.4f} | {100 * r['loss_vs_full']:+.2f}% | "
+                     f"{r['mean_exit_layer']:.2f} | {100 * r['layer_share']:.1f}% | "
+                     f"{100 * r['computed_fraction']:.1f}% |")
+    lines += ["", "Each exit alone (every token leaves there): "
+              + ", ".join(f"layer {n}: {v:.4f}" for n, v in rep["exit_loss"].items()), ""]
+    return "\n".join(lines)

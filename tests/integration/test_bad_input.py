@@ -479,6 +479,14 @@ CASES = [
          "model.attention.windw: unknown key"),
     Case("retrieval-set-misfit", cmd("eval-retrieval", "{w.run}", "--set", "model.n_layers=5"),
          "its weights do not fit its config"),
+    Case("generate-exit-no-exits", cmd("generate", "{w.run}", "--exit", "state", "--threshold", "0.9"),
+         "--exit: this model has no exits (model.depth.kind=fixed)"),
+    Case("generate-threshold-alone", cmd("generate", "{w.run}", "--threshold", "0.9"),
+         "--threshold: give it with --exit"),
+    Case("calibrate-exit-no-exits", cmd("calibrate-exit", "{w.run}"), "this model has no exits"),
+    Case("calibrate-exit-delta", cmd("calibrate-exit", "{w.run}", "--delta", "1.5"), "--delta and --epsilon"),
+    Case("eval-exit-thresholds", cmd("eval-exit", "{w.run}", "--thresholds", "0.9,x"), "--thresholds 0.9,x"),
+    Case("bench-decode-no-exits", cmd("bench", "decode", "{w.run}", "--threshold", "0.9"), "this model has no exits"),
     Case("retrieval-crafted", cmd("eval-retrieval", "{w.root}/evil.ckpt"), "evil.ckpt: refused"),
     Case("retrieval-lengths", cmd("eval-retrieval", "{w.run}", "--lengths", "64,x"), "--lengths"),
     Case("retrieval-trials", cmd("eval-retrieval", "{w.run}", "--trials", "0"), "--trials: must be at least 1"),
@@ -588,7 +596,7 @@ def test_the_catalogue_is_large_and_covers_every_command():
     commands = {c.argv(Workspace(Path("/w"), Path("/w/d"), Path("/w/r"), Path("/m"), Path("/ro")))[0] for c in CASES}
     assert len(CASES) >= 60
     assert commands >= {"config", "train", "prepare-data", "generate", "eval-length", "export", "inspect", "bench",
-                        "plan", "submit", "eval-retrieval"}
+                        "plan", "submit", "eval-retrieval", "calibrate-exit", "eval-exit"}
     assert len({c.id for c in CASES}) == len(CASES)
 
 

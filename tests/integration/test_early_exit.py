@@ -37,6 +37,17 @@ def test_early_exit_trains_resumes_calibrates_generates_and_exports(tiny_data, t
                   "--temperature", "0", check=True).stdout
     assert "exit_layer per new token: mean" in out
 
+    # Quality against depth, and decode speed side by side.
+    run_cli("eval-exit", str(run), "--measure", "state", "--thresholds", "0.999,0.5", "--max-tokens", "512",
+            check=True)
+    tradeoff = json.loads((run / "eval" / "exit_state.json").read_text())
+    assert [r["threshold"] for r in tradeoff["thresholds"]] == [0.999, 0.5]
+    assert set(tradeoff["exit_loss"]) == {"1", "2", "3"}
+    assert tradeoff["thresholds"][1]["mean_exit_layer"] <= tradeoff["thresholds"][0]["mean_exit_layer"]
+    bench = run_cli("bench", "decode", str(run), "--exit", "state", "--batches", "1,2", "--prompt-tokens", "8",
+                    "--new-tokens", "4", "--rounds", "1", check=True).stdout
+    assert "| 1 | full depth |" in bench and "| 2 | exit state" in bench
+
     run_cli("calibrate-exit", str(run), "--measure", "classifier", "--classifier-steps", "5", "--batch-size", "2",
             "--prompts", "6", "--prompt-tokens", "8", "--new-tokens", "6", "--delta", "0.5", "--epsilon", "0.2",
             check=True)

@@ -1,0 +1,120 @@
+"""`lmtrain bench decode RUN`: generation speed with and without early exit, side by side.
+
+Greedy decoding with the KV cache from prompts of the run's validation split, at each batch
+size (`--batches`, default 1 and 8): every token through every layer ("full depth"), and with
+exits at the measure's threshold (the run's calibrated one unless `--threshold`). The cases
+alternate round by round in one process (the same weights, the same prompts); each case's
+time is the median over rounds. Reported per batch size: new tokens per second, the mean
+number of layers a new token ran, the speed-up, and the share of generated tokens that equal
+the full-depth generation's at the same place (CALM's consistency, the quantity that
+`calibrate-exit` bounds).
+
+Exits are decided per row: a layer is skipped for a batch only where every row has exited,
+so a batch gains less than one row alone (the other rows' work is still done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="RUN_OR_CKPT", help="a trained model with model.depth.kind=early_exit")
+    p.add_argument("--exit", default="softmax", choices=("softmax", "state", "halting", "classifier"),
+                   help="the confidence measure of the early-exit case")
+    p.add_argument("--threshold", type=float, help="default: the run's calibrated threshold (calibrate-exit)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="timed generations per case, alternating (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def _prompts(cfg, batch: int, span: int, device):
+    import torch
+
+    from data_pipelines.shards import open_tokens
+    from lmtrain.config import ConfigError
+
+    val = torch.from_numpy(open_tokens(cfg.data.dir, "val").astype("int64"))
+    if val.numel() < batch * span:
+        raise ConfigError(f"bench decode: the validation split has {val.numel():,} tokens, fewer than {batch * span:,}")
+    step = val.numel() // batch
+    return torch.stack([val[i * step:i * step + span] for i in range(batch)]).to(device)
+
+
+def main(args) -> int:
+    import torch
+
+    from lmtrain.config import ConfigError
+    from lmtrain.evaluate.runner import parse_lengths
+    from lmtrain.exits import apply_exit, early_exit_depth
+    from lmtrain.generate import generate
+    from lmtrain.train.checkpoint import load_trained
+
+    if args.rounds < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
+        raise ConfigError("bench decode: --rounds, --prompt-tokens and --new-tokens must be at least 1")
+    try:
+        batches = parse_lengths(args.batches)
+    except ValueError:
+        raise ConfigError(f"bench decode: --batches {args.batches}: give comma-separated sizes, e.g. 1,8") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t = load_trained(args.source)
+    cfg, model = t.cfg, t.model
+    depth = early_exit_depth(model)
+    if model.max_len is not None and args.prompt_tokens + args.new_tokens > model.max_len:
+        raise ConfigError(f"bench decode: --prompt-tokens + --new-tokens: this model's positions end at "
+                          f"{model.max_len}")
+    threshold = apply_exit(model, t.run_dir, args.exit, args.threshold, t.step)
+    exit_policy = depth.policy
+    device = next(model.parameters()).device
+    print(f"bench decode: {t.checkpoint} (step {t.step}), {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
+          f"vocabulary {cfg.data.vocab_size}; greedy, KV cache, prompts of {args.prompt_tokens} and "
+          f"{args.new_tokens} new tokens; exit {args.exit} at {threshold:g}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {args.rounds} rounds", flush=True)
+
+    def run(prompts, policy) -> tuple[float, torch.Tensor, float]:
+        depth.policy = policy
+        stats: list = []
+        t0 = time.perf_counter()
+        out = generate(model, prompts, args.new_tokens, temperature=0, token_stats=stats)
+        dt = time.perf_counter() - t0
+        layers = [s["exit_layer"].float().mean().item() for s in stats if "exit_layer" in s]
+        return dt, out[:, prompts.shape[1]:], (sum(layers) / len(layers)) if layers else float(cfg.model.n_layers)
+
+    from lmtrain.model.early_exit import ExitPolicy
+
+    cases = [("full depth", ExitPolicy()), (f"exit {args.exit} {threshold:g}", exit_policy)]
+    rows = []
+    for B in batches:
+        prompts = _prompts(cfg, B, args.prompt_tokens, device)
+        for _, policy in cases:
+            run(prompts, policy)  # warm-up
+        times: dict[str, list[float]] = {label: [] for label, _ in cases}
+        outs, layers = {}, {}
+        for r in range(args.rounds):
+            for label, policy in cases:
+                dt, out, mean_layers = run(prompts, policy)
+                times[label].append(dt)
+                outs[label], layers[label] = out, mean_layers
+                print(f"batch {B} round {r + 1}/{args.rounds}  {label:<24} {B * args.new_tokens / dt:9.1f} tokens/s",
+                      flush=True)
+        full = cases[0][0]
+        for label, _ in cases:
+            med = statistics.median(times[label])
+            agree = float((outs[label] == outs[full]).float().mean())
+            rows.append((B, label, B * args.new_tokens / med, layers[label],
+                         statistics.median(times[full]) / med, agree))
+    depth.policy = ExitPolicy()
+    print()
+    print("| batch | case | tokens/s | layers per token | speed-up | tokens equal to full depth |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for B, label, tps, lay, speed, agree in rows:
+        print(f"| {B} | {label} | {tps:.1f} | {lay:.2f} of {cfg.model.n_layers} | {speed:.2f}x | {100 * agree:.1f}% |")
+    return 0
