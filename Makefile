@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse lsh-lowrank
+.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse lsh-lowrank early-exit
 
 env: $(STAMP)
 
@@ -108,15 +108,30 @@ lsh-lowrank: $(STAMP)
 	  $(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/$$p.yaml $(ARGS) || exit 1; done
 	$(VENV)/bin/lmtrain eval-length $(foreach p,$(LSH_PRESETS),runs/lsh-lowrank-$(p)) --lengths 1024,2048,4096 \
 	  --max-tokens 16384 --out $(LSH_OUT)
-	$(VENV)/bin/lmtrain train configs/experiments/sparse/copy_dense.yaml $(ARGS)
-	for r in 1 2 4; do \
-	  $(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/copy_lsh$$r.yaml $(ARGS) || exit 1; done
-	$(VENV)/bin/lmtrain eval-retrieval runs/copy-dense runs/copy-lsh1 runs/copy-lsh2 runs/copy-lsh4 --task copy \
-	  --lengths 512,1024 --trials 16 --out $(LSH_OUT)
+	for p in shared_qk lsh1 lsh2 lsh4 dense; do \
+	  $(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/copy_$$p.yaml $(ARGS) || exit 1; done
+	$(VENV)/bin/lmtrain eval-retrieval runs/copy256-dense runs/copy256-shared-qk runs/copy256-lsh1 runs/copy256-lsh2 \
+	  runs/copy256-lsh4 --task copy --lengths 256 --trials 32 --out $(LSH_OUT)
+	for r in 1 2 4 8; do \
+	  $(VENV)/bin/lmtrain eval-retrieval runs/copy256-lsh1 runs/copy256-lsh4 --task copy --lengths 256 --trials 32 \
+	    --set model.attention.rounds=$$r --out $(LSH_OUT) || exit 1; done
 	$(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/reformer.yaml $(ARGS)
 	$(VENV)/bin/lmtrain bench attention --kind lsh --rounds 1 --repeats 3
 	$(VENV)/bin/lmtrain bench attention --kind lowrank_causal --rounds 1 --repeats 3
 	@echo "results: $(LSH_OUT)/ and runs/*/summary.json (docs/results/lsh_lowrank.md)"
+
+# Early exit (issue 23): the fixed-depth control and two early-exit trainings of the same
+# 8-layer model (auto-resumes); loss against exit depth, calibrated thresholds, decode speed.
+EE_OUT := runs/early-exit
+early-exit: $(STAMP)
+	for p in fixed calm aligned; do \
+	  $(VENV)/bin/lmtrain train configs/experiments/early_exit/$$p.yaml $(ARGS) || exit 1; done
+	$(VENV)/bin/lmtrain eval-exit runs/ee-calm --measure state --thresholds 0.999,0.998,0.995,0.99,0.98,0.95,0.9
+	$(VENV)/bin/lmtrain eval-exit runs/ee-calm --measure softmax
+	$(VENV)/bin/lmtrain eval-exit runs/ee-aligned --measure halting --thresholds 0.9,0.8,0.7,0.6,0.5,0.4,0.3
+	$(VENV)/bin/lmtrain calibrate-exit runs/ee-calm --measure state --delta 0.05 --epsilon 0.05
+	$(VENV)/bin/lmtrain bench decode runs/ee-calm --exit state --rounds 3
+	@echo "results: runs/ee-*/summary.json, runs/ee-*/eval/, runs/ee-calm/exit/ (docs/results/early_exit.md)"
 
 clean-runs:
 	rm -rf runs

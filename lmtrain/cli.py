@@ -373,6 +373,10 @@ def cmd_generate(args) -> int:
         args.threshold = apply_exit(model, trained.run_dir, args.exit, args.threshold, trained.step)
     elif args.threshold is not None:
         return _fail("--threshold: give it with --exit")
+    else:  # generation runs every layer unless --exit asks otherwise (the config's measure is for evaluation)
+        with_exits = getattr(model.depth, "set_exit_policy", None)
+        if with_exits is not None:
+            with_exits("none", 1.0)
     stat = model.depth.primary_token_stat
     if args.show_token_stats and stat == "exit_layer" and not args.exit:
         return _fail("--show-exits: give --exit MEASURE (without it every token runs every layer)")

@@ -15,8 +15,9 @@ a depth module can apply the decoder's final norm and LM head to any intermediat
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterator, Optional
 
 from torch import Tensor, nn
 
@@ -45,6 +46,18 @@ class Depth(Variant, nn.Module):
         """How many layer applications one forward pass runs at most: the model's effective
         depth (FLOPs, activation memory, the 1/sqrt(2 depth) init of residual projections)."""
         return model_cfg.n_layers
+
+    @contextmanager
+    def full_depth(self) -> Iterator[None]:
+        """Every position runs every layer inside this block (a kind with per-token exits
+        suspends them: the trainer's validation loss is the full model's)."""
+        yield
+
+    @classmethod
+    def extra_readouts(cls, model_cfg) -> int:
+        """LM-head applications per token in training beyond the final one (early exit: the
+        trained intermediate exits), for FLOPs and MFU."""
+        return 0
 
     def token_stat_limits(self) -> dict[str, float]:
         """The largest value each per-token statistic (`Aux.tokens`) can take."""

@@ -40,8 +40,9 @@ Shapes: B batch, L length, M model dim, V vocabulary, K exits.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +219,11 @@ class EarlyExitDepth(Depth):
         k = len(set(d.exits or range(1, n + 1)) | {n})
         return (k - 1) * (a.model.d_model + 1)
 
+    @classmethod
+    def extra_readouts(cls, model_cfg) -> int:
+        layers = exit_layers(model_cfg.depth, model_cfg.n_layers)
+        return sum(1 for w in exit_weights(model_cfg.depth, layers)[:-1] if w > 0)
+
     def token_stat_limits(self) -> dict[str, float]:
         return {"exit_layer": self.n_layers}
 
@@ -233,6 +239,14 @@ class EarlyExitDepth(Depth):
         self.policy = ExitPolicy(measure, threshold)
         if classifier is not None:
             self.classifier = classifier
+
+    @contextmanager
+    def full_depth(self) -> Iterator[None]:
+        policy, self.policy = self.policy, ExitPolicy()
+        try:
+            yield
+        finally:
+            self.policy = policy
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x_BLM: Tensor, ctx: Context) -> Tensor:

@@ -6,7 +6,8 @@ all parameters except embedding lookups, plus the LM head even when it is tied t
 input embedding. The attention term is the kernel's own (`AttentionKernel.attention_flops`):
 for softmax it counts the full L x L score and value products, as PaLM does, although a
 causal kernel may skip half of them; kernelized kinds count their feature maps, chunks and
-carried state instead, which do not grow with L.
+carried state instead, which do not grow with L. Early exit's trained intermediate exits
+each add one LM head (`Depth.extra_readouts`).
 """
 
 from __future__ import annotations
@@ -40,4 +41,6 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
     from lmtrain.model.attention import ATTENTION
 
     attention = ATTENTION.get(cfg.attention.kind).attention_flops(cfg, seq_len)
-    return 6.0 * (matmul_params(model) + repeats * block) + applications * attention
+    head = getattr(model, "head", None)
+    readouts = DEPTH.get(cfg.depth.kind).extra_readouts(cfg) * (head.weight.numel() if head is not None else 0)
+    return 6.0 * (matmul_params(model) + repeats * block + readouts) + applications * attention

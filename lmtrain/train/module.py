@@ -115,6 +115,12 @@ class LMModule(pl.LightningModule):
         return total
 
     def validation_step(self, batch, batch_idx):
+        # The full model's loss: per-token exits (early exit's model.depth.measure) are measured
+        # on the validation sample by the TokenStats callback and by `lmtrain eval-exit`.
+        with self.model.depth.full_depth():
+            return self._validation_step(batch)
+
+    def _validation_step(self, batch):
         x_BL, y_BL = batch[:, :-1], batch[:, 1:]
         B = x_BL.shape[0]
         if self.cfg.data.source == "copy":  # the copy probe: also scored on its copied half

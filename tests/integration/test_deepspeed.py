@@ -174,3 +174,22 @@ def test_reversible_wiring_under_zero2_matches_plain_autograd(base_args, tmp_pat
     assert sorted(losses["reversible"]) == list(range(1, 7))
     for step, plain in losses["two_stream"].items():
         assert losses["reversible"][step] == pytest.approx(plain, rel=1e-5), step
+
+
+def test_early_exit_under_zero3_trains_and_exports(base_args, tmp_path):
+    """Early exit's per-exit losses (the LM head applied to every exit in checkpointed chunks)
+    and halting units under ZeRO-3, whose sharded parameters are gathered inside each module's
+    forward: training runs, the losses fall, and the export computes the live model."""
+    args = [*base_args, "deepspeed.zero_stage=3", "model.depth.kind=early_exit", "model.depth.halting=true",
+            "model.depth.weighting=increasing", f"run.root={tmp_path}", "run.name=ee"]
+    data_dir = next(a for a in args if a.startswith("data.dir=")).split("=", 1)[1]
+    run_cli("train", *args, check=True)
+    run = tmp_path / "ee"
+    losses = read_metrics(run / "metrics.jsonl")
+    exits = read_metrics(run / "metrics.jsonl", "train/exits")
+    assert sorted(losses) == sorted(exits) == list(range(1, 7)) and losses[6] < losses[1]
+    assert sorted(read_metrics(run / "metrics.jsonl", "train/halting")) == list(range(1, 7))
+    out = tmp_path / "export"
+    run_cli("export", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), check=True)
+    live = json.loads((run / "summary.json").read_text())["val_loss"]
+    assert val_loss_of(out, data_dir) == pytest.approx(live, rel=1e-5, abs=1e-6)

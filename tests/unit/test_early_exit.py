@@ -187,3 +187,14 @@ def test_combinations_that_cannot_work_are_refused_with_the_reason(override, wor
     with pytest.raises(ConfigError, match=None) as e:
         load_config(CONFIGS / "debug.yaml", ["model.depth.kind=early_exit", "model.n_layers=2", override])
     assert words in str(e.value)
+
+
+def test_flops_count_one_head_per_trained_intermediate_exit():
+    from lmtrain.model.flops import training_flops_per_token
+
+    fixed = make_model("model.n_layers=4")
+    aligned = make_model(*EE)
+    last = make_model(*EE, "model.depth.weighting=last")
+    head = fixed.head.weight.numel()
+    assert training_flops_per_token(last, 48) == training_flops_per_token(fixed, 48)
+    assert training_flops_per_token(aligned, 48) == pytest.approx(training_flops_per_token(fixed, 48) + 6 * 3 * head)
