@@ -258,21 +258,26 @@ class EarlyExitDepth(Depth):
         chi: list[Tensor] = []
         computed, h_BLM, k = 0, x_BLM, 0
         for i, layer in enumerate(self.layers, 1):
-            if bool(running_BL.all()):
-                new_BLM = self.residual.run([layer], h_BLM, ctx)
+            prev_BLM = h_BLM
+            if not bool(running_BL.any()) and (ctx.cache is None or layer.attn.fills_cache_alone):
+                # Every token has left: no query at this layer. A KV cache still gets the keys and
+                # values of the copied states, for the tokens to come.
+                if ctx.cache is not None:
+                    layer.fill_cache(h_BLM, ctx)
+            elif bool(running_BL.all()):
+                h_BLM = self.residual.run([layer], h_BLM, ctx)
                 computed += B * L
             else:
                 # Stopped tokens keep their state: it is their input here, so their keys and values
                 # come from it, and only the running tokens are computed.
-                (_, new_BLM), n = step_running([layer], self.residual, h_BLM, [h_BLM, h_BLM], running_BL, ctx)
+                (_, h_BLM), n = step_running([layer], self.residual, h_BLM, [h_BLM, h_BLM], running_BL, ctx)
                 computed += n
-            prev_BLM, h_BLM = h_BLM, new_BLM
             if i != self.exit_at[k]:
                 continue
             states.append(h_BLM)
             if self.halt is not None and i < self.n_layers:
                 chi.append(self.halt[k](F.layer_norm(h_BLM.detach(), h_BLM.shape[-1:])).squeeze(-1))
-            if policy.active and i < self.n_layers:
+            if policy.active and i < self.n_layers and bool(running_BL.any()):
                 conf_BL = self.confidence(policy.measure, h_BLM, prev_BLM, k, chi, ctx.readout)
                 stop_BL = running_BL & (conf_BL >= policy.threshold)
                 exit_BL = torch.where(stop_BL, i, exit_BL)

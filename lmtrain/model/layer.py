@@ -147,16 +147,38 @@ class SelfAttention(nn.Module):
         else:  # no query (every token of the step has exited): only the keys and values, for the cache
             o_BLM = x_BLM.new_zeros(B, 0, M)
         if ctx.cache is not None:
-            # Keys no later query can see leave the cache (a window keeps its last W and the global
-            # ones); this call's own keys stay (ACT repeats them into later steps' slots).
-            keep = self.kernel.cache_keep(k_pos, int(ctx.pos_L[-1]) + 1)
-            if keep is not None:
-                keep = keep | (k_pos >= ctx.pos_L[0])
-                if not bool(keep.all()):
-                    ctx.cache.keep(key, keep)
+            self._trim_cache(ctx, key, k_pos)
         if rows_BQ is not None and not rows_supported:
             o_BLM = gather_rows(o_BLM, rows_BQ)  # every query was attended; project the asked-for ones
         return self.proj(o_BLM)
+
+
+    def _trim_cache(self, ctx: Context, key: Hashable, k_pos: Tensor) -> None:
+        """Keys no later query can see leave the cache (a window keeps its last W and the global
+        ones); this call's own keys stay (ACT repeats them into later steps' slots)."""
+        keep = self.kernel.cache_keep(k_pos, int(ctx.pos_L[-1]) + 1)
+        if keep is not None:
+            keep = keep | (k_pos >= ctx.pos_L[0])
+            if not bool(keep.all()):
+                ctx.cache.keep(key, keep)
+
+    @property
+    def fills_cache_alone(self) -> bool:
+        """`fill_cache` applies: separate keys, and a kernel that keeps no state across steps
+        and takes any subset of queries (so it needs nothing but the keys and values)."""
+        return not self.shared_qk and self.kernel.caps.query_rows
+
+    def fill_cache(self, x_BLM: Tensor, ctx: Context, key: Hashable) -> None:
+        """Only the keys and values of `x_BLM` into the cache, with no query (every position of
+        the step has left the stack: early exit). Equals what `forward` caches."""
+        B, L, M = x_BLM.shape
+        H, D = self.n_heads, M // self.n_heads
+        w_kv = self.qkv.weight[M:]
+        b_kv = self.qkv.bias[M:] if self.qkv.bias is not None else None
+        k, v = F.linear(x_BLM, w_kv, b_kv).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)
+        k = ctx.position.rotate(k, ctx.pos_L)
+        _, _, k_pos = ctx.cache.extend(key, k, v, ctx.pos_L)
+        self._trim_cache(ctx, key, k_pos)
 
 
 class Layer(nn.Module):
@@ -183,6 +205,10 @@ class Layer(nn.Module):
         `rows_BQ`, the output at those positions only (B x Q x M), attending over all."""
         key = (ctx.step, self.index) if key is None else key
         return self.drop(self.attn(self.attn_norm(x_BLM), ctx, key, rows_BQ))
+
+    def fill_cache(self, x_BLM: Tensor, ctx: Context) -> None:
+        """The keys and values this layer would cache for `x_BLM`, without computing it."""
+        self.attn.fill_cache(self.attn_norm(x_BLM), ctx, (ctx.step, self.index))
 
     def g(self, x_BLM: Tensor, ctx: Context) -> Tensor:
         """Feed-forward sublayer (its own norm and dropout). With `model.ffn_chunk`, in chunks of

@@ -139,11 +139,15 @@ def test_per_token_exits_equal_cached_decoding_with_state_propagation(measure):
             layers.append(out.aux.tokens["exit_layer"])
         torch.testing.assert_close(torch.cat(steps, 1), full.logits_BLV, rtol=1e-10, atol=1e-10)
         assert torch.equal(torch.cat(layers, 1), exits)
-        # Rows decide alone: the batch equals its rows one by one.
+        # Rows decide alone: the batch equals its rows one by one, in a full forward and decoded
+        # through the cache (where a row's exited token only fills the later layers' cache).
         for b in range(x.shape[0]):
             one = model(x[b:b + 1])
             torch.testing.assert_close(one.logits_BLV, full.logits_BLV[b:b + 1], rtol=1e-10, atol=1e-10)
             assert torch.equal(one.aux.tokens["exit_layer"], exits[b:b + 1])
+            cache = KVCache()
+            steps = [model(x[b:b + 1, t:t + 1], cache=cache).logits_BLV for t in range(x.shape[1])]
+            torch.testing.assert_close(torch.cat(steps, 1), full.logits_BLV[b:b + 1], rtol=1e-10, atol=1e-10)
 
 
 def test_a_threshold_never_reached_is_plain_generation():
