@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate-exit", help="early-exit models: choose the exit threshold with a stated risk "
                                               "(Learn-then-Test) and write it into the run",
-                       description="Greedy generations from validation prompts with exits at each threshold, "
-                                   "from the most conservative down, are compared with the full model's; the "
-                                   "lowest threshold whose risk of differing tokens is at most --delta with "
+                       description="The full model's greedy continuations of validation prompts are the "
+                                   "reference; at each threshold, from the most conservative down, the early-exit "
+                                   "model predicts each next token of them; the lowest threshold whose risk of a "
+                                   "differing token is at most --delta with "
                                    "probability 1 - --epsilon is written to RUN/exit/MEASURE.json. With --measure "
                                    "classifier the exit classifier is trained first (model frozen, on the "
                                    "training split).")
@@ -465,7 +466,7 @@ def cmd_eval_exit(args) -> int:
     import json
     from pathlib import Path
 
-    from lmtrain.exits import early_exit_depth, exit_tradeoff, load_classifier, tradeoff_markdown
+    from lmtrain.exits import exit_tradeoff, load_classifier, require_measure, tradeoff_markdown
     from lmtrain.train.checkpoint import load_trained
     from lmtrain.train.data import WindowDataset, validation_sample
 
@@ -479,9 +480,7 @@ def cmd_eval_exit(args) -> int:
         return _fail("--max-tokens: must be at least 1")
     trained = load_trained(args.source, device=args.device)
     model, cfg = trained.model, trained.cfg
-    depth = early_exit_depth(model)
-    if args.measure == "halting" and depth.halt is None:
-        return _fail("--measure halting: this model has no halting units (model.depth.halting was false)")
+    depth = require_measure(model, args.measure)
     if args.measure == "classifier":
         depth.classifier = load_classifier(model, trained.run_dir)
     val = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len)
@@ -504,7 +503,7 @@ def cmd_calibrate_exit(args) -> int:
     import torch
 
     from data_pipelines.shards import open_tokens
-    from lmtrain.exits import CLASSIFIER_FILE, ExitError, calibrate, early_exit_depth, exit_dir, train_classifier
+    from lmtrain.exits import CLASSIFIER_FILE, calibrate, exit_dir, require_measure, train_classifier
     from lmtrain.train.checkpoint import load_trained
 
     for name in ("prompts", "prompt_tokens", "new_tokens", "classifier_steps", "batch_size"):
@@ -514,9 +513,7 @@ def cmd_calibrate_exit(args) -> int:
         return _fail("--delta and --epsilon: must be in (0, 1)")
     trained = load_trained(args.source, device=args.device)
     model, cfg = trained.model, trained.cfg
-    early_exit_depth(model)
-    if args.measure == "halting" and model.depth.halt is None:
-        raise ExitError("--measure halting: this model has no halting units (model.depth.halting was false)")
+    require_measure(model, args.measure)
     if model.max_len is not None and args.prompt_tokens + args.new_tokens > model.max_len:
         return _fail(f"--prompt-tokens + --new-tokens: this model's positions end at {model.max_len}")
     val = torch.from_numpy(open_tokens(cfg.data.dir, "val").astype("int64"))
@@ -525,7 +522,7 @@ def cmd_calibrate_exit(args) -> int:
         return _fail(f"--prompts x --prompt-tokens: the validation split has {val.numel():,} tokens, fewer than "
                      f"{args.prompts * span:,}")
     step = val.numel() // args.prompts  # evenly spread, disjoint prompts: independent samples for the test
-    prompts = [val[i * step:i * step + span].to(args.device) for i in range(args.prompts)]
+    prompts = torch.stack([val[i * step:i * step + span] for i in range(args.prompts)]).to(args.device)
     out = exit_dir(trained.run_dir)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     facts = {}

@@ -5,13 +5,16 @@
     probability that the exit's prediction is the last layer's; trained with the model frozen
     on that label (`train_classifier`), as CALM's "early-exit classifier" measure.
   * `calibrate` - Learn-then-Test (Angelopoulos et al. 2021) over thresholds: on n validation
-    prompts, greedy generation with exits at threshold t is compared with the full model's
-    greedy generation; the risk of a prompt is the share of generated tokens that differ.
-    Thresholds are tested from the most conservative down (fixed-sequence testing); each gets
-    the Hoeffding-Bentkus p-value of "mean risk > delta", and the chosen threshold is the
-    lowest one before the first whose p-value exceeds epsilon. Then, with probability at least
-    1 - epsilon over the calibration prompts, the expected risk at that threshold is at most
-    delta.
+    prompts, the full model's greedy continuation of each prompt is the reference; the
+    early-exit model at threshold t runs over the same tokens (its exits, and the states they
+    copy, as in cached decoding) and predicts each next token; a prompt's risk is the share of
+    continuation positions where that prediction differs from the full model's token (token
+    agreement given the same context: a free-running generation that differs once differs in
+    most later tokens, which `bench decode` reports too). Thresholds are tested from the most
+    conservative down (fixed-sequence testing); each gets the Hoeffding-Bentkus p-value of
+    "mean risk > delta", and the chosen threshold is the lowest one before the first whose
+    p-value exceeds epsilon. Then, with probability at least 1 - epsilon over the calibration
+    prompts, the expected risk at that threshold is at most delta.
 
 What calibration writes lives in RUN/exit/: `<measure>.json` (the threshold and the evidence)
 and `classifier.safetensors`; `lmtrain export` copies the folder, and `lmtrain generate --exit
@@ -62,6 +65,15 @@ def early_exit_depth(model):
     return depth
 
 
+def require_measure(model, measure: str):
+    """The model's early-exit depth, checked to offer `measure` (ExitError otherwise)."""
+    depth = early_exit_depth(model)
+    if measure == "halting" and depth.halt is None:
+        raise ExitError("--exit/--measure halting: this model has no halting units (it was trained with "
+                        "model.depth.halting=false)")
+    return depth
+
+
 def exit_dir(run_dir: Path) -> Path:
     return Path(run_dir) / EXIT_DIR
 
@@ -103,10 +115,7 @@ def calibrated_threshold(run_dir: Path, measure: str, step: int) -> float:
 def apply_exit(model, run_dir: Path, measure: str, threshold: Optional[float], step: int) -> float:
     """Set the model's exit policy from the arguments (the run's calibrated threshold for this
     step's model when `threshold` is None). Returns the threshold used."""
-    depth = early_exit_depth(model)
-    if measure == "halting" and depth.halt is None:
-        raise ExitError("--exit halting: this model has no halting units (it was trained with model.depth.halting="
-                        "false)")
+    depth = require_measure(model, measure)
     if threshold is None:
         threshold = calibrated_threshold(run_dir, measure, step)
     if not math.isfinite(threshold):
@@ -180,20 +189,33 @@ def default_grid(measure: str) -> list[float]:
 
 
 @torch.no_grad()
-def _greedy(model, prompts: Sequence[Tensor], new_tokens: int) -> tuple[list[Tensor], float]:
-    """Greedy continuations (batch 1 each) and the mean exit layer per generated token."""
+def full_continuations(model, prompts_NP: Tensor, new_tokens: int) -> Tensor:
+    """The full model's greedy continuations of the prompts (every layer): N x (P + G)."""
     from lmtrain.generate import generate
 
-    outs, layers = [], []
-    for p in prompts:
-        stats: list = []
-        seq = generate(model, p[None], new_tokens, temperature=0, token_stats=stats)
-        outs.append(seq[0, p.shape[0]:])
-        layers += [float(s["exit_layer"][0]) for s in stats if "exit_layer" in s]
-    return outs, (sum(layers) / len(layers) if layers else float(model.cfg.n_layers))
+    depth = early_exit_depth(model)
+    with depth.full_depth():
+        return generate(model, prompts_NP, new_tokens, temperature=0)
 
 
-def calibrate(model, prompts: Sequence[Tensor], *, measure: str, delta: float, epsilon: float, new_tokens: int,
+@torch.no_grad()
+def agreement(model, seqs_NS: Tensor, prompt_len: int, batch_size: int = 16) -> tuple[Tensor, float]:
+    """Under the model's current exit policy, over the full model's sequences: per sequence,
+    the share of continuation positions whose predicted next token is the sequence's own (the
+    full model's), and the mean exit layer at those positions."""
+    shares, layers = [], []
+    for s in range(0, seqs_NS.shape[0], batch_size):
+        seq = seqs_NS[s:s + batch_size]
+        out = model(seq[:, :-1])
+        pred = out.logits_BLV[:, prompt_len - 1:].argmax(-1)
+        shares.append((pred == seq[:, prompt_len:]).float().mean(1))
+        ex = out.aux.tokens.get("exit_layer")
+        layers.append(ex[:, prompt_len - 1:].float() if ex is not None
+                      else torch.full_like(pred, model.cfg.n_layers, dtype=torch.float32))
+    return torch.cat(shares), float(torch.cat(layers).mean())
+
+
+def calibrate(model, prompts_NP: Tensor, *, measure: str, delta: float, epsilon: float, new_tokens: int,
               grid: Optional[Sequence[float]] = None, log: Callable[[str], None] = print) -> dict:
     """Learn-then-Test over `grid` (see the module docstring). Returns the report: the chosen
     threshold (None when even the most conservative one fails), and every tested threshold's
@@ -201,15 +223,13 @@ def calibrate(model, prompts: Sequence[Tensor], *, measure: str, delta: float, e
     if not 0 < delta < 1 or not 0 < epsilon < 1:
         raise ExitError("--delta and --epsilon: must be in (0, 1)")
     depth = early_exit_depth(model)
-    depth.set_exit_policy("none", 1.0)
-    full, _ = _greedy(model, prompts, new_tokens)
-    n = len(prompts)
+    seqs = full_continuations(model, prompts_NP, new_tokens)
+    n = prompts_NP.shape[0]
     rows, chosen = [], None
     for t in grid or default_grid(measure):
         depth.set_exit_policy(measure, t, depth.classifier)
-        outs, mean_layer = _greedy(model, prompts, new_tokens)
-        risks = [float((a != b).float().mean()) for a, b in zip(outs, full)]
-        mean_risk = sum(risks) / n
+        share, mean_layer = agreement(model, seqs, prompts_NP.shape[1])
+        mean_risk = float((1 - share).mean())
         p = hoeffding_bentkus_p(mean_risk, n, delta)
         rows.append({"threshold": t, "risk": round(mean_risk, 5), "p_value": p,
                      "mean_exit_layer": round(mean_layer, 3)})
@@ -220,6 +240,8 @@ def calibrate(model, prompts: Sequence[Tensor], *, measure: str, delta: float, e
         chosen = rows[-1]
     depth.set_exit_policy("none", 1.0)
     return {"measure": measure, "delta": delta, "epsilon": epsilon, "prompts": n, "new_tokens": new_tokens,
+            "risk_definition": "share of the full model's greedy continuation tokens that the early-exit model, "
+                               "over the same tokens, does not predict",
             "threshold": None if chosen is None else chosen["threshold"],
             "risk": None if chosen is None else chosen["risk"],
             "mean_exit_layer": None if chosen is None else chosen["mean_exit_layer"],

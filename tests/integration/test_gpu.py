@@ -98,6 +98,30 @@ def test_lsh_and_lowrank_bf16_on_cuda_match_reference(kind, position, extra):
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=5e-2, atol=5e-2, msg=name)
 
 
+def test_early_exit_on_cuda_decodes_like_its_full_forward():
+    """Issue 23 on CUDA: per-token exits (state measure) in a float32 model: decoding through
+    the KV cache, exited tokens filling the later layers' cache, gives the full forward's
+    logits and exits; and the per-exit objective's backward runs in bf16."""
+    from lmtrain.model.layer import KVCache
+
+    model = _model("rope", "auto", torch.float32, "model.depth.kind=early_exit", "model.n_layers=4").eval()
+    x = torch.randint(0, 1024, (2, 96), device="cuda")
+    model.depth.set_exit_policy("state", 0.0)  # a cosine: most tokens leave early, some do not
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache()
+        steps = [model(x[:, t:t + 1], cache=cache) for t in range(x.shape[1])]
+    torch.testing.assert_close(torch.cat([o.logits_BLV for o in steps], 1), full.logits_BLV, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.cat([o.aux.tokens["exit_layer"] for o in steps], 1), full.aux.tokens["exit_layer"])
+    bf = _model("rope", "auto", torch.bfloat16, "model.depth.kind=early_exit", "model.n_layers=4").train()
+    h, aux = bf.features(x)
+    y = x.roll(-1, 1)
+    loss = F.cross_entropy(bf.head(h).float().flatten(0, 1), y.flatten()) * aux.lm_weight
+    loss = loss + sum(bf.target_losses(aux, y, 64).values())
+    loss.backward()
+    assert torch.isfinite(loss) and bf.embed.weight.grad is not None
+
+
 def test_bf16_mixed_training_runs_and_learns(tmp_path):
     from lmtrain.train.run import train
 
