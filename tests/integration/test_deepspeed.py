@@ -176,6 +176,7 @@ def test_reversible_wiring_under_zero2_matches_plain_autograd(base_args, tmp_pat
         assert losses["reversible"][step] == pytest.approx(plain, rel=1e-5), step
 
 
+@pytest.mark.slow
 def test_early_exit_under_zero3_trains_and_exports(base_args, tmp_path):
     """Early exit's per-exit losses (the LM head applied to every exit in checkpointed chunks)
     and halting units under ZeRO-3, whose sharded parameters are gathered inside each module's
