@@ -76,7 +76,7 @@ class Decoder(nn.Module):
 
     def forward(self, idx_BL: Tensor, *, cache: Optional[KVCache] = None) -> ModelOutput:
         x_BLM, aux = self.features(idx_BL, cache=cache)
-        return ModelOutput(logits_BLV=self.head(x_BLM), aux=aux)
+        return ModelOutput(logits_BLV=self.head(x_BLM) if aux.logits is None else aux.logits, aux=aux)
 
     def features(self, idx_BL: Tensor, *, cache: Optional[KVCache] = None) -> tuple[Tensor, Aux]:
         """The final normalised hidden states, before the LM head. Evaluation applies the head

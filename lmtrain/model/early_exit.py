@@ -34,6 +34,12 @@ their keys and values from it (the running-rows machinery of lmtrain/model/runni
 later tokens find them, and with a KV cache generation equals a full recompute with the same
 exit decisions. Decisions are per token and per row: a batch decodes as its rows one by one.
 
+Decoding costs. When every token of a step has left, a skipped layer computes nothing: it owes
+the cache the keys and values of the copied state (`KVCache.defer`), and the next token that
+runs the layer computes all it owes in one projection before its own (a layer no later token
+reaches never does). When they left at a softmax-measured exit, its logits are the output
+(`aux.logits`), and the head is not applied twice.
+
 Shapes: B batch, L length, M model dim, V vocabulary, K exits.
 """
 
@@ -278,10 +284,14 @@ class EarlyExitDepth(Depth):
             if self.halt is not None and i < self.n_layers:
                 chi.append(self.halt[k](F.layer_norm(h_BLM.detach(), h_BLM.shape[-1:])).squeeze(-1))
             if policy.active and i < self.n_layers and bool(running_BL.any()):
-                conf_BL = self.confidence(policy.measure, h_BLM, prev_BLM, k, chi, ctx.readout)
+                conf_BL, logits_BLV = self.confidence(policy.measure, h_BLM, prev_BLM, k, chi, ctx.readout)
                 stop_BL = running_BL & (conf_BL >= policy.threshold)
                 exit_BL = torch.where(stop_BL, i, exit_BL)
                 running_BL = running_BL & ~stop_BL
+                if logits_BLV is not None and ctx.cache is not None and not bool(running_BL.any()):
+                    # Every token has left: the states are final, and these logits are the model's
+                    # (decoding reuses them instead of applying the head again; a step is short).
+                    ctx.aux.logits = logits_BLV
             k += 1
         ctx.aux.exits = ExitOutputs(layers=list(self.exit_at), weights=list(self.weights), states=states,
                                     chi_logits=torch.stack(chi) if chi else None)
@@ -293,17 +303,18 @@ class EarlyExitDepth(Depth):
         return h_BLM
 
     def confidence(self, measure: str, h_BLM: Tensor, prev_BLM: Tensor, k: int, chi: list[Tensor],
-                   readout: Optional[Readout]) -> Tensor:
-        """The confidence (B x L) of exit k (0-based) that its state is final."""
+                   readout: Optional[Readout]) -> tuple[Tensor, Optional[Tensor]]:
+        """The confidence (B x L) of exit k (0-based) that its state is final, and the exit's
+        logits where the measure computed them (softmax)."""
         if measure == "softmax":
-            p = readout.logits(h_BLM).float().softmax(-1)
-            top = p.topk(2, dim=-1).values
-            return top[..., 0] - top[..., 1]
+            logits = readout.logits(h_BLM)
+            top = logits.float().softmax(-1).topk(2, dim=-1).values
+            return top[..., 0] - top[..., 1], logits
         if measure == "state":
-            return F.cosine_similarity(h_BLM.float(), prev_BLM.float(), dim=-1)
+            return F.cosine_similarity(h_BLM.float(), prev_BLM.float(), dim=-1), None
         if measure == "halting":
-            return torch.sigmoid(chi[k].float())
-        return self.classifier(h_BLM, k)  # classifier
+            return torch.sigmoid(chi[k].float()), None
+        return self.classifier(h_BLM, k), None  # classifier
 
     # -- losses that need the targets (the TargetLosses hook) ---------------------------------
     def target_losses(self, aux, y_BL: Tensor, readout: Readout, chunk: int) -> dict[str, Tensor]:

@@ -30,6 +30,10 @@ class KVCache:
     entries: dict = field(default_factory=dict)
     length: int = 0  # positions already cached
     states: dict = field(default_factory=dict)  # per slot: what a kernel keeps across steps
+    # per slot: layer inputs whose keys and values are owed but not computed yet (early exit:
+    # an exited token's copied state at a skipped layer), computed together when a query next
+    # runs that layer, so a skipped layer costs nothing at the step that skips it
+    pending: dict = field(default_factory=dict)
 
     def state(self, key: Hashable) -> dict:
         """Slot `key`'s kernel state (lowrank_causal's segment summaries), created empty."""
@@ -41,6 +45,19 @@ class KVCache:
             k_BHLD, v_BHLD, pos_L = torch.cat((k0, k_BHLD), 2), torch.cat((v0, v_BHLD), 2), torch.cat((p0, pos_L))
         self.entries[key] = (k_BHLD, v_BHLD, pos_L)
         return k_BHLD, v_BHLD, pos_L
+
+    def defer(self, key: Hashable, x_BLM: Tensor, pos_L: Tensor) -> None:
+        """Owe slot `key` the keys and values of the layer inputs `x_BLM` at `pos_L`."""
+        self.pending.setdefault(key, []).append((x_BLM, pos_L))
+
+    def take_pending(self, key: Hashable) -> Optional[tuple[Tensor, Tensor]]:
+        """The inputs owed to slot `key` (B x P x M, and their P positions), cleared; None if none."""
+        parts = self.pending.pop(key, None)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([x for x, _ in parts], 1), torch.cat([p for _, p in parts])
 
     def keep(self, key: Hashable, keep_S: Tensor) -> None:
         """Drop the keys and values of slot `key` where keep_S is False (no later query sees them)."""
@@ -168,16 +185,16 @@ class SelfAttention(nn.Module):
         and takes any subset of queries (so it needs nothing but the keys and values)."""
         return not self.shared_qk and self.kernel.caps.query_rows
 
-    def fill_cache(self, x_BLM: Tensor, ctx: Context, key: Hashable) -> None:
-        """Only the keys and values of `x_BLM` into the cache, with no query (every position of
-        the step has left the stack: early exit). Equals what `forward` caches."""
+    def fill_cache(self, x_BLM: Tensor, ctx: Context, key: Hashable, pos_L: Tensor) -> None:
+        """Only the keys and values of `x_BLM` (at positions `pos_L`) into the cache, with no
+        query (positions that have left the stack: early exit). Equals what `forward` caches."""
         B, L, M = x_BLM.shape
         H, D = self.n_heads, M // self.n_heads
         w_kv = self.qkv.weight[M:]
         b_kv = self.qkv.bias[M:] if self.qkv.bias is not None else None
         k, v = F.linear(x_BLM, w_kv, b_kv).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)
-        k = ctx.position.rotate(k, ctx.pos_L)
-        _, _, k_pos = ctx.cache.extend(key, k, v, ctx.pos_L)
+        k = ctx.position.rotate(k, pos_L)
+        _, _, k_pos = ctx.cache.extend(key, k, v, pos_L)
         self._trim_cache(ctx, key, k_pos)
 
 
@@ -204,11 +221,16 @@ class Layer(nn.Module):
         """Attention sublayer (its own norm and dropout); key names its KV-cache slot. With
         `rows_BQ`, the output at those positions only (B x Q x M), attending over all."""
         key = (ctx.step, self.index) if key is None else key
+        if ctx.cache is not None and key in ctx.cache.pending:
+            x_PM, pos_P = ctx.cache.take_pending(key)  # owed keys and values first: they come earlier
+            self.attn.fill_cache(self.attn_norm(x_PM), ctx, key, pos_P)
         return self.drop(self.attn(self.attn_norm(x_BLM), ctx, key, rows_BQ))
 
     def fill_cache(self, x_BLM: Tensor, ctx: Context) -> None:
-        """The keys and values this layer would cache for `x_BLM`, without computing it."""
-        self.attn.fill_cache(self.attn_norm(x_BLM), ctx, (ctx.step, self.index))
+        """The keys and values this layer would cache for `x_BLM`, without computing the layer:
+        owed to the cache, and computed (for every position owed so far, at once) when a query
+        next runs this layer. A layer no later query reaches never computes them."""
+        ctx.cache.defer((ctx.step, self.index), x_BLM, ctx.pos_L)
 
     def g(self, x_BLM: Tensor, ctx: Context) -> Tensor:
         """Feed-forward sublayer (its own norm and dropout). With `model.ffn_chunk`, in chunks of

@@ -8,7 +8,7 @@ loss, collected by the decoder: lmtrain/model/hooks.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ class Aux:
     # The weight of the LM loss of the final output in the training objective (early exit: the
     # last exit's weight; the other exits' weighted losses come through the TargetLosses hook).
     lm_weight: float = 1.0
+    # The LM logits of the final states where a depth module already computed them (early exit
+    # while decoding: every token of the step left at an exit whose measure read its logits).
+    logits: Optional[Tensor] = None
 
     def add_loss(self, name: str, value: Tensor) -> None:
         self.losses[name] = self.losses[name] + value if name in self.losses else value

@@ -114,7 +114,7 @@ def _with_exits(measure: str, threshold: float | None = None):
             _, aux = model.features(x)
             ex, d = aux.exits, model.depth
             chi = list(ex.chi_logits) if ex.chi_logits is not None else []
-            conf = [d.confidence(measure, ex.states[k], ex.states[k - 1], k, chi, model.readout)
+            conf = [d.confidence(measure, ex.states[k], ex.states[k - 1], k, chi, model.readout)[0]
                     for k in range(1, len(ex.states) - 1)]
         threshold = float(torch.cat([c.flatten() for c in conf]).median())
     model.depth.set_exit_policy(measure, threshold)
@@ -148,6 +148,80 @@ def test_per_token_exits_equal_cached_decoding_with_state_propagation(measure):
             cache = KVCache()
             steps = [model(x[b:b + 1, t:t + 1], cache=cache).logits_BLV for t in range(x.shape[1])]
             torch.testing.assert_close(torch.cat(steps, 1), full.logits_BLV[b:b + 1], rtol=1e-10, atol=1e-10)
+
+
+def test_a_skipped_layer_owes_its_keys_and_values_until_a_query_runs_it():
+    """Decoding with exits: a layer a token skips computes nothing at that step; the keys and
+    values it owes (from the copied state) are computed, all at once and in position order,
+    when a later token runs it. Every position is either cached or owed at every layer."""
+    from lmtrain.model.layer import KVCache
+
+    model, x = _with_exits("state")
+    n_layers = model.cfg.n_layers
+    owed_at_once = 0
+    with torch.no_grad():
+        cache = KVCache()
+        for t in range(x.shape[1]):
+            before = {key: len(v) for key, v in cache.pending.items()}
+            out = model(x[:1, t:t + 1], cache=cache)
+            exit_layer = int(out.aux.tokens["exit_layer"][0, 0])
+            for i in range(n_layers):
+                key = (0, i)
+                cached = cache.entries[key][2].tolist() if key in cache.entries else []
+                owed = [int(p) for _, pos in cache.pending.get(key, []) for p in pos]
+                assert sorted(cached + owed) == list(range(t + 1)), (t, i)
+                assert cached == sorted(cached)
+                if i < exit_layer:  # the token ran layer i + 1: nothing is owed there
+                    assert not owed
+                    owed_at_once = max(owed_at_once, before.get(key, 0))
+                else:  # skipped: this position is owed, not computed
+                    assert t in owed and t not in cached
+    assert owed_at_once > 1, "the test needs a layer that paid several skipped positions at once"
+
+
+def test_a_softmax_exit_hands_its_logits_to_the_model_output():
+    """When every token of a decoding step leaves at a softmax-measured exit, the head is not
+    applied again: the output logits are the exit's, the same as the head on the final state."""
+    from lmtrain.model.layer import KVCache
+
+    model, x = _with_exits("softmax")
+    reused = 0
+    with torch.no_grad():
+        cache = KVCache()
+        for t in range(x.shape[1]):
+            out = model(x[:1, t:t + 1], cache=cache)
+            if out.aux.logits is not None:
+                reused += 1
+                assert out.logits_BLV is out.aux.logits
+                assert int(out.aux.tokens["exit_layer"][0, 0]) < model.cfg.n_layers
+        full = model(x[:1])
+    assert reused, "the test needs a step where the token exited"
+    assert full.aux.logits is None  # a forward without a cache applies the head as always
+
+
+def test_train_exits_copies_exited_states_in_training_too():
+    """With `train_exits`, a training forward applies the exit policy (the Depth-Adaptive
+    paper's training with state copying): an exited token's later exits read its copied state
+    and its later layers get no gradient from it; without it, training runs every layer."""
+    model, x = _with_exits("softmax")
+    model.train()
+    with torch.no_grad():
+        _, aux = model.features(x)
+    assert "exit_layer" not in aux.tokens  # train_exits off: every token runs every layer
+    model.depth.cfg.train_exits = True
+    _, aux = model.features(x)
+    exits = aux.tokens["exit_layer"]
+    assert 1 < len(exits.unique())
+    states = dict(zip(aux.exits.layers, aux.exits.states))
+    for n in aux.exits.layers[:-1]:
+        stopped = exits <= n
+        torch.testing.assert_close(states[n][stopped], states[aux.exits.layers[-1]][stopped], rtol=0, atol=0)
+    # the loss of a token that left at the first exit reaches no layer after it
+    first = (exits == aux.exits.layers[0]).nonzero()[0]
+    states[aux.exits.layers[-1]][first[0], first[1]].sum().backward()
+    later = [p for layer in model.depth.layers[aux.exits.layers[0]:] for p in layer.parameters()]
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in later)
+    assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in model.depth.layers[0].parameters())
 
 
 def test_a_threshold_never_reached_is_plain_generation():
