@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", default="softmax", choices=("softmax", "state", "halting", "classifier"))
     p.add_argument("--delta", type=float, default=0.05, help="the tolerated share of tokens that differ")
     p.add_argument("--epsilon", type=float, default=0.05, help="the probability that the guarantee fails")
-    p.add_argument("--prompts", type=int, default=64, help="validation prompts (the independent samples)")
+    p.add_argument("--prompts", type=int, default=512,
+                   help="validation prompts (the independent samples; the guarantee needs a few hundred)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens of each prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated from each prompt")
     p.add_argument("--classifier-steps", type=int, default=300, help="--measure classifier: its training steps")

@@ -183,8 +183,8 @@ def hoeffding_bentkus_p(mean_risk: float, n: int, delta: float) -> float:
 
 def default_grid(measure: str) -> list[float]:
     """Candidate thresholds, most conservative first."""
-    if measure == "state":  # a cosine
-        return [round(1.0 - 0.0025 * i, 4) for i in range(81)]  # 1.0 .. 0.8
+    if measure == "state":  # a cosine, which saturates near 1: steps even in log(1 - cosine)
+        return [1.0] + [round(1.0 - 10 ** (-4 + 0.05 * i), 6) for i in range(67)]  # 0.9999 .. 0.8
     return [round(1.0 - 0.02 * i, 4) for i in range(50)]  # 1.0 .. 0.02
 
 

@@ -7,9 +7,11 @@ alternate round by round in one process (the same weights, the same prompts); ea
 time is the median over rounds. Reported per batch size: new tokens per second, the mean
 number of layers a new token ran, the speed-up, and two agreements with full depth: the share
 of the full-depth continuation's tokens that the early-exit model predicts over the same
-tokens (given the same context: the quantity `calibrate-exit` bounds), and the share of
-free-running generated tokens equal to the full-depth generation's at the same place (one
-differing token usually changes the rest of a free-running generation).
+tokens (given the same context: the quantity `calibrate-exit` bounds), measured on
+`--agreement-prompts` validation prompts (exits are decided per row, so it does not depend on
+the batch size), and the share of the timed generations' tokens equal to the full-depth
+generation's at the same place (one differing token usually changes the rest of a
+free-running generation).
 
 Exits are decided per row: a layer is skipped for a batch only where every row has exited,
 so a batch gains less than one row alone (the other rows' work is still done).
@@ -33,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="timed generations per case, alternating (median)")
+    p.add_argument("--agreement-prompts", type=int, default=256,
+                   help="validation prompts over which the same-context agreement is measured")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
@@ -54,12 +58,13 @@ def main(args) -> int:
 
     from lmtrain.config import ConfigError
     from lmtrain.evaluate.runner import parse_lengths
-    from lmtrain.exits import agreement, apply_exit, early_exit_depth
+    from lmtrain.exits import agreement, apply_exit, early_exit_depth, full_continuations
     from lmtrain.generate import generate
     from lmtrain.train.checkpoint import load_trained
 
-    if args.rounds < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
-        raise ConfigError("bench decode: --rounds, --prompt-tokens and --new-tokens must be at least 1")
+    if min(args.rounds, args.prompt_tokens, args.new_tokens, args.agreement_prompts) < 1:
+        raise ConfigError("bench decode: --rounds, --prompt-tokens, --new-tokens and --agreement-prompts must be at "
+                          "least 1")
     try:
         batches = parse_lengths(args.batches)
     except ValueError:
@@ -93,6 +98,16 @@ def main(args) -> int:
     from lmtrain.model.early_exit import ExitPolicy
 
     cases = [("full depth", ExitPolicy()), (f"exit {args.exit} {threshold:g}", exit_policy)]
+    # Same-context agreement over many prompts: the full model's greedy continuations, then
+    # each case's next-token predictions over them (batched; decisions are per row).
+    sample = _prompts(cfg, args.agreement_prompts, args.prompt_tokens, device)
+    full_seq = full_continuations(model, sample, args.new_tokens)
+    same_context = {}
+    for label, policy in cases:
+        depth.policy = policy
+        same_context[label] = float(agreement(model, full_seq, args.prompt_tokens)[0].mean())
+    print(f"same-context agreement with full depth over {args.agreement_prompts} prompts: "
+          + ", ".join(f"{label} {100 * v:.1f}%" for label, v in same_context.items()), flush=True)
     rows = []
     for B in batches:
         prompts = _prompts(cfg, B, args.prompt_tokens, device)
@@ -108,18 +123,15 @@ def main(args) -> int:
                 print(f"batch {B} round {r + 1}/{args.rounds}  {label:<24} {B * args.new_tokens / dt:9.1f} tokens/s",
                       flush=True)
         full = cases[0][0]
-        full_seq = torch.cat((prompts, outs[full]), 1)
-        for label, policy in cases:
+        for label, _ in cases:
             med = statistics.median(times[label])
-            depth.policy = policy
-            same_context = float(agreement(model, full_seq, prompts.shape[1])[0].mean())
             free = float((outs[label] == outs[full]).float().mean())
             rows.append((B, label, B * args.new_tokens / med, layers[label],
-                         statistics.median(times[full]) / med, same_context, free))
+                         statistics.median(times[full]) / med, same_context[label], free))
     depth.policy = ExitPolicy()
     print()
-    print("| batch | case | tokens/s | layers per token | speed-up | next token as full depth's (same context) "
-          "| generated tokens equal to full depth's |")
+    print(f"| batch | case | tokens/s | layers per token | speed-up | next token as full depth's (same context, "
+          f"{args.agreement_prompts} prompts) | timed generations' tokens equal to full depth's |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for B, label, tps, lay, speed, same, free in rows:
         print(f"| {B} | {label} | {tps:.1f} | {lay:.2f} of {cfg.model.n_layers} | {speed:.2f}x | {100 * same:.1f}% "

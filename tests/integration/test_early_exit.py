@@ -45,8 +45,9 @@ def test_early_exit_trains_resumes_calibrates_generates_and_exports(tiny_data, t
     assert set(tradeoff["exit_loss"]) == {"1", "2", "3"}
     assert tradeoff["thresholds"][1]["mean_exit_layer"] <= tradeoff["thresholds"][0]["mean_exit_layer"]
     bench = run_cli("bench", "decode", str(run), "--exit", "state", "--batches", "1,2", "--prompt-tokens", "8",
-                    "--new-tokens", "4", "--rounds", "1", check=True).stdout
+                    "--new-tokens", "4", "--rounds", "1", "--agreement-prompts", "5", check=True).stdout
     assert "| 1 | full depth |" in bench and "| 2 | exit state" in bench
+    assert "same-context agreement with full depth over 5 prompts: full depth 100.0%" in bench
 
     run_cli("calibrate-exit", str(run), "--measure", "classifier", "--classifier-steps", "5", "--batch-size", "2",
             "--prompts", "6", "--prompt-tokens", "8", "--new-tokens", "6", "--delta", "0.5", "--epsilon", "0.2",
