@@ -133,12 +133,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (2 if self.shared_qk else 3) * cfg.d_model, bias=cfg.bias)
         self.proj = ResidualOut(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable, rows_BQ: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x_BLM: Tensor, ctx: Context, key: Hashable, rows_BQ: Optional[Tensor] = None,
+                owed: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """B x L x M, or B x Q x M for the query positions `rows_BQ` (keys and values always
-        come from all L positions)."""
+        come from all L positions). `owed` (B x P x M inputs and their P positions, earlier than
+        these; separate keys, all queries): positions whose keys and values the cache is owed
+        (early exit), projected in the same matmul and cached before these."""
         B, L, M = x_BLM.shape
         H, D = self.n_heads, M // self.n_heads
-        q_pos = ctx.pos_L
+        q_pos = k_pos = ctx.pos_L
         rows_supported = self.kernel.caps.query_rows
         if rows_BQ is not None and rows_supported:
             # Only the asked-for queries are projected and attended; keys and values of all.
@@ -150,12 +153,15 @@ class SelfAttention(nn.Module):
         elif self.shared_qk:
             q, v = self.qkv(x_BLM).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 B H L D
             k = q
+        elif owed is not None:
+            x_PM, pos_P = owed
+            q, k, v = self.qkv(torch.cat((x_PM, x_BLM), 1)).view(B, -1, 3, H, D).permute(2, 0, 3, 1, 4)
+            q, k_pos = q[:, :, pos_P.numel():], torch.cat((pos_P, ctx.pos_L))
         else:
             q, k, v = self.qkv(x_BLM).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 B H L D
-        q, k = ctx.position.rotate(q, q_pos), ctx.position.rotate(k, ctx.pos_L)
-        k_pos = ctx.pos_L
+        q, k = ctx.position.rotate(q, q_pos), ctx.position.rotate(k, k_pos)
         if ctx.cache is not None:
-            k, v, k_pos = ctx.cache.extend(key, k, v, ctx.pos_L)
+            k, v, k_pos = ctx.cache.extend(key, k, v, k_pos)
         inp = AttentionInputs(position=ctx.position, q_pos=q_pos, k_pos=k_pos, aux=ctx.aux, doc_ids=ctx.doc_ids,
                               global_mask=ctx.global_mask,
                               cache_state=ctx.cache.state(key) if ctx.cache is not None else None)
@@ -221,10 +227,14 @@ class Layer(nn.Module):
         """Attention sublayer (its own norm and dropout); key names its KV-cache slot. With
         `rows_BQ`, the output at those positions only (B x Q x M), attending over all."""
         key = (ctx.step, self.index) if key is None else key
+        owed = None
         if ctx.cache is not None and key in ctx.cache.pending:
             x_PM, pos_P = ctx.cache.take_pending(key)  # owed keys and values first: they come earlier
-            self.attn.fill_cache(self.attn_norm(x_PM), ctx, key, pos_P)
-        return self.drop(self.attn(self.attn_norm(x_BLM), ctx, key, rows_BQ))
+            if rows_BQ is None and not self.attn.shared_qk:
+                owed = (self.attn_norm(x_PM), pos_P)  # one projection with this step's
+            else:
+                self.attn.fill_cache(self.attn_norm(x_PM), ctx, key, pos_P)
+        return self.drop(self.attn(self.attn_norm(x_BLM), ctx, key, rows_BQ, owed))
 
     def fill_cache(self, x_BLM: Tensor, ctx: Context) -> None:
         """The keys and values this layer would cache for `x_BLM`, without computing the layer:
