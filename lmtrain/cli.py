@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "halting: the halting unit; classifier: the trained exit classifier)")
     p.add_argument("--threshold", type=float,
                    help="the exit threshold (default: the one `lmtrain calibrate-exit` wrote into the run)")
+    p.add_argument("--exit-layers",
+                   help="the exits whose confidence is checked: comma-separated layers or all (default: the "
+                        "calibrated ones with the calibrated threshold, else all)")
 
     p = sub.add_parser("eval-exit", help="early-exit models: validation loss against the mean exit layer, per "
                                          "threshold of a confidence measure",
@@ -188,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation prompts (the independent samples; the guarantee needs a few hundred)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens of each prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated from each prompt")
+    p.add_argument("--exit-layers", default="auto",
+                   help="the exits whose confidence is checked: auto (at each threshold, those whose check pays "
+                        "for itself on training-split windows: a softmax check costs an LM head), all, or "
+                        "comma-separated layers; written with the threshold")
     p.add_argument("--classifier-steps", type=int, default=300, help="--measure classifier: its training steps")
     p.add_argument("--batch-size", type=int, default=8, help="--measure classifier: windows per training step")
     p.add_argument("--seed", type=int, default=0)
@@ -370,11 +377,12 @@ def cmd_generate(args) -> int:
         return _fail(f"--max-new-tokens: this model's {cfg.model.position.kind} positions end at {model.max_len}; "
                      f"the prompt has {len(ids)} tokens, so at most {model.max_len - len(ids)} new ones fit")
     if args.exit:
-        from lmtrain.exits import apply_exit
+        from lmtrain.exits import apply_exit, parse_checked_exits
 
-        args.threshold = apply_exit(model, trained.run_dir, args.exit, args.threshold, trained.step)
-    elif args.threshold is not None:
-        return _fail("--threshold: give it with --exit")
+        args.threshold, _ = apply_exit(model, trained.run_dir, args.exit, args.threshold, trained.step,
+                                       parse_checked_exits(args.exit_layers))
+    elif args.threshold is not None or args.exit_layers is not None:
+        return _fail("--threshold and --exit-layers: give them with --exit")
     else:  # generation runs every layer unless --exit asks otherwise (the config's measure is for evaluation)
         with_exits = getattr(model.depth, "set_exit_policy", None)
         if with_exits is not None:
@@ -504,7 +512,17 @@ def cmd_calibrate_exit(args) -> int:
     import torch
 
     from data_pipelines.shards import open_tokens
-    from lmtrain.exits import CLASSIFIER_FILE, calibrate, exit_dir, require_measure, train_classifier
+    from lmtrain.exits import (
+        CLASSIFIER_FILE,
+        SELECT_WINDOWS,
+        ExitError,
+        calibrate,
+        exit_dir,
+        exit_prompts,
+        parse_checked_exits,
+        require_measure,
+        train_classifier,
+    )
     from lmtrain.train.checkpoint import load_trained
 
     for name in ("prompts", "prompt_tokens", "new_tokens", "classifier_steps", "batch_size"):
@@ -519,30 +537,38 @@ def cmd_calibrate_exit(args) -> int:
         return _fail(f"--prompt-tokens + --new-tokens: this model's positions end at {model.max_len}")
     val = torch.from_numpy(open_tokens(cfg.data.dir, "val").astype("int64"))
     span = args.prompt_tokens
-    if val.numel() < args.prompts * span:
-        return _fail(f"--prompts x --prompt-tokens: the validation split has {val.numel():,} tokens, fewer than "
-                     f"{args.prompts * span:,}")
-    step = val.numel() // args.prompts  # evenly spread, disjoint prompts: independent samples for the test
-    prompts = torch.stack([val[i * step:i * step + span] for i in range(args.prompts)]).to(args.device)
+    try:  # the first half of the validation split (bench decode checks on the second)
+        prompts = exit_prompts(val, args.prompts, span, "calibration").to(args.device)
+    except ExitError as e:
+        return _fail(f"--prompts x --prompt-tokens: {e}")
     out = exit_dir(trained.run_dir)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    checked = None if args.exit_layers == "auto" else parse_checked_exits(args.exit_layers)
+    if checked is not None:
+        try:
+            model.depth.set_exit_policy("none", 1.0, None, checked)
+        except ValueError as e:
+            return _fail(f"--exit-layers: {e}")
+    # Training-split windows: the classifier's data, and where `--exit-layers auto` weighs each
+    # exit's check against what it saves (never the calibration prompts).
+    train = torch.from_numpy(open_tokens(cfg.data.dir, "train").astype("int64"))
+    L = cfg.data.seq_len
+    n = min(4096, train.numel() // L)
+    g = torch.Generator().manual_seed(args.seed)
+    starts = torch.randint(0, train.numel() - L, (n,), generator=g)
+    windows = torch.stack([train[s:s + L] for s in starts.tolist()]).to(args.device)
     facts = {}
     if args.measure == "classifier":
         from safetensors.torch import save_model
 
-        train = torch.from_numpy(open_tokens(cfg.data.dir, "train").astype("int64"))
-        L = cfg.data.seq_len
-        n = min(4096, train.numel() // L)
-        g = torch.Generator().manual_seed(args.seed)
-        starts = torch.randint(0, train.numel() - L, (n,), generator=g)
-        windows = torch.stack([train[s:s + L] for s in starts.tolist()])
         clf, facts = train_classifier(model, windows, steps=args.classifier_steps, batch_size=args.batch_size,
                                       seed=args.seed, log=log)
         out.mkdir(parents=True, exist_ok=True)
         save_model(clf, str(out / CLASSIFIER_FILE))
         model.depth.classifier = clf.to(dtype=next(model.parameters()).dtype)
     rep = calibrate(model, prompts, measure=args.measure, delta=args.delta, epsilon=args.epsilon,
-                    new_tokens=args.new_tokens, log=log)
+                    new_tokens=args.new_tokens, checked=checked,
+                    select_windows=windows[:SELECT_WINDOWS] if args.exit_layers == "auto" else None, log=log)
     rep.update({"source": str(trained.checkpoint), "step": trained.step, "prompt_tokens": span, **(
         {"classifier": facts} if facts else {})})
     if rep["threshold"] is None:
@@ -552,8 +578,10 @@ def cmd_calibrate_exit(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.measure}.json"
     path.write_text(json.dumps(rep, indent=2) + "\n")
+    at = rep["checked_exits"]
     print(f"threshold {rep['threshold']} for --exit {args.measure}: risk {rep['risk']} (at most {args.delta} with "
-          f"probability {1 - args.epsilon:.2f}), mean exit layer {rep['mean_exit_layer']} of {rep['n_layers']}")
+          f"probability {1 - args.epsilon:.2f}), mean exit layer {rep['mean_exit_layer']} of {rep['n_layers']}, "
+          f"exits checked: {'all' if at is None else ','.join(map(str, at)) or 'none'}")
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

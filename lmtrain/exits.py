@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 EXIT_DIR = "exit"
+SELECT_WINDOWS = 32  # training-split windows on which `--exit-layers auto` weighs each exit's check
 CLASSIFIER_FILE = "classifier.safetensors"
 
 
@@ -95,8 +96,9 @@ def load_classifier(model, run_dir: Path) -> ExitClassifier:
     return clf.to(device=p.device, dtype=p.dtype).eval()
 
 
-def calibrated_threshold(run_dir: Path, measure: str, step: int) -> float:
-    """The threshold `calibrate-exit` wrote for `measure`, if it calibrated this step's model."""
+def calibrated_threshold(run_dir: Path, measure: str, step: int) -> tuple[float, Optional[list[int]]]:
+    """The threshold `calibrate-exit` wrote for `measure`, and the exits it checks (None: all),
+    if it calibrated this step's model."""
     path = exit_dir(run_dir) / f"{measure}.json"
     if not path.is_file():
         raise ExitError(f"--exit {measure}: no calibrated threshold at {path}; run `lmtrain calibrate-exit {run_dir} "
@@ -104,25 +106,79 @@ def calibrated_threshold(run_dir: Path, measure: str, step: int) -> float:
     try:
         rep = json.loads(path.read_text())
         threshold, at = float(rep["threshold"]), rep.get("step")
+        checked = rep.get("checked_exits")
+        checked = None if checked is None else [int(c) for c in checked]
     except (ValueError, KeyError, TypeError) as e:
         raise ExitError(f"{path}: damaged ({e}); run `lmtrain calibrate-exit` again") from None
     if at != step:
         raise ExitError(f"{path}: calibrated the model of step {at}, not this one (step {step}); run "
                         f"`lmtrain calibrate-exit {run_dir} --measure {measure}` again, or give --threshold")
-    return threshold
+    return threshold, checked
 
 
-def apply_exit(model, run_dir: Path, measure: str, threshold: Optional[float], step: int) -> float:
-    """Set the model's exit policy from the arguments (the run's calibrated threshold for this
-    step's model when `threshold` is None). Returns the threshold used."""
+def parse_checked_exits(text: Optional[str]) -> Optional[list[int]]:
+    """`--exit-layers`: comma-separated layers, or `all` (every exit is checked: None)."""
+    if text is None or text == "all":
+        return None
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ExitError(f"--exit-layers {text}: give comma-separated layers (e.g. 1,2) or all") from None
+    if not layers:
+        raise ExitError("--exit-layers: give at least one layer, or all")
+    return layers
+
+
+def apply_exit(model, run_dir: Path, measure: str, threshold: Optional[float], step: int,
+               checked: Optional[list[int]] = None) -> tuple[float, Optional[list[int]]]:
+    """Set the model's exit policy from the arguments: with `threshold` None, the run's
+    calibrated threshold for this step's model and the exits it checks (unless `checked`
+    names them); with a threshold, every exit is checked unless `checked` names some.
+    Returns the threshold and the checked exits (None: all)."""
     depth = require_measure(model, measure)
     if threshold is None:
-        threshold = calibrated_threshold(run_dir, measure, step)
+        threshold, calibrated = calibrated_threshold(run_dir, measure, step)
+        checked = calibrated if checked is None else checked
     if not math.isfinite(threshold):
         raise ExitError("--threshold: must be a finite number")
     clf = load_classifier(model, run_dir) if measure == "classifier" else None
-    depth.set_exit_policy(measure, threshold, clf)
-    return threshold
+    try:
+        depth.set_exit_policy(measure, threshold, clf, checked)
+    except ValueError as e:
+        raise ExitError(f"--exit-layers: {e}") from None
+    return threshold, checked
+
+
+def check_cost(model, measure: str) -> float:
+    """One exit's confidence check against one layer, in weights read per decoded token (at
+    small batches decoding is a pass over the weights): the LM head for softmax, about a vector
+    for the state, halting and classifier measures."""
+    layer = sum(p.numel() for p in early_exit_depth(model).layers[0].parameters())
+    check = model.head.weight.numel() if measure == "softmax" else 4 * model.cfg.d_model
+    return check / layer
+
+
+@torch.no_grad()
+def select_checked_exits(model, windows_NL: Tensor, measure: str, threshold: float,
+                         batch_size: int = 8) -> list[int]:
+    """The exits whose confidence check pays for itself at `threshold`. With every exit checked,
+    over `windows_NL` (teacher-forced; exits and state copying as in decoding), exit k stays
+    when the layers its exiting tokens skip outweigh what its check costs every token that
+    reaches it: exiting(k) x (n - k) >= reaching(k) x check_cost. A cheap check (state,
+    halting, classifier) keeps every exit that fires; the softmax check, an LM head, keeps
+    only the exits where many tokens leave. The windows should not be the calibration
+    prompts (calibrate-exit takes them from the training split)."""
+    depth = early_exit_depth(model)
+    n = model.cfg.n_layers
+    depth.set_exit_policy(measure, threshold, depth.classifier)
+    counts = torch.zeros(n + 1, dtype=torch.float64)
+    for s in range(0, windows_NL.shape[0], batch_size):
+        ex = model(windows_NL[s:s + batch_size]).aux.tokens["exit_layer"]
+        counts += torch.bincount(ex.flatten().cpu(), minlength=n + 1).double()
+    cost = check_cost(model, measure)
+    kept = [layer for layer in depth.exit_at[:-1]
+            if counts[layer] > 0 and counts[layer] * (n - layer) >= counts[layer:].sum() * cost]
+    return kept
 
 
 # -- the classifier ----------------------------------------------------------------------------
@@ -188,6 +244,24 @@ def default_grid(measure: str) -> list[float]:
     return [round(1.0 - 0.02 * i, 4) for i in range(50)]  # 1.0 .. 0.02
 
 
+PROMPT_PARTS = ("calibration", "test")
+
+
+def exit_prompts(val_N: Tensor, n: int, span: int, part: str) -> Tensor:
+    """n disjoint prompts of `span` tokens, evenly spread over one half of the validation
+    tokens `val_N`: the first half for `calibration`, the second for `test` (held out from
+    calibration). Raises ExitError when that half holds fewer than n x span tokens."""
+    if part not in PROMPT_PARTS:
+        raise ValueError(f"part {part!r} is not one of {', '.join(PROMPT_PARTS)}")
+    half = val_N.numel() // 2
+    tokens = val_N[:half] if part == "calibration" else val_N[half:]
+    if tokens.numel() < n * span:
+        raise ExitError(f"{n} prompts of {span} tokens need {n * span:,} validation tokens; the {part} half of the "
+                        f"validation split has {tokens.numel():,}")
+    step = tokens.numel() // n  # evenly spread, disjoint: independent samples
+    return torch.stack([tokens[i * step:i * step + span] for i in range(n)])
+
+
 @torch.no_grad()
 def full_continuations(model, prompts_NP: Tensor, new_tokens: int) -> Tensor:
     """The full model's greedy continuations of the prompts (every layer): N x (P + G)."""
@@ -216,25 +290,34 @@ def agreement(model, seqs_NS: Tensor, prompt_len: int, batch_size: int = 16) -> 
 
 
 def calibrate(model, prompts_NP: Tensor, *, measure: str, delta: float, epsilon: float, new_tokens: int,
-              grid: Optional[Sequence[float]] = None, log: Callable[[str], None] = print) -> dict:
+              grid: Optional[Sequence[float]] = None, select_windows: Optional[Tensor] = None,
+              checked: Optional[Sequence[int]] = None, log: Callable[[str], None] = print) -> dict:
     """Learn-then-Test over `grid` (see the module docstring). Returns the report: the chosen
     threshold (None when even the most conservative one fails), and every tested threshold's
-    mean risk, p-value and mean exit layer."""
+    mean risk, p-value and mean exit layer. The exits checked at each threshold: `checked`
+    (None: all), or with `select_windows` those whose check pays for itself on them
+    (`select_checked_exits`; the windows are not the prompts, so each tested hypothesis is
+    fixed before the prompts are seen and the guarantee holds)."""
     if not 0 < delta < 1 or not 0 < epsilon < 1:
         raise ExitError("--delta and --epsilon: must be in (0, 1)")
     depth = early_exit_depth(model)
     seqs = full_continuations(model, prompts_NP, new_tokens)
     n = prompts_NP.shape[0]
-    rows, chosen = [], None
+    rows, chosen, no_check = [], None, None
     for t in grid or default_grid(measure):
-        depth.set_exit_policy(measure, t, depth.classifier)
-        share, mean_layer = agreement(model, seqs, prompts_NP.shape[1])
+        at = select_checked_exits(model, select_windows, measure, t) if select_windows is not None else checked
+        depth.set_exit_policy(measure, t, depth.classifier, at)
+        if at is not None and not at:  # no exit checked: full depth, whatever the threshold (computed once)
+            no_check = no_check or agreement(model, seqs, prompts_NP.shape[1])
+            share, mean_layer = no_check
+        else:
+            share, mean_layer = agreement(model, seqs, prompts_NP.shape[1])
         mean_risk = float((1 - share).mean())
         p = hoeffding_bentkus_p(mean_risk, n, delta)
         rows.append({"threshold": t, "risk": round(mean_risk, 5), "p_value": p,
-                     "mean_exit_layer": round(mean_layer, 3)})
+                     "mean_exit_layer": round(mean_layer, 3), "checked_exits": None if at is None else list(at)})
         log(f"threshold {t:.4f}: risk {mean_risk:.4f}, p {p:.3g}, mean exit layer {mean_layer:.2f} of "
-            f"{model.cfg.n_layers}")
+            f"{model.cfg.n_layers}, exits checked: {'all' if at is None else ','.join(map(str, at)) or 'none'}")
         if p > epsilon:
             break
         chosen = rows[-1]
@@ -245,6 +328,8 @@ def calibrate(model, prompts_NP: Tensor, *, measure: str, delta: float, epsilon:
             "threshold": None if chosen is None else chosen["threshold"],
             "risk": None if chosen is None else chosen["risk"],
             "mean_exit_layer": None if chosen is None else chosen["mean_exit_layer"],
+            "checked_exits": None if chosen is None else chosen["checked_exits"],
+            "exit_layers": "auto" if select_windows is not None else ("all" if checked is None else list(checked)),
             "n_layers": model.cfg.n_layers, "tested": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 

@@ -38,7 +38,10 @@ Decoding costs. When every token of a step has left, a skipped layer computes no
 the cache the keys and values of the copied state (`KVCache.defer`), and the next token that
 runs the layer computes all it owes in one projection before its own (a layer no later token
 reaches never does). When they left at a softmax-measured exit, its logits are the output
-(`aux.logits`), and the head is not applied twice.
+(`aux.logits`), and the head is not applied twice. A check is not free either (the softmax
+measure reads the LM head, which in a small model outweighs a layer): `ExitPolicy.checked`
+names the exits whose confidence is checked, and `calibrate-exit --exit-layers auto` keeps
+those whose check saves more than it costs.
 
 Shapes: B batch, L length, M model dim, V vocabulary, K exits.
 """
@@ -48,7 +51,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +85,20 @@ class EarlyExitConfig(DepthConfig):
 
 @dataclass
 class ExitPolicy:
-    """How tokens exit in a forward pass: a confidence measure and its threshold."""
+    """How tokens exit in a forward pass: a confidence measure, its threshold, and the exits
+    (layers) whose confidence is checked (None: every exit; `select_checked_exits` in
+    lmtrain/exits.py drops the exits whose check costs more than it saves)."""
 
     measure: str = "none"
     threshold: float = 1.0
+    checked: Optional[tuple[int, ...]] = None
 
     @property
     def active(self) -> bool:
         return self.measure != "none"
+
+    def checks(self, layer: int) -> bool:
+        return self.checked is None or layer in self.checked
 
 
 @dataclass
@@ -233,8 +242,13 @@ class EarlyExitDepth(Depth):
     def token_stat_limits(self) -> dict[str, float]:
         return {"exit_layer": self.n_layers}
 
-    def set_exit_policy(self, measure: str, threshold: float, classifier: Optional[nn.Module] = None) -> None:
-        """Change how tokens exit (generation, calibration): `none` runs every layer."""
+    def set_exit_policy(self, measure: str, threshold: float, classifier: Optional[nn.Module] = None,
+                        checked: Optional[Sequence[int]] = None) -> None:
+        """Change how tokens exit (generation, calibration): `none` runs every layer. `checked`:
+        the exit layers whose confidence is checked (None: all of them)."""
+        if checked is not None and not set(checked) <= set(self.exit_at[:-1]):
+            raise ValueError(f"checked exits {list(checked)}: this model's exits before the last are at layers "
+                             f"{self.exit_at[:-1]}")
         if measure not in MEASURES:
             raise ValueError(f"exit measure {measure!r} is not one of {', '.join(MEASURES)}")
         if measure == "halting" and self.halt is None:
@@ -242,7 +256,7 @@ class EarlyExitDepth(Depth):
         if measure == "classifier" and classifier is None and self.classifier is None:
             raise ValueError("the classifier measure needs a trained exit classifier (lmtrain calibrate-exit "
                              "--measure classifier)")
-        self.policy = ExitPolicy(measure, threshold)
+        self.policy = ExitPolicy(measure, threshold, None if checked is None else tuple(sorted(set(checked))))
         if classifier is not None:
             self.classifier = classifier
 
@@ -263,14 +277,15 @@ class EarlyExitDepth(Depth):
         states: list[Tensor] = []
         chi: list[Tensor] = []
         computed, h_BLM, k = 0, x_BLM, 0
+        n_running = B * L  # tokens still running (counted on the host once per exit, not per layer)
         for i, layer in enumerate(self.layers, 1):
             prev_BLM = h_BLM
-            if not bool(running_BL.any()) and (ctx.cache is None or layer.attn.fills_cache_alone):
+            if n_running == 0 and (ctx.cache is None or layer.attn.fills_cache_alone):
                 # Every token has left: no query at this layer. A KV cache still gets the keys and
                 # values of the copied states, for the tokens to come.
                 if ctx.cache is not None:
                     layer.fill_cache(h_BLM, ctx)
-            elif bool(running_BL.all()):
+            elif n_running == B * L:
                 h_BLM = self.residual.run([layer], h_BLM, ctx)
                 computed += B * L
             else:
@@ -283,12 +298,13 @@ class EarlyExitDepth(Depth):
             states.append(h_BLM)
             if self.halt is not None and i < self.n_layers:
                 chi.append(self.halt[k](F.layer_norm(h_BLM.detach(), h_BLM.shape[-1:])).squeeze(-1))
-            if policy.active and i < self.n_layers and bool(running_BL.any()):
+            if policy.active and i < self.n_layers and n_running and policy.checks(i):
                 conf_BL, logits_BLV = self.confidence(policy.measure, h_BLM, prev_BLM, k, chi, ctx.readout)
                 stop_BL = running_BL & (conf_BL >= policy.threshold)
-                exit_BL = torch.where(stop_BL, i, exit_BL)
+                exit_BL = exit_BL.masked_fill(stop_BL, i)
                 running_BL = running_BL & ~stop_BL
-                if logits_BLV is not None and ctx.cache is not None and not bool(running_BL.any()):
+                n_running = int(running_BL.sum())
+                if logits_BLV is not None and ctx.cache is not None and not n_running:
                     # Every token has left: the states are final, and these logits are the model's
                     # (decoding reuses them instead of applying the head again; a step is short).
                     ctx.aux.logits = logits_BLV

@@ -33,9 +33,18 @@ def test_early_exit_trains_resumes_calibrates_generates_and_exports(tiny_data, t
     rep = json.loads((run / "exit" / "state.json").read_text())
     assert rep["step"] == 8 and rep["threshold"] is not None and rep["risk"] <= 0.5
     assert rep["tested"][0]["threshold"] == 1.0 and f"threshold {rep['threshold']}" in cal.stdout
+    # --exit-layers auto: at each threshold, the exits whose (cheap, state) check pays for itself.
+    assert rep["exit_layers"] == "auto" and all(set(r["checked_exits"]) <= {1, 2} for r in rep["tested"])
+    assert "exits checked:" in cal.stdout
     out = run_cli("generate", str(run), "--exit", "state", "--show-exits", "--max-new-tokens", "12",
                   "--temperature", "0", check=True).stdout
     assert "exit_layer per new token: mean" in out
+    run_cli("generate", str(run), "--exit", "state", "--threshold", "0.5", "--exit-layers", "2", "--max-new-tokens",
+            "4", "--temperature", "0", check=True)
+    bad = run_cli("generate", str(run), "--exit", "state", "--threshold", "0.5", "--exit-layers", "3",
+                  "--max-new-tokens", "4")
+    assert bad.returncode == 2 and "--exit-layers: checked exits [3]: this model's exits before the last are at " \
+        "layers [1, 2]" in bad.stderr
 
     # Quality against depth, and decode speed side by side.
     run_cli("eval-exit", str(run), "--measure", "state", "--thresholds", "0.999,0.5", "--max-tokens", "512",
@@ -45,7 +54,8 @@ def test_early_exit_trains_resumes_calibrates_generates_and_exports(tiny_data, t
     assert set(tradeoff["exit_loss"]) == {"1", "2", "3"}
     assert tradeoff["thresholds"][1]["mean_exit_layer"] <= tradeoff["thresholds"][0]["mean_exit_layer"]
     bench = run_cli("bench", "decode", str(run), "--exit", "state", "--batches", "1,2", "--prompt-tokens", "8",
-                    "--new-tokens", "4", "--rounds", "1", "--agreement-prompts", "5", check=True).stdout
+                    "--new-tokens", "4", "--rounds", "1", "--agreement-prompts", "5", "--timed-prompts", "3",
+                    check=True).stdout
     assert "| 1 | full depth |" in bench and "| 2 | exit state" in bench
     assert "same-context agreement with full depth over 5 prompts: full depth 100.0%" in bench
 

@@ -276,3 +276,65 @@ def test_flops_count_one_head_per_trained_intermediate_exit():
     head = fixed.head.weight.numel()
     assert training_flops_per_token(last, 48) == training_flops_per_token(fixed, 48)
     assert training_flops_per_token(aligned, 48) == pytest.approx(training_flops_per_token(fixed, 48) + 6 * 3 * head)
+
+
+def test_calibration_and_the_bench_draw_prompts_from_disjoint_halves_of_validation():
+    from lmtrain.exits import ExitError, exit_prompts
+
+    val = torch.arange(1000)
+    cal, test = exit_prompts(val, 7, 10, "calibration"), exit_prompts(val, 5, 10, "test")
+    assert cal.shape == (7, 10) and test.shape == (5, 10)
+    assert int(cal.max()) < 500 <= int(test.min())  # held out: no calibration token is a test token
+    assert len(set(cal.flatten().tolist())) == 70  # the prompts themselves are disjoint
+    with pytest.raises(ExitError, match="the test half of the validation split has 500"):
+        exit_prompts(val, 51, 10, "test")
+
+
+def test_only_the_checked_exits_decide_and_cached_decoding_still_equals_a_full_forward():
+    from lmtrain.model.layer import KVCache
+
+    model, x = _with_exits("state")
+    thr = model.depth.policy.threshold
+    with torch.no_grad():
+        every = model(x).aux.tokens["exit_layer"]
+        assert {1, 2} <= set(every.unique().tolist()), "the test needs tokens leaving at layers 1 and 2"
+        model.depth.set_exit_policy("state", thr, checked=[2])
+        full = model(x)
+        exits = full.aux.tokens["exit_layer"]
+        assert set(exits.unique().tolist()) <= {2, 3, 4} and 1 not in exits  # layer 1's check is not made
+        assert bool((exits[every == 2] == 2).all())  # a token the check at 2 stops is stopped there still
+        cache = KVCache()
+        steps = [model(x[:, t:t + 1], cache=cache) for t in range(x.shape[1])]
+        torch.testing.assert_close(torch.cat([s.logits_BLV for s in steps], 1), full.logits_BLV, rtol=1e-10,
+                                   atol=1e-10)
+        assert torch.equal(torch.cat([s.aux.tokens["exit_layer"] for s in steps], 1), exits)
+        model.depth.set_exit_policy("state", thr, checked=[])
+        assert bool((model(x).aux.tokens["exit_layer"] == 4).all())  # no check: full depth
+    with pytest.raises(ValueError, match="exits before the last are at layers"):
+        model.depth.set_exit_policy("state", thr, checked=[4])
+
+
+def test_an_exit_is_checked_only_where_its_check_pays_for_itself(monkeypatch):
+    import lmtrain.exits as exits
+
+    model, x = _with_exits("state")
+    thr = model.depth.policy.threshold
+    with torch.no_grad():
+        counts = torch.bincount(model(x).aux.tokens["exit_layer"].flatten(), minlength=5).double()
+    n = model.cfg.n_layers
+    fired = [k for k in (1, 2, 3) if counts[k] > 0]
+    assert len(fired) >= 2, "the test needs tokens leaving at two exits"
+    # The rule: exit k stays when exiting(k) x (n - k) >= reaching(k) x cost (in layers).
+    for cost in (0.0, 0.3, 1.0, 2.0, float(n)):
+        monkeypatch.setattr(exits, "check_cost", lambda model, measure, c=cost: c)
+        want = [k for k in fired if counts[k] * (n - k) >= counts[k:].sum() * cost]
+        assert exits.select_checked_exits(model, x, "state", thr, batch_size=2) == want, cost
+        if cost == 0.0:
+            assert want == fired  # a free check keeps every exit where a token leaves
+        if cost == float(n):
+            assert want == []  # a check dearer than the whole stack is never made
+    monkeypatch.undo()
+    # What a check costs, in layers: the softmax check reads the LM head, the state check a vector.
+    layer = sum(p.numel() for p in model.depth.layers[0].parameters())
+    assert exits.check_cost(model, "softmax") == model.head.weight.numel() / layer
+    assert exits.check_cost(model, "state") < 0.05
