@@ -120,18 +120,21 @@ lsh-lowrank: $(STAMP)
 	$(VENV)/bin/lmtrain bench attention --kind lowrank_causal --rounds 1 --repeats 3
 	@echo "results: $(LSH_OUT)/ and runs/*/summary.json (docs/results/lsh_lowrank.md)"
 
-# Early exit (issue 23): the fixed-depth control and two early-exit trainings of the same
-# 8-layer model (auto-resumes); loss against exit depth, calibrated thresholds, decode speed.
+# Early exit (issue 23): the fixed-depth control and three early-exit trainings of the same
+# 8-layer model (CALM's weights; aligned with halting units; aligned with exits in training),
+# auto-resuming; loss against exit depth, calibrated thresholds, decode speed.
 EE_OUT := runs/early-exit
 early-exit: $(STAMP)
-	for p in fixed calm aligned; do \
+	for p in fixed calm aligned adaptive; do \
 	  $(VENV)/bin/lmtrain train configs/experiments/early_exit/$$p.yaml $(ARGS) || exit 1; done
 	$(VENV)/bin/lmtrain eval-exit runs/ee-calm --measure state --thresholds 0.999,0.998,0.995,0.99,0.98,0.95,0.9
 	$(VENV)/bin/lmtrain eval-exit runs/ee-calm --measure softmax
 	$(VENV)/bin/lmtrain eval-exit runs/ee-aligned --measure halting --thresholds 0.9,0.8,0.7,0.6,0.5,0.4,0.3
+	$(VENV)/bin/lmtrain eval-exit runs/ee-adaptive --measure softmax
 	$(VENV)/bin/lmtrain calibrate-exit runs/ee-calm --measure state --delta 0.05 --epsilon 0.05
-	$(VENV)/bin/lmtrain bench decode runs/ee-calm --exit state --rounds 3
-	@echo "results: runs/ee-*/summary.json, runs/ee-*/eval/, runs/ee-calm/exit/ (docs/results/early_exit.md)"
+	$(VENV)/bin/lmtrain calibrate-exit runs/ee-adaptive --measure softmax --delta 0.05 --epsilon 0.05 --prompts 1024
+	$(VENV)/bin/lmtrain bench decode runs/ee-adaptive --exit softmax --rounds 5
+	@echo "results: runs/ee-*/summary.json, runs/ee-*/eval/, runs/ee-{calm,adaptive}/exit/ (docs/results/early_exit.md)"
 
 clean-runs:
 	rm -rf runs
