@@ -110,11 +110,15 @@ lsh-lowrank: $(STAMP)
 	  --max-tokens 16384 --out $(LSH_OUT)
 	for p in shared_qk lsh1 lsh2 lsh4 dense; do \
 	  $(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/copy_$$p.yaml $(ARGS) || exit 1; done
-	$(VENV)/bin/lmtrain eval-retrieval runs/copy256-dense runs/copy256-shared-qk runs/copy256-lsh1 runs/copy256-lsh2 \
-	  runs/copy256-lsh4 --task copy --lengths 256 --trials 32 --out $(LSH_OUT)
+	$(VENV)/bin/lmtrain eval-retrieval runs/copy128-dense runs/copy128-shared-qk runs/copy128-lsh1 runs/copy128-lsh2 \
+	  runs/copy128-lsh4 --task copy --lengths 128 --trials 256 --out $(LSH_OUT)
 	for r in 1 2 4 8; do \
-	  $(VENV)/bin/lmtrain eval-retrieval runs/copy256-lsh1 runs/copy256-lsh4 --task copy --lengths 256 --trials 32 \
-	    --set model.attention.rounds=$$r --out $(LSH_OUT) || exit 1; done
+	  $(VENV)/bin/lmtrain eval-retrieval runs/copy128-lsh1 runs/copy128-lsh2 runs/copy128-lsh4 --task copy \
+	    --lengths 128 --trials 256 \
+	    --set model.attention.rounds=$$r --out $(LSH_OUT) || exit 1; \
+	  $(VENV)/bin/lmtrain eval-retrieval runs/copy128-shared-qk --task copy --lengths 128 --trials 256 \
+	    --set model.attention.buckets=0 --set model.attention.chunk=16 --set model.attention.rounds=$$r \
+	    --out $(LSH_OUT) || exit 1; done
 	$(VENV)/bin/lmtrain train configs/experiments/lsh_lowrank/reformer.yaml $(ARGS)
 	$(VENV)/bin/lmtrain bench attention --kind lsh --rounds 1 --repeats 3
 	$(VENV)/bin/lmtrain bench attention --kind lowrank_causal --rounds 1 --repeats 3
