@@ -517,6 +517,7 @@ def cmd_calibrate_exit(args) -> int:
         SELECT_WINDOWS,
         ExitError,
         calibrate,
+        describe_checked,
         exit_dir,
         exit_prompts,
         parse_checked_exits,
@@ -530,6 +531,8 @@ def cmd_calibrate_exit(args) -> int:
             return _fail(f"--{name.replace('_', '-')}: must be at least 1")
     if not (0 < args.delta < 1 and 0 < args.epsilon < 1):
         return _fail("--delta and --epsilon: must be in (0, 1)")
+    auto = args.exit_layers == "auto"
+    checked = None if auto else parse_checked_exits(args.exit_layers)  # bad input fails before any work
     trained = load_trained(args.source, device=args.device)
     model, cfg = trained.model, trained.cfg
     require_measure(model, args.measure)
@@ -543,7 +546,6 @@ def cmd_calibrate_exit(args) -> int:
         return _fail(f"--prompts x --prompt-tokens: {e}")
     out = exit_dir(trained.run_dir)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    checked = None if args.exit_layers == "auto" else parse_checked_exits(args.exit_layers)
     if checked is not None:
         try:
             model.depth.set_exit_policy("none", 1.0, None, checked)
@@ -553,7 +555,7 @@ def cmd_calibrate_exit(args) -> int:
     # exit's check against what it saves (never the calibration prompts).
     train = torch.from_numpy(open_tokens(cfg.data.dir, "train").astype("int64"))
     L = cfg.data.seq_len
-    n = min(4096, train.numel() // L)
+    n = min(4096 if args.measure == "classifier" else SELECT_WINDOWS, train.numel() // L)
     g = torch.Generator().manual_seed(args.seed)
     starts = torch.randint(0, train.numel() - L, (n,), generator=g)
     windows = torch.stack([train[s:s + L] for s in starts.tolist()]).to(args.device)
@@ -568,7 +570,7 @@ def cmd_calibrate_exit(args) -> int:
         model.depth.classifier = clf.to(dtype=next(model.parameters()).dtype)
     rep = calibrate(model, prompts, measure=args.measure, delta=args.delta, epsilon=args.epsilon,
                     new_tokens=args.new_tokens, checked=checked,
-                    select_windows=windows[:SELECT_WINDOWS] if args.exit_layers == "auto" else None, log=log)
+                    select_windows=windows[:SELECT_WINDOWS] if auto else None, log=log)
     rep.update({"source": str(trained.checkpoint), "step": trained.step, "prompt_tokens": span, **(
         {"classifier": facts} if facts else {})})
     if rep["threshold"] is None:
@@ -581,7 +583,7 @@ def cmd_calibrate_exit(args) -> int:
     at = rep["checked_exits"]
     print(f"threshold {rep['threshold']} for --exit {args.measure}: risk {rep['risk']} (at most {args.delta} with "
           f"probability {1 - args.epsilon:.2f}), mean exit layer {rep['mean_exit_layer']} of {rep['n_layers']}, "
-          f"exits checked: {'all' if at is None else ','.join(map(str, at)) or 'none'}")
+          f"exits checked: {describe_checked(at)}")
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -129,6 +129,11 @@ def parse_checked_exits(text: Optional[str]) -> Optional[list[int]]:
     return layers
 
 
+def describe_checked(checked: Optional[Sequence[int]]) -> str:
+    """The checked exits as logs print them: all, none, or the layers."""
+    return "all" if checked is None else ",".join(map(str, checked)) or "none"
+
+
 def apply_exit(model, run_dir: Path, measure: str, threshold: Optional[float], step: int,
                checked: Optional[list[int]] = None) -> tuple[float, Optional[list[int]]]:
     """Set the model's exit policy from the arguments: with `threshold` None, the run's
@@ -317,7 +322,7 @@ def calibrate(model, prompts_NP: Tensor, *, measure: str, delta: float, epsilon:
         rows.append({"threshold": t, "risk": round(mean_risk, 5), "p_value": p,
                      "mean_exit_layer": round(mean_layer, 3), "checked_exits": None if at is None else list(at)})
         log(f"threshold {t:.4f}: risk {mean_risk:.4f}, p {p:.3g}, mean exit layer {mean_layer:.2f} of "
-            f"{model.cfg.n_layers}, exits checked: {'all' if at is None else ','.join(map(str, at)) or 'none'}")
+            f"{model.cfg.n_layers}, exits checked: {describe_checked(at)}")
         if p > epsilon:
             break
         chosen = rows[-1]

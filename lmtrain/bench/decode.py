@@ -66,7 +66,14 @@ def main(args) -> int:
 
     from lmtrain.config import ConfigError
     from lmtrain.evaluate.runner import parse_lengths
-    from lmtrain.exits import agreement, apply_exit, early_exit_depth, full_continuations, parse_checked_exits
+    from lmtrain.exits import (
+        agreement,
+        apply_exit,
+        describe_checked,
+        early_exit_depth,
+        full_continuations,
+        parse_checked_exits,
+    )
     from lmtrain.generate import generate
     from lmtrain.train.checkpoint import load_trained
 
@@ -92,7 +99,7 @@ def main(args) -> int:
     print(f"bench decode: {t.checkpoint} (step {t.step}), {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
           f"vocabulary {cfg.data.vocab_size}; greedy, KV cache, prompts of {args.prompt_tokens} and "
           f"{args.new_tokens} new tokens; exit {args.exit} at {threshold:g}, exits checked: "
-          f"{'all' if checked is None else ','.join(map(str, checked)) or 'none'}; "
+          f"{describe_checked(checked)}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.rounds} rounds", flush=True)
 
