@@ -182,6 +182,9 @@ class TrainerConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them
     # (torch.utils.checkpoint; any strategy, ZeRO-3 included): less memory, ~1/3 more compute.
     activation_checkpointing: bool = False
+    # Split each sequence across this many processes (DeepSpeed Ulysses, lmtrain/train/sequence.py):
+    # processes form groups of N, each group reads one micro-batch; data parallel across groups.
+    sequence_parallel: int = 1
     # Where metrics go, all on one step axis (the optimizer step): tensorboard (RUN/tb), csv
     # (RUN/csv/metrics.csv), wandb (options under wandb.*). metrics.jsonl is always written.
     loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
@@ -664,6 +667,8 @@ def validate(cfg: Config) -> list[str]:
     need(e.every_n_steps >= 0, "eval.every_n_steps: must be 0 (at every validation) or positive")
     need(e.batch_tokens >= 1, "eval.batch_tokens: must be at least 1")
     errs += _check_deepspeed(cfg)
+    if not errs:
+        errs += _check_sequence_parallel(cfg)
     need(cfg.slurm.cpus_per_task >= 1, "slurm.cpus_per_task: must be at least 1")
     need(cfg.slurm.signal_seconds >= 0, "slurm.signal_seconds: must be 0 or more")
     need(cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps: must be at least 1")
@@ -721,6 +726,41 @@ def _check_deepspeed(cfg: Config) -> list[str]:
         if owner:
             errs.append(f"deepspeed.raw.{key}: lmtrain sets this from {owner}; set that instead")
     return errs
+
+
+def _check_sequence_parallel(cfg: Config) -> list[str]:
+    """trainer.sequence_parallel: what a split sequence needs (lmtrain/train/sequence.py)."""
+    t, m, d = cfg.trainer, cfg.model, cfg.data
+    n = t.sequence_parallel
+    key = f"trainer.sequence_parallel={n}"
+    if n < 1:
+        return ["trainer.sequence_parallel: must be at least 1 (1: every process holds whole sequences)"]
+    if n == 1:
+        return []
+    if t.strategy not in ("ddp", "deepspeed"):
+        return [f"{key}: splits sequences across processes; set trainer.strategy=ddp or deepspeed"]
+    if isinstance(t.devices, int) and t.devices > 0 and (t.devices * t.num_nodes) % n:
+        return [f"{key} must divide the {t.devices * t.num_nodes} processes (trainer.devices x trainer.num_nodes)"]
+    if d.seq_len % n:
+        return [f"{key} must divide data.seq_len={d.seq_len} (equal shards of the sequence)"]
+    if m.n_heads % n:
+        return [f"{key} must divide model.n_heads={m.n_heads} (each process attends with n_heads / N heads)"]
+    a = Assembly.of(m, d.seq_len)
+    why = a.attention.head_shard_refusal(a)
+    if why:
+        able = ", ".join(k for k, c in AXES["attention"].items() if c.caps.head_shards)
+        return [f"{key}: model.attention.kind={m.attention.kind} cannot attend over a split sequence ({why}); "
+                f"use one of {able}, or trainer.sequence_parallel=1"]
+    if not a.depth.splits_sequence:
+        return [f"{key}: model.depth.kind={m.depth.kind} gives positions their own depth, which a split sequence "
+                "does not support yet; use model.depth.kind=fixed or universal, or trainer.sequence_parallel=1"]
+    if not a.residual.splits_sequence:
+        return [f"{key}: model.residual.kind={m.residual.kind} reruns layers in its own backward, which a split "
+                "sequence does not support yet; use model.residual.kind=prenorm, or trainer.sequence_parallel=1"]
+    if d.source == "copy":
+        return [f"{key}: the copy probe scores the copied half of whole sequences; train it with "
+                "trainer.sequence_parallel=1"]
+    return []
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -7,6 +7,7 @@ M model dim, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -20,6 +21,7 @@ from lmtrain.model.layer import Context, KVCache, Readout, make_norm
 from lmtrain.model.outputs import Aux, ModelOutput
 from lmtrain.model.positions import build_position
 from lmtrain.model.residual import RESIDUAL
+from lmtrain.model.sequence import SequenceShard
 
 
 class Decoder(nn.Module):
@@ -49,6 +51,8 @@ class Decoder(nn.Module):
         # Token ids that kernels treat as global tokens (sparse `globals`): flagged per forward.
         self.register_buffer("global_token_ids", self._global_token_ids(), persistent=False)
         self.hooks = Hooks.collect(self)  # modules with lifecycle hooks, found once
+        # Sequence parallelism (lmtrain/model/sequence.py): set by training, None otherwise.
+        self.sequence_shard: Optional[SequenceShard] = None
 
     def _global_token_ids(self) -> Optional[Tensor]:
         ids = sorted({int(t) for k in self.attention_kernels() for t in getattr(k.cfg, "global_token_ids", ())})
@@ -85,6 +89,12 @@ class Decoder(nn.Module):
         start = cache.length if cache is not None else 0
         pos_L = torch.arange(start, start + L, device=idx_BL.device)
         ctx = Context(pos_L=pos_L, position=self.position, aux=Aux(), cache=cache, readout=self.readout)
+        shard = self.sequence_shard
+        if shard is not None:
+            # idx_BL is the whole sequence; this process computes its own positions only.
+            if cache is not None:
+                raise ValueError("a KV cache and sequence parallelism do not mix: decode without a sequence shard")
+            ctx.shard, ctx.seq_pos, ctx.pos_L = shard, pos_L, pos_L[shard.positions(L)]
         if self.document_mask:
             if cache is not None:
                 raise ValueError("a document-masked model decodes without a KV cache (supports_kv_cache is False)")
@@ -95,6 +105,10 @@ class Decoder(nn.Module):
                 ctx.doc_ids, ctx.embed_pos = doc_BL, pos_BL
         if self.global_token_ids is not None:
             ctx.global_mask = torch.isin(idx_BL, self.global_token_ids)
+        if shard is not None:
+            own = shard.positions(L)
+            idx_BL = idx_BL[:, own]
+            ctx.embed_pos = ctx.embed_pos[:, own] if ctx.embed_pos is not None else None
         tok_BLM = self.embed(idx_BL)
         if self.embed_scale != 1.0:
             tok_BLM = tok_BLM * self.embed_scale
@@ -145,6 +159,20 @@ class Decoder(nn.Module):
         """One H' x L x L visibility mask (key j to query i) per module with an attention
         pattern (the PatternPicture hook), in layer order; empty when no module has one."""
         return [m.pattern_mask(L) for m in self.hooks.patterns]
+
+    def shard_sequence(self, shard: Optional[SequenceShard]) -> None:
+        """From now on compute only `shard`'s positions of each sequence (None: all of them).
+        `forward` still takes the whole sequence's token ids, and returns the shard's outputs."""
+        self.sequence_shard = shard
+
+    @contextlib.contextmanager
+    def whole_sequences(self):
+        """Within: every position computed here (evaluation on one process during training)."""
+        shard, self.sequence_shard = self.sequence_shard, None
+        try:
+            yield
+        finally:
+            self.sequence_shard = shard
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each layer's activations in backward (less memory, about a third more compute)."""

@@ -40,6 +40,9 @@ class Depth(Variant, nn.Module):
     runs_layers_once: ClassVar[bool] = False
     # The per-token statistic (`Aux.tokens`) that `generate --show-token-stats` marks.
     primary_token_stat: ClassVar[Optional[str]] = None
+    # Every position takes the same path through the layers, so a sequence can be split across
+    # processes (trainer.sequence_parallel); per-token depth (halting, exits) cannot yet.
+    splits_sequence: ClassVar[bool] = False
 
     @classmethod
     def layer_applications(cls, model_cfg) -> int:
@@ -67,6 +70,7 @@ class Depth(Variant, nn.Module):
 
 @DEPTH.register("fixed")
 class FixedDepth(Depth):
+    splits_sequence = True
     runs_layers_once = True
 
     def __init__(self, model_cfg, residual: Residual):

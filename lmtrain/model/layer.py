@@ -9,7 +9,7 @@ H heads, D head dim, Q positions asked for per row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional
+from typing import TYPE_CHECKING, Callable, Hashable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,10 @@ from lmtrain.model.attention import AttentionInputs, build_attention
 from lmtrain.model.ffn import FFN
 from lmtrain.model.init import ResidualOut
 from lmtrain.model.outputs import Aux
-from lmtrain.model.positions import Position
+from lmtrain.model.positions import HeadSubset, Position
+
+if TYPE_CHECKING:
+    from lmtrain.model.sequence import SequenceShard
 
 
 @dataclass
@@ -100,6 +103,11 @@ class Context:
     doc_ids: Optional[Tensor] = None
     global_mask: Optional[Tensor] = None
     embed_pos: Optional[Tensor] = None  # B x L positions within documents (document masking)
+    # Sequence parallelism (lmtrain/model/sequence.py): this process's share of the sequence.
+    # pos_L and embed_pos are then its own positions; seq_pos, doc_ids and global_mask the whole
+    # sequence's, which the kernels see after the exchange.
+    shard: Optional["SequenceShard"] = None
+    seq_pos: Optional[Tensor] = None
 
     @property
     def embed_positions(self) -> Tensor:
@@ -160,6 +168,8 @@ class SelfAttention(nn.Module):
         else:
             q, k, v = self.qkv(x_BLM).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 B H L D
         q, k = ctx.position.rotate(q, q_pos), ctx.position.rotate(k, k_pos)
+        if ctx.shard is not None:
+            return self.proj(self._exchanged(q, k, v, ctx))
         if ctx.cache is not None:
             k, v, k_pos = ctx.cache.extend(key, k, v, k_pos)
         inp = AttentionInputs(position=ctx.position, q_pos=q_pos, k_pos=k_pos, aux=ctx.aux, doc_ids=ctx.doc_ids,
@@ -175,6 +185,22 @@ class SelfAttention(nn.Module):
             o_BLM = gather_rows(o_BLM, rows_BQ)  # every query was attended; project the asked-for ones
         return self.proj(o_BLM)
 
+
+    def _exchanged(self, q_BHlD: Tensor, k_BHlD: Tensor, v_BHlD: Tensor, ctx: Context) -> Tensor:
+        """Attention over the whole sequence from this process's l = L/N positions (sequence
+        parallelism): the exchange hands the kernel all L positions of this process's heads."""
+        B, H, l, D = q_BHlD.shape
+        heads = ctx.shard.heads(H)
+        position = HeadSubset(ctx.position, heads)
+
+        def local(q_BLhD: Tensor, k_BLhD: Tensor, v_BLhD: Tensor) -> Tensor:
+            inp = AttentionInputs(position=position, q_pos=ctx.seq_pos, k_pos=ctx.seq_pos, aux=ctx.aux,
+                                  doc_ids=ctx.doc_ids, global_mask=ctx.global_mask, heads=heads)
+            o_BhLD = self.kernel(q_BLhD.transpose(1, 2), k_BLhD.transpose(1, 2), v_BLhD.transpose(1, 2), inp)
+            return o_BhLD.transpose(1, 2).contiguous()
+
+        o_BlHD = ctx.shard.exchange(local, *(t.transpose(1, 2) for t in (q_BHlD, k_BHlD, v_BHlD)))
+        return o_BlHD.reshape(B, l, H * D)
 
     def _trim_cache(self, ctx: Context, key: Hashable, k_pos: Tensor) -> None:
         """Keys no later query can see leave the cache (a window keeps its last W and the global

@@ -75,6 +75,40 @@ class Position(Variant, nn.Module):
 POSITIONS.register("none")(Position)  # the base scheme does nothing anywhere
 
 
+class HeadSubset:
+    """A scheme as a contiguous subset of the heads sees it: under sequence parallelism a
+    process attends over the whole sequence with heads [start, stop) of the model
+    (lmtrain/model/sequence.py). Per-head quantities (ALiBi's slopes, learned distance biases)
+    are those heads'; everything else is the scheme's own."""
+
+    def __init__(self, base: Position, heads: slice):
+        self.base, self.heads = base, heads
+        self._mod: Optional[Callable] = None
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def score_bias(self, q_pos_L: Tensor, k_pos_S: Tensor) -> Tensor:
+        return self.base.score_bias(q_pos_L, k_pos_S)[..., self.heads, :, :]
+
+    def linear_bias_slopes(self) -> Optional[Tensor]:
+        slopes = self.base.linear_bias_slopes()
+        return None if slopes is None else slopes[self.heads]
+
+    def score_mod(self) -> Optional[Callable]:
+        mod = self.base.score_mod()
+        if mod is None:
+            return None
+        if self._mod is None or self._mod[0] is not mod:
+            first = self.heads.start
+
+            def shifted(score, b, h, q_idx, kv_idx):
+                return mod(score, b, h + first, q_idx, kv_idx)
+
+            self._mod = (mod, shifted)
+        return self._mod[1]
+
+
 def alibi_slopes(n_heads: int) -> list[float]:
     """ALiBi head slopes (Press et al. 2022, Sec. 3 and the official code).
 

@@ -35,6 +35,9 @@ class Residual(Variant):
     # Its backward takes gradients of whole parameters outside their module's forward, which
     # sharded parameters (ZeRO-3) do not allow.
     needs_whole_parameters: bool = False
+    # A split sequence (trainer.sequence_parallel) runs through it: its backward does not rerun
+    # layers (whose attention exchanges activations with the other processes) on its own.
+    splits_sequence: bool = True
 
     def __init__(self, cfg: ResidualConfig):
         self.cfg = cfg

@@ -148,6 +148,7 @@ class Reversible(TwoStream):
     """The RevNet coupling with activations rebuilt in backward (`ReversibleLayer`)."""
 
     needs_whole_parameters = True
+    splits_sequence = False
 
     def run(self, layers, x_BLM, ctx):
         trainable = any(p.requires_grad for layer in layers for p in layer.parameters())

@@ -145,6 +145,7 @@ class SharedBlock(Depth):
 @DEPTH.register("universal")
 class UniversalDepth(SharedBlock):
     Config = UniversalConfig
+    splits_sequence = True
     test_options = {"steps": 2}
 
     def forward(self, x_BLM: Tensor, ctx: Context) -> Tensor:

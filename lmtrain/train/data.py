@@ -129,8 +129,14 @@ class TokenDataModule(pl.LightningDataModule):
             )
 
     def _rank_world(self) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel world): the ranks of a sequence-parallel group read
+        the same windows (lmtrain/train/sequence.py)."""
+        from lmtrain.train.sequence import data_parallel
+
         t = getattr(self, "trainer", None)
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+        if t is None:
+            return 0, 1
+        return data_parallel(t.global_rank, t.world_size, self.cfg.trainer.sequence_parallel)
 
     def train_dataloader(self, start_sample: Optional[int] = None) -> DataLoader:
         rank, world = self._rank_world()

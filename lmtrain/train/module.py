@@ -60,10 +60,32 @@ class LMModule(pl.LightningModule):
         zero3 = cfg.trainer.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3
         self._fused_loss = not zero3 and hasattr(self.model, "head")
 
+    # -- sequence parallelism (lmtrain/train/sequence.py) ------------------------------------
+    def setup(self, stage):
+        n = self.cfg.trainer.sequence_parallel
+        if n > 1 and self.model.sequence_shard is None:  # after the process group exists
+            from lmtrain.train.sequence import ulysses_shard
+
+            self.model.shard_sequence(ulysses_shard(n, self.trainer.global_rank, self.trainer.world_size))
+
+    @property
+    def data_world(self) -> int:
+        """Micro-batches per micro-step across all processes (a sequence group reads one)."""
+        from lmtrain.train.sequence import data_parallel
+
+        return data_parallel(self.trainer.global_rank, self.trainer.world_size, self.cfg.trainer.sequence_parallel)[1]
+
+    def _targets(self, batch):
+        """(inputs: the whole window's ids, targets: this process's positions of it)."""
+        x_BL, y_BL = batch[:, :-1], batch[:, 1:]
+        shard = self.model.sequence_shard
+        return x_BL, (y_BL if shard is None else y_BL[:, shard.positions(y_BL.shape[1])])
+
     def _loss(self, x_BL, y_BL):
         """(LM loss, aux). The head and the loss are fused in chunks when the full float32
-        logits would be large (trainer.loss_chunk_tokens)."""
-        chunk = loss_chunk(self.cfg.trainer.loss_chunk_tokens, x_BL.numel(), self.cfg.data.vocab_size)
+        logits would be large (trainer.loss_chunk_tokens). y_BL: the targets of the positions
+        this process computes (all of x_BL's, or its sequence shard's)."""
+        chunk = loss_chunk(self.cfg.trainer.loss_chunk_tokens, y_BL.numel(), self.cfg.data.vocab_size)
         if chunk and self._fused_loss:
             h_BLM, aux = self.model.features(x_BL)
             loss = chunked_lm_loss(h_BLM, self.model.head.weight, y_BL, chunk)
@@ -71,7 +93,7 @@ class LMModule(pl.LightningModule):
             out = self.model(x_BL)
             loss, aux = lm_loss(out.logits_BLV, y_BL), out.aux
         # Terms that need the targets (early exit: the other exits' losses), readouts in chunks.
-        chunk = chunk or loss_chunk(-1, x_BL.numel(), self.cfg.data.vocab_size)
+        chunk = chunk or loss_chunk(-1, y_BL.numel(), self.cfg.data.vocab_size)
         for name, value in self.model.target_losses(aux, y_BL, chunk).items():
             aux.add_loss(name, value)
         return loss, aux
@@ -87,7 +109,7 @@ class LMModule(pl.LightningModule):
         torch.manual_seed(step_seed(self.cfg.run.seed, self.consumed_samples, self.global_rank))
 
     def training_step(self, batch, batch_idx):
-        x_BL, y_BL = batch[:, :-1], batch[:, 1:]
+        x_BL, y_BL = self._targets(batch)
         loss, out_aux = self._loss(x_BL, y_BL)
         self.log("train/loss", loss, prog_bar=True, batch_size=x_BL.shape[0])
         self.log("train/ppl", perplexity(loss.detach()), batch_size=x_BL.shape[0])
@@ -108,7 +130,7 @@ class LMModule(pl.LightningModule):
         self.log("lr", self.last_lr, batch_size=x_BL.shape[0])
         # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)
         # run before the module's own batch-end hook.
-        self.consumed_samples += x_BL.shape[0] * self.trainer.world_size
+        self.consumed_samples += x_BL.shape[0] * self.data_world
         weighted = loss if out_aux.lm_weight == 1.0 else out_aux.lm_weight * loss  # early exit: the last exit's weight
         total = weighted if aux is None else weighted + aux
         self._bad_loss = self._bad_loss.to(total.device) | ~torch.isfinite(total.detach())
@@ -121,7 +143,7 @@ class LMModule(pl.LightningModule):
             return self._validation_step(batch)
 
     def _validation_step(self, batch):
-        x_BL, y_BL = batch[:, :-1], batch[:, 1:]
+        x_BL, y_BL = self._targets(batch)
         B = x_BL.shape[0]
         if self.cfg.data.source == "copy":  # the copy probe: also scored on its copied half
             from lmtrain.evaluate.probes import copy_scores

@@ -357,7 +357,7 @@ def finish(cfg: Config, trainer, module, datamodule, log=print) -> dict:
     if not trainer.is_global_zero:
         return {}
     val_loss = float(results[0]["val/loss"])
-    windows = val_windows(datamodule.val_set.n_windows, cfg.data.val_batches * cfg.data.batch_size * trainer.world_size)
+    windows = val_windows(datamodule.val_set.n_windows, cfg.data.val_batches * cfg.data.batch_size * module.data_world)
     summary = {
         "step": trainer.global_step,
         "val_loss": val_loss,

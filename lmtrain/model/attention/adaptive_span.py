@@ -70,7 +70,7 @@ def log_span_mask(z_H: Tensor, dist: Tensor, ramp: int) -> Tensor:
 @ATTENTION.register("adaptive_span")
 class AdaptiveSpanAttention(AttentionKernel):
     Config = AdaptiveSpanConfig
-    caps = Capabilities(score_bias=True, kv_cache=True, document_mask=True)
+    caps = Capabilities(score_bias=True, kv_cache=True, document_mask=True, head_shards=True)
     backends = ("chunked", "flex")
     init_options = {"init_span": ("span_frac", lambda cfg: cfg.init_span / cfg.max_span)}
     test_options = {"init_span": 6.0, "max_span": 64, "ramp": 8, "block": 8}
@@ -113,6 +113,11 @@ class AdaptiveSpanAttention(AttentionKernel):
         """z_h in positions, H."""
         return self.span_frac * self.max_span
 
+    def head_spans(self, inp) -> Tensor:
+        """z_h of the heads this call attends with (sequence parallelism: a subset), H'."""
+        z_H = self.spans()
+        return z_H if inp is None or inp.heads is None else z_H[inp.heads]
+
     def window(self) -> int:
         """Distances that can have a non-zero weight for some head: max z + R, rounded up to a block."""
         reach = float(self.spans().detach().max()) + self.ramp
@@ -147,7 +152,7 @@ class AdaptiveSpanAttention(AttentionKernel):
 
     def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
         if path == "flex":
-            return self._flex(q_BHLD, k_BHSD, v_BHSD, inp.position)
+            return self._flex(q_BHLD, k_BHSD, v_BHSD, inp)
         return self._chunked(q_BHLD, k_BHSD, v_BHSD, inp.position, inp.q_pos, inp.k_pos, inp)
 
     def _chunked(self, q_BHLD, k_BHSD, v_BHSD, position, q_pos_L, k_pos_S, inp=None):
@@ -160,10 +165,10 @@ class AdaptiveSpanAttention(AttentionKernel):
         docs = inp is not None and inp.doc_ids is not None
         if (L == S and relative and not docs and self._banded_is_cheaper(L, W)
                 and bool(q_pos_L[-1] - q_pos_L[0] == L - 1) and torch.equal(q_pos_L, k_pos_S)):
-            return self._banded(q_BHLD, k_BHSD, v_BHSD, position, W)
+            return self._banded(q_BHLD, k_BHSD, v_BHSD, position, W, self.head_spans(inp))
         # Any positions (decoding with a KV cache), or a window as long as the sequence: a loop
         # over blocks of queries, each with the keys of its own window (at most its causal prefix).
-        z_H = self.spans().to(q_BHLD.dtype)
+        z_H = self.head_spans(inp).to(q_BHLD.dtype)
         return blockwise_sdpa(q_BHLD, k_BHSD, v_BHSD, q_pos_L, k_pos_S, block=self.cfg.block, window=W,
                               mask=lambda q_pos, k_pos: and_mask(self._mask(z_H, position, q_pos, k_pos, W),
                                                                  document_mask(inp, q_pos, k_pos) if docs else None),
@@ -181,7 +186,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         loop = sum(blk * min((b + 1) * blk, blk + W - 1) for b in range(nb)) + nb * 15 * L
         return band < loop
 
-    def _banded(self, q_BHLD, k_BHSD, v_BHSD, position, W: int):
+    def _banded(self, q_BHLD, k_BHSD, v_BHSD, position, W: int, z_H):
         """Queries in blocks of `blk`; block b attends to the W - 1 + blk keys ending at its last
         query, taken as overlapping windows (unfold) of the keys padded with W - 1 zeros in
         front. The windows are copies, O(L x (W + blk)) like the scores themselves, and their
@@ -191,7 +196,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         blk = self.cfg.block
         nb = -(-L // blk)
         pad_end = nb * blk - L
-        z_H = self.spans().to(q_BHLD.dtype)
+        z_H = z_H.to(q_BHLD.dtype)
         K = blk + W - 1
 
         def windows(t_BHSD):  # B H nb K D
@@ -232,11 +237,12 @@ class AdaptiveSpanAttention(AttentionKernel):
             mask = mask + position.score_bias(q_pos, k_pos).to(mask.dtype)
         return mask
 
-    def _flex(self, q_BHLD, k_BHSD, v_BHSD, position):
+    def _flex(self, q_BHLD, k_BHSD, v_BHSD, inp):
         L, S = q_BHLD.shape[2], k_BHSD.shape[2]
         W = self.window()
         block_mask = causal_block_mask(L, S, str(q_BHLD.device), W)
-        z_H, ramp = self.spans().to(q_BHLD.dtype), float(self.ramp)
+        position = inp.position
+        z_H, ramp = self.head_spans(inp).to(q_BHLD.dtype), float(self.ramp)
         bias = position.score_mod() if position.has_score_bias else None
 
         def span_mod(score, b, h, q_idx, kv_idx):
@@ -250,7 +256,7 @@ class AdaptiveSpanAttention(AttentionKernel):
         """The paper's form over all keys: softmax, multiply by m_z, renormalise."""
 
         def soft_mask(dist_LS, dtype):
-            z_H = self.spans().to(dtype)
+            z_H = self.head_spans(inp).to(dtype)
             raw = (self.ramp + z_H[:, None, None] - dist_LS.to(dtype)) / self.ramp
             # clamp to [0, 1]; exactly at m = 0 the derivative is taken from below (0), as in the
             # log form of the fast paths (it matters only at ties, such as z = 0 at initialisation).

@@ -60,6 +60,9 @@ class AttentionInputs:
     # With a KV cache: this call site's own state across decoding steps (lowrank_causal keeps the
     # summaries of finished segments there); None without a cache.
     cache_state: Optional[dict] = None
+    # Sequence parallelism: q, k and v are these heads of the model (a kernel with per-head
+    # parameters uses theirs; `caps.head_shards`). None: all of them.
+    heads: Optional[slice] = None
 
     @property
     def per_row(self) -> bool:
@@ -79,6 +82,9 @@ class Capabilities:
     deterministic_recompute: bool = True  # the same output when rerun with the same RNG state
     document_mask: bool = False  # honours AttentionInputs.doc_ids
     global_tokens: bool = False  # honours AttentionInputs.global_mask
+    # Its math is per head and it runs on any contiguous subset of the heads (AttentionInputs.heads):
+    # sequence parallelism (Ulysses) hands each process all positions of some of the heads.
+    head_shards: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,14 @@ class AttentionKernel(Variant, nn.Module):
             reasons.append(f"model.attention.kind={cfg.kind} cannot apply the additive score bias of "
                            f"model.position.kind={m.position.kind}{why}; use a scheme without one ({plain})")
         return reasons
+
+    @classmethod
+    def head_shard_refusal(cls, a) -> Optional[str]:
+        """Why this kind cannot attend with a subset of the heads over a split sequence
+        (trainer.sequence_parallel), or None when it can."""
+        if cls.caps.head_shards:
+            return None
+        return cls.refusals.get("head_shards", "its attention is not computed head by head")
 
     @classmethod
     def attention_flops(cls, model, seq_len: int) -> float:

@@ -41,7 +41,7 @@ class KernelizedConfig(AttentionConfig):
 
 
 class KernelizedAttention(AttentionKernel):
-    caps = Capabilities(score_bias=False, kv_cache=True)
+    caps = Capabilities(score_bias=False, kv_cache=True, head_shards=True)
     refusals = {"score_bias": "kernelized attention never forms the query-key scores a bias would be added to"}
     backends = ("chunked", "triton")
     signed_features = False  # features may be negative (RFA's sin/cos): guard the denominator's sign

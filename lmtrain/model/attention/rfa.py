@@ -24,7 +24,7 @@ its magnitude is kept at least `eps`, with its sign.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ class RFAAttention(RandomFeatureAttention):
     Config = RFAConfig
     signed_features = True
     features_per_projection = 2  # sin and cos
+    caps = replace(RandomFeatureAttention.caps, head_shards=False)
+    refusals = {**RandomFeatureAttention.refusals,
+                "head_shards": "its per-head feature scales and gates are not split across processes yet"}
     cfg: RFAConfig
 
     init_options = {"init_scale": ("log_scale", lambda cfg: math.log(cfg.init_scale)),

@@ -66,7 +66,7 @@ def document_starts(doc_BL):
 @ATTENTION.register("softmax")
 class SoftmaxAttention(AttentionKernel):
     Config = SoftmaxConfig
-    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, document_mask=True)
+    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, document_mask=True, head_shards=True)
     backends = ("sdpa", "flex")
 
     cfg: SoftmaxConfig

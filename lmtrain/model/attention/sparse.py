@@ -314,7 +314,8 @@ def row_flags(flags_BS: Tensor, q_pos: Tensor, k_pos_S: Tensor, p0: int) -> tupl
 @ATTENTION.register("sparse")
 class SparseAttention(AttentionKernel):
     Config = SparseConfig
-    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, global_tokens=True, document_mask=True)
+    caps = Capabilities(score_bias=True, kv_cache=True, query_rows=True, global_tokens=True, document_mask=True,
+                        head_shards=True)
     backends = ("gathered", "band", "merged", "flex")
     # window a multiple of the block: the registry-wide tests run the merged path (window|bigbird)
     test_options = {"pattern": "window|bigbird", "window": 8, "block": 4, "random_blocks": 1}
@@ -376,6 +377,17 @@ class SparseAttention(AttentionKernel):
         if any(t < 0 for t in cfg.global_token_ids):
             reasons.append("model.attention.global_token_ids: token ids are >= 0")
         return reasons
+
+    @classmethod
+    def head_shard_refusal(cls, a) -> Optional[str]:
+        """Layouts that are the same for every head attend with any subset of them; per-head
+        layouts (head groups, block_shift, bigbird's random blocks) are not split yet."""
+        model = a.model
+        for layer in range(model.n_layers):
+            if SparsePlan(model.attention, n_heads=model.n_heads, layer=layer, seed=0).per_head:
+                return (f"layer {layer}'s pattern differs by head (head groups, block_shift or bigbird), and per-head "
+                        "layouts are not split across processes yet; use one pattern for all heads")
+        return None
 
     # -- statistics (a HeadStatistics hook, lmtrain/model/hooks.py) ---------------------------
     def head_stats(self) -> dict[str, Tensor]:

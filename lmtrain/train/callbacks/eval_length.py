@@ -45,7 +45,8 @@ class EvalLength(pl.Callback):
         self._last_step = step
         sharded = bool(getattr(trainer.strategy, "zero_stage_3", False))
         if trainer.is_global_zero or sharded:
-            self.evaluate(trainer, pl_module.model, step, report=trainer.is_global_zero)
+            with pl_module.model.whole_sequences():  # one process scores whole sequences
+                self.evaluate(trainer, pl_module.model, step, report=trainer.is_global_zero)
         trainer.strategy.barrier("eval_length")
 
     def evaluate(self, trainer, model, step: int, report: bool = True) -> dict[str, float]:

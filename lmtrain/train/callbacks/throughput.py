@@ -39,7 +39,8 @@ class Throughput(pl.Callback):
             self._t0, self._tokens = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        # Tokens of the global batch: a sequence-parallel group shares its micro-batch.
+        self._tokens += batch.shape[0] * (batch.shape[1] - 1) * getattr(pl_module, "data_world", trainer.world_size)
         if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every:
             return
         self._sync(pl_module)
