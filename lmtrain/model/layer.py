@@ -187,9 +187,9 @@ class SelfAttention(nn.Module):
 
 
     def _exchanged(self, q_BHlD: Tensor, k_BHlD: Tensor, v_BHlD: Tensor, ctx: Context) -> Tensor:
-        """Attention over the whole sequence from this process's l = L/N positions (sequence
+        """Attention over the whole sequence from this process's P = L/N positions (sequence
         parallelism): the exchange hands the kernel all L positions of this process's heads."""
-        B, H, l, D = q_BHlD.shape
+        B, H, P, D = q_BHlD.shape
         heads = ctx.shard.heads(H)
         position = HeadSubset(ctx.position, heads)
 
@@ -200,7 +200,7 @@ class SelfAttention(nn.Module):
             return o_BhLD.transpose(1, 2).contiguous()
 
         o_BlHD = ctx.shard.exchange(local, *(t.transpose(1, 2) for t in (q_BHlD, k_BHlD, v_BHlD)))
-        return o_BlHD.reshape(B, l, H * D)
+        return o_BlHD.reshape(B, P, H * D)
 
     def _trim_cache(self, ctx: Context, key: Hashable, k_pos: Tensor) -> None:
         """Keys no later query can see leave the cache (a window keeps its last W and the global

@@ -98,7 +98,7 @@ def _worker(rank: int, port: int, results):
         got, got_logits = _loss(model, x, y[:, own])
         got.backward()
         worst_grad = 0.0
-        for (pname, p), q in zip(model.named_parameters(), want_model.parameters()):
+        for p, q in zip(model.parameters(), want_model.parameters()):
             if p.grad is None and q.grad is None:
                 continue
             g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
