@@ -95,8 +95,15 @@ class DataConfig:
     # Embedding rows, and the size of a new BPE. null: 8192 for a new BPE; a pretrained
     # tokenizer's size padded up to a multiple of 64.
     vocab_size: Optional[int] = None
-    seq_len: int = 256  # training window length L, in tokens
-    batch_size: int = 16  # per device, per micro-step
+    # Training window length L, in tokens; or a length curriculum "512,2048@2000,8192@4000"
+    # (512 for the first 2000 optimizer steps, then 2048 until step 4000, then 8192), which is
+    # saved as data.seq_len = the longest length and data.length_schedule = the schedule.
+    seq_len: int = 256
+    batch_size: int = 16  # per device, per micro-step (at data.seq_len, under a length curriculum)
+    length_schedule: str = ""  # "L@step,..." (set through data.seq_len); empty: data.seq_len throughout
+    # Under a length curriculum: tokens (the micro-batch grows as the length shrinks, so each step
+    # trains on as many tokens as at data.seq_len) or samples (data.batch_size at every length).
+    length_batch: str = "tokens"
     val_fraction: float = 0.02  # share of documents in the validation split
     text_field: str = "text"  # jsonl/parquet/HF column holding the text
     # How text files are decoded; an undecodable byte is refused with the file and line. Set it
@@ -509,6 +516,7 @@ def _check_options(key: str, kind: str, node: DictConfig) -> None:
 
 def _build(raw: DictConfig, *, load_tokenizer: bool = False) -> Config:
     _bare_kinds(raw)  # saved configs of earlier releases (`position: alibi`)
+    _length_curriculum(raw)
     schema = _schema_for(raw)
     try:
         merged = OmegaConf.merge(schema, raw)
@@ -524,6 +532,65 @@ def _build(raw: DictConfig, *, load_tokenizer: bool = False) -> Config:
     if errors:
         raise ConfigError(errors[0] + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""))
     return cfg
+
+
+@dataclass(frozen=True)
+class LengthPhase:
+    start_step: int  # optimizer steps done before this length starts (it trains step start_step + 1 on)
+    seq_len: int
+    batch_size: int  # micro-batch per device (or per sequence-parallel group)
+
+
+def parse_length_schedule(text: str) -> list[tuple[int, int]]:
+    """ "512,2048@2000,8192@4000" -> [(0, 512), (2000, 2048), (4000, 8192)]: (steps done before the
+    length starts, length).
+    Raises ValueError with what is wrong."""
+    out: list[tuple[int, int]] = []
+    for i, item in enumerate(x.strip() for x in text.split(",")):
+        length, _, step = item.partition("@")
+        if not length.strip().isdigit() or (step and not step.strip().isdigit()):
+            raise ValueError(f"{item!r} is not LENGTH or LENGTH@STEP")
+        start = int(step) if step else 0
+        if i == 0 and start != 0:
+            raise ValueError(f"the first length applies from step 0 (write {length} or {length}@0)")
+        if i and not step:
+            raise ValueError(f"{item!r} needs the optimizer step it starts at: {length}@STEP")
+        if out and start <= out[-1][0]:
+            raise ValueError(f"steps must increase: {item!r} starts at or before step {out[-1][0]}")
+        out.append((start, int(length)))
+    return out
+
+
+def length_phases(data) -> list[LengthPhase]:
+    """The phases of training's length curriculum (one phase without one). Tokens per step are
+    those of data.seq_len x data.batch_size unless data.length_batch=samples."""
+    if not data.length_schedule:
+        return [LengthPhase(0, data.seq_len, data.batch_size)]
+    out = []
+    for start, length in parse_length_schedule(data.length_schedule):
+        batch = data.batch_size
+        if data.length_batch == "tokens":
+            batch = data.batch_size * data.seq_len // length
+        out.append(LengthPhase(start, length, batch))
+    return out
+
+
+def _length_curriculum(raw: DictConfig) -> None:
+    """data.seq_len given as a schedule: data.length_schedule holds it (normalised), data.seq_len
+    the longest length (the model's tables are sized by it)."""
+    data = raw.get("data")
+    value = data.get("seq_len") if isinstance(data, DictConfig) else None
+    if not isinstance(value, str) or not ("," in value or "@" in value):
+        return
+    try:
+        schedule = parse_length_schedule(value)
+    except ValueError as e:
+        raise ConfigError(f"data.seq_len: {e}; e.g. data.seq_len=512,2048@2000,8192@4000") from None
+    if data.get("length_schedule") and data.get("length_schedule") != value:
+        raise ConfigError("data.seq_len: a length schedule is given twice (data.seq_len and data.length_schedule); "
+                          "give it once, in data.seq_len")
+    data.length_schedule = ",".join(f"{length}@{start}" for start, length in schedule)
+    data.seq_len = max(length for _, length in schedule)
 
 
 def _resolve_tokenizer(cfg: Config, *, load: bool) -> None:
@@ -583,6 +650,7 @@ def validate(cfg: Config) -> list[str]:
     need(d.tokenizer is None or d.vocab_size <= MAX_VOCAB,
          f"data.vocab_size: {d.vocab_size:,} rows exceed {MAX_VOCAB:,} (more memory to train than a machine has)")
     need(d.seq_len >= 2, "data.seq_len: must be at least 2")
+    errs += _check_length_schedule(cfg)
     need(d.batch_size >= 1, "data.batch_size: must be at least 1")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction: must be strictly between 0 and 1")
     need(d.max_documents is None or d.max_documents >= 2, "data.max_documents: must be at least 2 (or null)")
@@ -726,6 +794,35 @@ def _check_deepspeed(cfg: Config) -> list[str]:
         if owner:
             errs.append(f"deepspeed.raw.{key}: lmtrain sets this from {owner}; set that instead")
     return errs
+
+
+def _check_length_schedule(cfg: Config) -> list[str]:
+    d = cfg.data
+    if d.length_batch not in ("tokens", "samples"):
+        return [f"data.length_batch: {d.length_batch!r} is not tokens or samples"]
+    if not d.length_schedule:
+        return []
+    try:
+        schedule = parse_length_schedule(d.length_schedule)
+    except ValueError as e:
+        return [f"data.length_schedule: {e}"]
+    lengths = [length for _, length in schedule]
+    if max(lengths) != d.seq_len:
+        return [f"data.seq_len={d.seq_len}: the longest length of the schedule {d.length_schedule} is {max(lengths)}; "
+                "give the schedule in data.seq_len alone"]
+    if min(lengths) < 2:
+        return ["data.seq_len: every length of the schedule must be at least 2"]
+    if d.length_batch == "tokens":
+        odd = [L for L in lengths if d.seq_len % L]
+        if odd:
+            return [f"data.seq_len: {odd[0]} does not divide the longest length {d.seq_len}, so the micro-batch "
+                    "cannot keep the tokens per step; use lengths that divide it, or data.length_batch=samples"]
+    n = cfg.trainer.sequence_parallel
+    odd = [L for L in lengths if L % max(n, 1)]
+    if odd:
+        return [f"data.seq_len: trainer.sequence_parallel={n} must divide every length of the schedule "
+                f"({odd[0]} is not a multiple)"]
+    return []
 
 
 def _check_sequence_parallel(cfg: Config) -> list[str]:

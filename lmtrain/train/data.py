@@ -6,6 +6,13 @@ epoch = g // W, and within an epoch a permutation of the W windows seeded by (se
 Micro-step t of rank r (of R ranks, micro-batch b) takes g in [t*b*R + r*b, t*b*R + (r+1)*b).
 So resuming needs only the number of samples consumed, and a change of world size at the
 same global batch keeps exactly the same global order.
+
+A length curriculum (data.seq_len "512,2048@2000,...", `config.length_phases`) trains phase i
+after S_i optimizer steps on windows of its own length L_i, with its own micro-batch b_i; within
+a phase the order is the one above, over the windows of length L_i, counted from the phase's
+first sample. The phase and the sample within it follow from the samples consumed (each
+earlier phase consumed steps x b_i x ranks x accumulation), so resuming still needs nothing
+else, and a change of length between two checkpoints resumes exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lmtrain.config import LengthPhase, length_phases
 
 from data_pipelines.shards import DataDirError, check_matches, check_window, open_tokens, read_meta, verify_data_dir
 
@@ -58,6 +67,53 @@ class GlobalSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         for g in self.global_indices():
             yield self.window(g)
+
+
+class PhasedBatches(Sampler[list]):
+    """One rank's micro-batches under a length curriculum: lists of (length, window) keys of
+    `PhasedWindows`, phase after phase, from the sample `start_sample` of the whole run."""
+
+    def __init__(self, phases: list[LengthPhase], n_windows: dict[int, int], *, seed: int, accumulate: int,
+                 rank: int = 0, world_size: int = 1, start_sample: int = 0):
+        self.phases, self.n_windows, self.seed, self.acc = phases, n_windows, seed, accumulate
+        self.rank, self.world = rank, world_size
+        self.phase, self.phase_sample = self.locate(start_sample)
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        """(phase, samples consumed within it) at the run's global sample `sample`."""
+        for i, (p, nxt) in enumerate(zip(self.phases, self.phases[1:])):
+            size = (nxt.start_step - p.start_step) * p.batch_size * self.world * self.acc
+            if sample < size:
+                return i, sample
+            sample -= size
+        return len(self.phases) - 1, sample
+
+    def __iter__(self):
+        phase, start = self.phase, self.phase_sample
+        while True:
+            p = self.phases[phase]
+            last = phase == len(self.phases) - 1
+            steps = None if last else (self.phases[phase + 1].start_step - p.start_step) * self.acc
+            sampler = GlobalSampler(self.n_windows[p.seq_len], seed=self.seed, micro_batch=p.batch_size,
+                                    rank=self.rank, world_size=self.world, start_sample=start)
+            t0 = start // (p.batch_size * self.world)
+            windows = iter(sampler)
+            t = t0
+            while steps is None or t < steps:
+                yield [(p.seq_len, next(windows)) for _ in range(p.batch_size)]
+                t += 1
+            phase, start = phase + 1, 0
+
+
+class PhasedWindows(Dataset):
+    """(length, window) -> the window of that length (a WindowDataset per length)."""
+
+    def __init__(self, sets: dict[int, "WindowDataset"]):
+        self.sets = sets
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        length, w = key
+        return self.sets[length][w]
 
 
 class WindowDataset(Dataset):
@@ -115,7 +171,9 @@ class TokenDataModule(pl.LightningDataModule):
         check_matches(self.meta, vocab_size=cfg.data.vocab_size, data_dir=cfg.data.dir)
         verify_data_dir(cfg.data.dir, cfg.data.vocab_size)
         vocab = cfg.data.vocab_size
-        self.train_set = WindowDataset(cfg.data.dir, "train", cfg.data.seq_len, vocab)
+        self.phases = length_phases(cfg.data)
+        self.train_sets = {p.seq_len: WindowDataset(cfg.data.dir, "train", p.seq_len, vocab) for p in self.phases}
+        self.train_set = self.train_sets[cfg.data.seq_len]
         self.val_set = WindowDataset(cfg.data.dir, "val", cfg.data.seq_len, vocab)
         if self.train_set.n_windows < 1:
             raise DataDirError(
@@ -142,6 +200,11 @@ class TokenDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         if start_sample is None:
             start_sample = getattr(self.trainer.lightning_module, "consumed_samples", 0) if self.trainer else 0
+        if len(self.phases) > 1:
+            batches = PhasedBatches(self.phases, {L: s.n_windows for L, s in self.train_sets.items()},
+                                    seed=self.cfg.run.seed, accumulate=self.cfg.trainer.accumulate_grad_batches,
+                                    rank=rank, world_size=world, start_sample=start_sample)
+            return self._loader(PhasedWindows(self.train_sets), batch_sampler=batches)
         sampler = GlobalSampler(self.train_set.n_windows, seed=self.cfg.run.seed, micro_batch=self.cfg.data.batch_size,
                                 rank=rank, world_size=world, start_sample=start_sample)
         return self._loader(self.train_set, sampler)
@@ -153,8 +216,10 @@ class TokenDataModule(pl.LightningDataModule):
         windows = windows[: len(windows) // world * world] or windows
         return self._loader(self.val_set, windows[rank::world])
 
-    def _loader(self, dataset, sampler) -> DataLoader:
+    def _loader(self, dataset, sampler=None, batch_sampler=None) -> DataLoader:
         workers = self.cfg.data.num_workers
-        return DataLoader(dataset, batch_size=self.cfg.data.batch_size, sampler=sampler, num_workers=workers,
+        batch = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
+            "batch_size": self.cfg.data.batch_size, "sampler": sampler}
+        return DataLoader(dataset, **batch, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False,
                           prefetch_factor=4 if workers else None, generator=_loader_generator(self.cfg.run.seed))

@@ -127,6 +127,7 @@ class LMModule(pl.LightningModule):
         # The x coordinate of every logger: the optimizer step this batch trains, 1..N (Lightning
         # would use its count of steps done before it, 0..N-1). lmtrain/train/loggers.py.
         self.log("step", float(self.trainer.global_step + 1), batch_size=x_BL.shape[0])
+        self._report_length(x_BL)
         self.log("lr", self.last_lr, batch_size=x_BL.shape[0])
         # Counted here, not in on_train_batch_end: callbacks (the checkpoint among them)
         # run before the module's own batch-end hook.
@@ -135,6 +136,15 @@ class LMModule(pl.LightningModule):
         total = weighted if aux is None else weighted + aux
         self._bad_loss = self._bad_loss.to(total.device) | ~torch.isfinite(total.detach())
         return total
+
+    def _report_length(self, x_BL) -> None:
+        """The training length (a length curriculum changes it): logged, and announced on change."""
+        B, L = x_BL.shape
+        if self.cfg.data.length_schedule:
+            self.log("data/seq_len", float(L), batch_size=B)
+        if L != getattr(self, "_length", None) and self.trainer.is_global_zero:
+            print(f"step {self.trainer.global_step + 1}: training at length {L}, micro-batch {B}", flush=True)
+        self._length = L
 
     def validation_step(self, batch, batch_idx):
         # The full model's loss: per-token exits (early exit's model.depth.measure) are measured

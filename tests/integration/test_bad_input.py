@@ -293,6 +293,16 @@ CASES = [
     # -- configs, presets and overrides (any command that takes a config) --
     Case("unknown-key", cfg("model.n_layer=3"), "model.n_layer: unknown key (did you mean model.n_layers?)"),
     Case("wrong-type", cfg("model.n_layers=abc"), "model.n_layers: wrong type"),
+    Case("length-schedule-syntax", cfg("data.seq_len=32,64"), "data.seq_len: '64' needs the optimizer step it "
+                                                              "starts at: 64@STEP"),
+    Case("length-schedule-order", cfg("data.seq_len=32,64@5,128@5"), "data.seq_len: steps must increase"),
+    Case("length-schedule-tokens", cfg("data.seq_len=48,64@5"), "data.seq_len: 48 does not divide the longest "
+                                                                "length 64"),
+    Case("sequence-parallel-strategy", cfg("trainer.sequence_parallel=2", "trainer.devices=2"),
+         "trainer.sequence_parallel=2: splits sequences across processes; set trainer.strategy=ddp or deepspeed"),
+    Case("sequence-parallel-kind", cfg("trainer.sequence_parallel=2", "trainer.devices=2", "trainer.strategy=ddp",
+                                       "model.attention.kind=lsh", "model.position.kind=none"),
+         "trainer.sequence_parallel=2: model.attention.kind=lsh cannot attend over a split sequence"),
     Case("synonym-hidden-size", cfg("model.hidden_size=512"), "model.hidden_size: unknown key (lmtrain calls it "
                                                               "model.d_model)"),
     Case("synonym-learning-rate", cfg("learning_rate=3e-4"), "learning_rate: unknown key (lmtrain calls it optim.lr)"),

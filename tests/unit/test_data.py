@@ -247,3 +247,45 @@ def decoded_val_start(cfg) -> str:
 
     tok = load_tokenizer(Path(cfg.data.dir) / "tokenizer.json")
     return tok.decode([int(i) for i in open_tokens(cfg.data.dir, "val")[:64]])
+
+
+# -- length curriculum ----------------------------------------------------------------------------
+def _phases(schedule: str, batch: int = 4, longest: int = 64, mode: str = "tokens"):
+    from types import SimpleNamespace
+
+    from lmtrain.config import length_phases
+
+    return length_phases(SimpleNamespace(length_schedule=schedule, seq_len=longest, batch_size=batch,
+                                         length_batch=mode))
+
+
+def test_length_phases_keep_tokens_per_step():
+    phases = _phases("16@0,32@3,64@7")
+    assert [(p.start_step, p.seq_len, p.batch_size) for p in phases] == [(0, 16, 16), (3, 32, 8), (7, 64, 4)]
+    assert {p.seq_len * p.batch_size for p in phases} == {256}
+    assert [p.batch_size for p in _phases("16@0,64@7", mode="samples")] == [4, 4]
+
+
+@pytest.mark.parametrize("world, acc", [(1, 1), (2, 1), (1, 2)])
+def test_phased_batches_follow_the_schedule_and_resume_anywhere(world, acc):
+    from lmtrain.train.data import PhasedBatches
+
+    phases = _phases("16@0,32@3,64@7")
+    windows = {16: 40, 32: 20, 64: 10}
+
+    def stream(rank, start, n):
+        it = iter(PhasedBatches(phases, windows, seed=1, accumulate=acc, rank=rank, world_size=world,
+                                start_sample=start))
+        return [next(it) for _ in range(n)]
+
+    micro = 10 * acc  # micro-steps of 10 optimizer steps
+    full = stream(0, 0, micro)
+    lengths = [b[0][0] for b in full]
+    assert lengths == [16] * 3 * acc + [32] * 4 * acc + [64] * 3 * acc
+    assert [len(b) for b in full] == [16] * 3 * acc + [8] * 4 * acc + [4] * 3 * acc  # per rank
+    assert all(len({key[0] for key in b}) == 1 and all(0 <= key[1] < windows[key[0]] for key in b) for b in full)
+    # Resuming at any micro-step boundary, from the samples consumed, continues the same stream.
+    consumed = 0
+    for t in range(micro):
+        assert stream(0, consumed, micro - t) == full[t:], t
+        consumed += len(full[t]) * world

@@ -29,6 +29,8 @@ class MetricsFile(pl.Callback):
         loss = trainer.strategy.reduce(pl_module.last_lm_loss, reduce_op="mean")
         rec = {"step": step, "train/loss": float(loss),
                "lr": pl_module.last_lr, "consumed_samples": pl_module.consumed_samples}
+        if pl_module.cfg.data.length_schedule:  # a length curriculum: the length this step trained at
+            rec["data/seq_len"] = float(pl_module._length)
         # Auxiliary losses and statistics (span, ponder), as rank 0 saw them.
         rec.update({k: round(float(v), 6) for k, v in getattr(pl_module, "last_aux", {}).items()})
         self._write(trainer, rec)

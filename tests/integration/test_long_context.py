@@ -1,0 +1,24 @@
+"""Long contexts end to end: a length curriculum resumes bit-identically across a change of
+length, and a run continues another at a longer length (context extension)."""
+
+from __future__ import annotations
+
+from lmtrain.train.callbacks.metrics_file import read_metrics
+from tests.helpers import CONFIGS, TINY_MODEL, run_cli, train_twice_from_a_checkpoint
+
+DEBUG = str(CONFIGS / "debug.yaml")
+
+
+def test_length_curriculum_resumes_bit_identically_across_a_change(tiny_data, tmp_path):
+    """32 tokens (micro-batch 16) for 5 steps, then 64 (micro-batch 8); run b resumes from the
+    step-4 checkpoint, before the change, and logs exactly run a's losses after it."""
+    args = [DEBUG, *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", "model.dropout=0.1", "data.seq_len=32,64@5",
+            "trainer.max_steps=8", "checkpoint.every_n_steps=4", "trainer.val_every_n_steps=4",
+            "trainer.log_every_n_steps=1"]
+    run = train_twice_from_a_checkpoint(args, tmp_path, at=4, compare=(5, 6, 7, 8))
+    lengths = read_metrics(run / "metrics.jsonl", "data/seq_len")
+    assert lengths == {**{s: 32.0 for s in range(1, 6)}, **{s: 64.0 for s in range(6, 9)}}, lengths
+    saved = (run / "config.yaml").read_text()
+    assert "seq_len: 64" in saved and "length_schedule: 32@0,64@5" in saved
+    out = run_cli("train", *args, "run.name=c", "trainer.max_steps=1", check=True).stdout
+    assert "step 1: training at length 32, micro-batch 16" in out
