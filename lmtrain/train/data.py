@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmtrain.config import LengthPhase, length_phases
-
 from data_pipelines.shards import DataDirError, check_matches, check_window, open_tokens, read_meta, verify_data_dir
+from lmtrain.config import LengthPhase, length_phases
 
 
 def epoch_permutation(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
