@@ -110,11 +110,22 @@ class RunEval:
             "source": self.source,
             "checkpoint": str(t.checkpoint),
             "step": t.step,
-            "position": t.cfg.model.position.kind,
+            "position": position_label(t.cfg.model.position),
             "attention": t.cfg.model.attention.kind,
             "train_length": t.cfg.data.seq_len,
             "results": [r.to_dict() for r in self.results],
         }
+
+
+def position_label(position) -> str:
+    """The scheme, with the context-extension options it was changed by (RoPE's base, position
+    interpolation), so that a run and its extension are told apart in one table."""
+    from lmtrain.model.positions import RoPEConfig
+
+    default = RoPEConfig()
+    extra = [f"{name} {getattr(position, name):g}" for name in ("theta", "interpolate")
+             if hasattr(position, name) and getattr(position, name) != getattr(default, name)]
+    return f"{position.kind} ({', '.join(extra)})" if extra else position.kind
 
 
 def _names(trained: Sequence, sources: Sequence[str]) -> list[str]:

@@ -114,6 +114,14 @@ def _rope_requires(cfg, family: str) -> list[str]:
     return [] if p.kind == "rope" else [f"model.position.kind={p.kind} ({family} uses RoPE)"]
 
 
+def _rope_parameters(m, **extra) -> dict:
+    """transformers' rope_parameters: position interpolation is its `linear` rope type."""
+    p = m.position
+    if p.interpolate == 1:
+        return {"rope_type": "default", "rope_theta": p.theta, **extra}
+    return {"rope_type": "linear", "rope_theta": p.theta, "factor": float(p.interpolate), **extra}
+
+
 def _neox_requires(cfg) -> list[str]:
     m, out = cfg.model, _rope_requires(cfg, "GPT-NeoX")
     if m.norm != "layernorm":
@@ -130,7 +138,7 @@ def _neox_config(cfg, max_length: int) -> dict:
             "vocab_size": cfg.data.vocab_size, "max_position_embeddings": max_length, "layer_norm_eps": 1e-5,
             "use_parallel_residual": False, "attention_bias": bool(m.bias), "attention_dropout": 0.0,
             "hidden_dropout": 0.0, "rotary_pct": 1.0, "rotary_emb_base": m.position.theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.position.theta, "partial_rotary_factor": 1.0},
+            "rope_parameters": _rope_parameters(m, partial_rotary_factor=1.0),
             "tie_word_embeddings": bool(m.tie_embeddings), "use_cache": True, "initializer_range": 0.02}
 
 
@@ -186,7 +194,7 @@ def _llama_config(cfg, max_length: int) -> dict:
             "num_key_value_heads": m.n_heads, "num_hidden_layers": m.n_layers, "intermediate_size": m.d_ff,
             "hidden_act": "silu", "vocab_size": cfg.data.vocab_size, "max_position_embeddings": max_length,
             "rms_norm_eps": RMS_EPS, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "rope_theta": m.position.theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.position.theta},
+            "rope_theta": m.position.theta, "rope_parameters": _rope_parameters(m),
             "head_dim": m.d_model // m.n_heads, "tie_word_embeddings": bool(m.tie_embeddings), "use_cache": True,
             "initializer_range": 0.02}
 

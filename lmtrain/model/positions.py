@@ -464,6 +464,10 @@ class RelBuckets(DistanceBias):
 class RoPEConfig(PositionConfig):
     kind: str = "rope"
     theta: float = 10000.0  # base of the rotation frequencies theta^(-2i/D)
+    # Position interpolation (Chen et al. 2023) for context extension: positions are divided by
+    # this factor, so a model trained at L sees positions of a 4L window (interpolate: 4) at
+    # angles it was trained on. Base scaling, the other extension, raises `theta` instead.
+    interpolate: float = 1.0
 
 
 @POSITIONS.register("rope")
@@ -476,7 +480,7 @@ class RoPE(Position):
 
     def __init__(self, cfg: RoPEConfig, *, d_model: int, n_heads: int, **kw):
         super().__init__(cfg, d_model=d_model, n_heads=n_heads, **kw)
-        self.head_dim, self.theta = d_model // n_heads, cfg.theta
+        self.head_dim, self.theta, self.interpolate = d_model // n_heads, cfg.theta, cfg.interpolate
         if self.head_dim % 2:
             raise ValueError("rope needs an even head dimension")
 
@@ -488,6 +492,9 @@ class RoPE(Position):
                            f"(model.d_model / model.n_heads = {m.d_model // m.n_heads})")
         if not m.position.theta > 0:
             reasons.append("model.position.theta: must be positive (10000 in the paper)")
+        if not m.position.interpolate >= 1:
+            reasons.append(f"model.position.interpolate={m.position.interpolate}: must be at least 1 (1: none; "
+                           "4: a 4x longer context at the trained angles)")
         return reasons
 
     def rotate(self, x_BHLD: Tensor, pos_L: Tensor) -> Tensor:
@@ -495,7 +502,8 @@ class RoPE(Position):
         # buffer that model.to(bf16) would have cast: at long positions bf16 angles are useless.
         dt = _angle_dtype(x_BHLD)
         inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=dt, device=x_BHLD.device) / self.head_dim)
-        angles_LD2 = pos_L.to(dt)[..., None] * inv_freq  # L D/2, or B L D/2 for per-row positions
+        pos = pos_L.to(dt) if self.interpolate == 1 else pos_L.to(dt) / self.interpolate
+        angles_LD2 = pos[..., None] * inv_freq  # L D/2, or B L D/2 for per-row positions
         if angles_LD2.dim() == 3:
             angles_LD2 = angles_LD2[:, None]  # B 1 L D/2: the same angles for every head
         cos, sin = angles_LD2.cos().to(x_BHLD.dtype), angles_LD2.sin().to(x_BHLD.dtype)

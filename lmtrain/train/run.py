@@ -25,6 +25,9 @@ import torch
 from lmtrain.config import Config, flatten, to_dict, to_yaml
 
 # Keys that may differ between the checkpoint's config and the config of a resume.
+# What a continuation at a longer length may change beside data.seq_len (context extension):
+# RoPE's base (base scaling) and position interpolation; neither has weights.
+EXTENSION_KEYS = ("model.position.theta", "model.position.interpolate")
 RESUMABLE_CHANGES = ("trainer.", "checkpoint.", "eval.", "slurm.", "run.root", "run.name", "run.init_from",
                      "data.num_workers", "data.num_proc", "data.val_batches")
 
@@ -105,6 +108,7 @@ def init_weights(cfg: Config, log=print) -> dict:
     """The weights of `run.init_from` (an export, checkpoint or run dir, ZeRO shards included)
     for a fresh model: the same architecture and the same tokenizer, or refused."""
     from lmtrain.config import ConfigError
+    from lmtrain.model import build_model
     from lmtrain.train.checkpoint import CheckpointError, load_trained, tokenizer_path
 
     src = Path(cfg.run.init_from).expanduser()
@@ -115,9 +119,16 @@ def init_weights(cfg: Config, log=print) -> dict:
     def shape(c: Config) -> dict:  # what the weights depend on
         return {"model": to_dict(c)["model"], "data": {"vocab_size": c.data.vocab_size}}
 
-    for key, theirs_v, ours_v in config_differences(shape(t.cfg), shape(cfg)):
+    for key, theirs_v, ours_v in config_differences(shape(t.cfg), shape(cfg), EXTENSION_KEYS):
         raise ResumeError(f"run.init_from: {src} has {key}={theirs_v!r}, this config {ours_v!r}; "
                           "the weights only fit the same model")
+    ours_sd = build_model(cfg, device="meta").state_dict()
+    for name, value in t.model.state_dict().items():
+        if name in ours_sd and ours_sd[name].shape != value.shape:
+            raise ResumeError(f"run.init_from: {name} is {tuple(value.shape)} in {src} and "
+                              f"{tuple(ours_sd[name].shape)} here (data.seq_len {t.cfg.data.seq_len} -> "
+                              f"{cfg.data.seq_len}); a learned position "
+                              "table has no rows for the new positions: extend with rope or a scheme without a table")
     theirs, ours = tokenizer_path(t), Path(cfg.data.dir) / "tokenizer.json"
     if theirs.is_file() and ours.is_file() and theirs.read_bytes() != ours.read_bytes():
         raise ResumeError(f"run.init_from: {src} was trained with another tokenizer than {ours}; "

@@ -22,3 +22,22 @@ def test_length_curriculum_resumes_bit_identically_across_a_change(tiny_data, tm
     assert "seq_len: 64" in saved and "length_schedule: 32@0,64@5" in saved
     out = run_cli("train", *args, "run.name=c", "trainer.max_steps=1", check=True).stdout
     assert "step 1: training at length 32, micro-batch 16" in out
+
+
+def test_context_extension_continues_a_run_at_a_longer_length(tiny_data, tmp_path):
+    """RoPE at 32 tokens, continued at 64 with position interpolation 2 (run.init_from); the
+    length evaluation puts both in one table. A learned position table cannot be extended."""
+    common = [DEBUG, *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", "trainer.max_steps=4",
+              "trainer.val_every_n_steps=4", "checkpoint.every_n_steps=4"]
+    run_cli("train", *common, "model.position.kind=rope", "data.seq_len=32", "run.name=short", check=True)
+    out = run_cli("train", *common, "model.position.kind=rope", "model.position.interpolate=2", "data.seq_len=64",
+                  f"run.init_from={tmp_path / 'short'}", "run.name=long", check=True).stdout
+    assert "weights initialised from" in out
+    report = run_cli("eval-length", str(tmp_path / "short"), str(tmp_path / "long"), "--lengths", "32,64",
+                     "--max-tokens", "1024", "--no-tensorboard", check=True).stdout
+    assert "| short | rope | 32 |" in report and "| long | rope (interpolate 2) | 64 |" in report, report
+
+    run_cli("train", *common, "model.position.kind=learned", "data.seq_len=32", "run.name=learned", check=True)
+    refused = run_cli("train", *common, "model.position.kind=learned", "data.seq_len=64",
+                      f"run.init_from={tmp_path / 'learned'}", "run.name=learned-long")
+    assert refused.returncode == 2 and "a learned position table has no rows for the new positions" in refused.stderr

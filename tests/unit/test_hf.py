@@ -26,6 +26,10 @@ NATIVE = {  # family -> overrides of the property model (debug.yaml is ALiBi, La
     "gpt_neox-untied-nobias-tanh": ["model.position=rope", "model.bias=false", "model.tie_embeddings=false",
                                     "model.ffn.activation=gelu_tanh"],
     "llama": ["model.position=rope", "model.bias=false", "model.norm=rmsnorm", "model.ffn=swiglu"],
+    # context extension: position interpolation is transformers' `linear` rope type, base scaling its theta
+    "llama-interpolated": ["model.position=rope", "model.position.interpolate=4", "model.position.theta=50000",
+                           "model.bias=false", "model.norm=rmsnorm", "model.ffn=swiglu"],
+    "gpt_neox-interpolated": ["model.position=rope", "model.position.interpolate=2.5"],
 }
 REMOTE = {"adaptive_span": axis_overrides("attention", "adaptive_span"),
           "act": axis_overrides("depth", "act"),
