@@ -35,8 +35,22 @@ def trim() -> None:
         pass
 
 
+def limit_memory(gb: float) -> None:
+    """Cap this process's address space at `gb` GiB (0: no cap), so that a case that does not
+    fit fails with an allocation error instead of swapping or waking the OOM killer."""
+    if gb > 0:
+        import resource
+
+        cap = int(gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "alloc" in str(e).lower() or "out of memory" in str(e).lower()
+
+
 def alternate(cases: list[tuple[str, list[str]]], rounds: int, *, env: dict | None = None, log=print,
-              show=lambda label, r: "") -> dict[str, list[dict]]:
+              show=lambda label, r: "", allow_failure: bool = False) -> dict[str, list[dict]]:
     """Run each case's child process (label, argv) once per round, the cases alternating within
     a round, so that a change in the machine's load hits all of them alike. Each child prints
     its result as one JSON object on its last line of output. Returns label -> one result per
@@ -48,11 +62,16 @@ def alternate(cases: list[tuple[str, list[str]]], rounds: int, *, env: dict | No
     for r in range(rounds):
         for label, argv in cases:
             proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
+            if proc.returncode != 0 and not allow_failure:
                 raise RuntimeError(f"bench case {label!r} failed:\n{proc.stderr[-4000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            if proc.returncode != 0:  # killed (the OOM killer: -9) or crashed: reported, not fatal
+                lines = proc.stderr.strip().splitlines()
+                res = {"failed": f"exit {proc.returncode}" + (f": {lines[-1][-200:]}" if lines else "")}
+            else:
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
             results[label].append(res)
-            log(f"round {r + 1}/{rounds}  {label:<22} {show(label, res)}".rstrip())
+            line = f"cannot run: {res['failed']}" if "failed" in res else show(label, res)
+            log(f"round {r + 1}/{rounds}  {label:<22} {line}".rstrip())
     return results
 
 

@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
 
-from lmtrain.bench.process import alternate, medians, reset_peak, rss_kb
+from lmtrain.bench.process import alternate, limit_memory, medians, out_of_memory, reset_peak, rss_kb
 
 IMPLEMENTATIONS = ("lmtrain", "mpt", "xtransformers")
+# Peers with activation checkpointing of their own (transformers' gradient checkpointing): a
+# peer that runs out of memory at a length is run again with it (`--lengths`).
+CHECKPOINTING_PEERS = ("mpt",)
 
 
 # -- the child: one implementation, one process ------------------------------------------------
@@ -88,7 +92,7 @@ def _measure_lmtrain(cfg, warmup: int, steps: int) -> dict:
             "rss0": marks.get("rss0"), "version": f"lmtrain (Lightning {pl.__version__})"}
 
 
-def _measure_peer(cfg, peer: str, warmup: int, steps: int) -> dict:
+def _measure_peer(cfg, peer: str, warmup: int, steps: int, checkpointing: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -96,6 +100,9 @@ def _measure_peer(cfg, peer: str, warmup: int, steps: int) -> dict:
 
     model, forward, version = PEERS[peer](cfg)
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        version += ", activation checkpointing"
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     it = iter(_train_loader(cfg))
@@ -131,14 +138,21 @@ def measure(spec: dict) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    limit_memory(spec.get("memory_gb", 0))
     cfg = load_config(spec["config"], spec["overrides"])
     torch.manual_seed(cfg.run.seed)
     reference = build_model(cfg, device="meta")
     flops_per_token = training_flops_per_token(reference, cfg.data.seq_len)
     params_lmtrain = sum(p.numel() for p in reference.parameters())
     impl = spec["impl"]
-    res = (_measure_lmtrain if impl == "lmtrain" else lambda c, w, s: _measure_peer(c, impl, w, s))(
-        cfg, spec["warmup"], spec["steps"])
+    try:
+        res = (_measure_lmtrain if impl == "lmtrain" else lambda c, w, s: _measure_peer(
+            c, impl, w, s, spec.get("checkpointing", False)))(cfg, spec["warmup"], spec["steps"])
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        return {"impl": impl, "failed": f"out of memory at L={cfg.data.seq_len} "
+                                        f"(peak resident {rss_kb('VmHWM') / 2**20:.1f} GiB)"}
     params = sum(p.numel() for p in res["model"].parameters())
     peak_kb = rss_kb("VmHWM")
     device = torch.device("cuda" if cfg.trainer.accelerator in ("cuda", "gpu") else "cpu")
@@ -160,25 +174,93 @@ def measure(spec: dict) -> dict:
 # -- the parent ---------------------------------------------------------------------------------
 
 
-def run(args, log=print) -> list[dict]:
+KEYS = ("tokens_per_s", "step_s", "mfu", "data_wait", "peak_flops", "matmul_flops", "peak_mb")
+
+
+def _argv(args, kind: str, extra: list[str], checkpointing: bool = False) -> list[str]:
+    spec = {"impl": kind, "config": args.config, "overrides": [*args.overrides, *extra], "warmup": args.warmup,
+            "steps": args.steps, "threads": args.threads, "memory_gb": args.memory_limit_gb,
+            "checkpointing": checkpointing}
+    return [sys.executable, "-m", "lmtrain.bench.train", "--child", json.dumps(spec)]
+
+
+def _summary(label: str, runs: list[dict]) -> dict:
+    """Medians over the rounds; a case that failed in any round is reported as failed."""
+    failed = next((r for r in runs if "failed" in r), None)
+    return {"impl": label, "failed": failed["failed"]} if failed else {**medians(runs, KEYS), "impl": label}
+
+
+def _show(_, r) -> str:
+    return (f"{r['tokens_per_s']:9.0f} tok/s  step {r['step_s']:.3f} s  mfu {r['mfu']:.1%}  "
+            f"peak {r['peak_mb'] or 0:.0f} MB")
+
+
+def run(args, log=print, extra: tuple[str, ...] = ()) -> list[dict]:
     # Cases: lmtrain, lmtrain with each --variant's extra overrides, then the peers.
     cases = [("lmtrain", "lmtrain", [])]
     cases += [(f"lmtrain {v}", "lmtrain", v.split()) for v in args.variant]
     cases += [(p, p, []) for p in args.peers]
-    argv = [(label, [sys.executable, "-m", "lmtrain.bench.train", "--child", json.dumps(
-        {"impl": kind, "config": args.config, "overrides": [*args.overrides, *extra], "warmup": args.warmup,
-         "steps": args.steps, "threads": args.threads})]) for label, kind, extra in cases]
-    results = alternate(argv, args.rounds, log=log, show=lambda _, r: f"{r['tokens_per_s']:9.0f} tok/s  step "
-                        f"{r['step_s']:.3f} s  mfu {r['mfu']:.1%}")
-    keys = ("tokens_per_s", "step_s", "mfu", "data_wait", "peak_flops", "matmul_flops", "peak_mb")
-    return [{**medians(results[label], keys), "impl": label} for label, _, _ in cases]
+    argv = [(label, _argv(args, kind, [*extra, *more])) for label, kind, more in cases]
+    results = alternate(argv, args.rounds, log=log, show=_show, allow_failure=bool(extra))
+    out = [_summary(label, results[label]) for label, _, _ in cases]
+    # A peer that ran out of memory runs again with its own activation checkpointing, if it has it.
+    retry = [r["impl"] for r in out if r["impl"] in CHECKPOINTING_PEERS and "out of memory" in r.get("failed", "")]
+    if retry:
+        again = alternate([(f"{p}, checkpointing", _argv(args, p, list(extra), checkpointing=True)) for p in retry],
+                          args.rounds, log=log, show=_show, allow_failure=True)
+        out += [_summary(label, runs) for label, runs in again.items()]
+    return out
+
+
+def run_lengths(args, log=print) -> dict[int, list[dict]]:
+    """`run` at each of --lengths (data.seq_len=L); a case that cannot run at L is reported so."""
+    out = {}
+    for L in args.lengths:
+        log(f"-- L = {L}")
+        out[L] = run(args, log=log, extra=(f"data.seq_len={L}",))
+    return out
+
+
+def format_scaling(by_length: dict[int, list[dict]]) -> str:
+    """Step time and peak memory of each case at each length, and their growth per doubling of L."""
+    lengths = sorted(by_length)
+    labels = list(dict.fromkeys(r["impl"] for L in lengths for r in by_length[L]))
+    find = {(L, r["impl"]): r for L in lengths for r in by_length[L]}
+
+    def cell(r, key, fmt):
+        return "cannot run" if r is None or "failed" in r or r.get(key) is None else fmt(r[key])
+
+    def growth(key):
+        out = []
+        for a, b in zip(lengths, lengths[1:]):
+            ra, rb = find.get((a, label)), find.get((b, label))
+            ok = all(r is not None and "failed" not in r and r.get(key) for r in (ra, rb))
+            per_doubling = (rb[key] / ra[key]) ** (1 / math.log2(b / a)) if ok else None
+            out.append(f"{per_doubling:.2f}x" if per_doubling else "-")
+        return out
+
+    head = " | ".join(f"L={L}" for L in lengths)
+    steps = " | ".join(f"{a}->{b}" for a, b in zip(lengths, lengths[1:]))
+    lines = [f"| case | step time (s): {head} | time per doubling: {steps} | peak memory (MB): {head} | "
+             f"memory per doubling: {steps} |",
+             "|---|" + "---:|" * (2 * len(lengths) + 2 * (len(lengths) - 1))]
+    for label in labels:
+        times = [cell(find.get((L, label)), "step_s", lambda v: f"{v:.2f}") for L in lengths]
+        mems = [cell(find.get((L, label)), "peak_mb", lambda v: f"{v:.0f}") for L in lengths]
+        lines.append(f"| {label} | " + " | ".join([*times, *growth("step_s"), *mems, *growth("peak_mb")]) + " |")
+    return "\n".join(lines)
 
 
 def format_results(results: list[dict]) -> str:
     ours = results[0]
     lines = ["| implementation | version | parameters | tokens/s | step (s) | MFU | peak memory (MB) | data wait | "
              "lmtrain / this |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    if "failed" in ours:
+        return f"lmtrain cannot run: {ours['failed']}"
     for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['impl']} | | | cannot run: {r['failed']} | | | | | |")
+            continue
         mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
         lines.append(f"| {r['impl']} | {r['version']} | {r['params']:,} | {r['tokens_per_s']:.0f} | "
                      f"{r['step_s']:.3f} | {r['mfu']:.1%} | {mem} | {r['data_wait']:.1%} | "
@@ -187,11 +269,15 @@ def format_results(results: list[dict]) -> str:
     lines.append(f"FLOPs per token: {ours['flops_per_token'] / 1e6:.1f} M (6 N + 12 n_layers d_model L); MFU against "
                  f"{ours['peak_flops'] / 1e12:.3f} TFLOP/s ({ours['peak_source']}); measured matmul peak "
                  f"{ours['matmul_flops'] / 1e12:.3f} TFLOP/s")
-    peers = [r for r in results if not r["impl"].startswith("lmtrain")]
+    peers = [r for r in results if not r["impl"].startswith("lmtrain") and "failed" not in r]
     if peers:
         best_peer = max(peers, key=lambda r: r["tokens_per_s"])
+        memory = (f", with {ours['peak_mb'] / best_peer['peak_mb']:.2f} of its peak memory"
+                  if ours["peak_mb"] and best_peer["peak_mb"] else "")
         lines.append(f"lmtrain is {ours['tokens_per_s'] / best_peer['tokens_per_s']:.2f}x the faster peer "
-                     f"({best_peer['impl']})")
+                     f"({best_peer['impl']}){memory}")
+    elif any(not r["impl"].startswith("lmtrain") for r in results):
+        lines.append("no peer can run this case")
     return "\n".join(lines)
 
 
@@ -207,6 +293,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="processes per implementation, alternating (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--lengths", default="",
+                   help="comma-separated sequence lengths (data.seq_len) to run every case at, e.g. 4096,8192,16384; "
+                        "adds a table of step time and peak memory against L; a case that runs out of memory is "
+                        "reported as unable to run, and a peer with activation checkpointing is retried with it")
+    p.add_argument("--memory-limit-gb", type=float, default=0.0,
+                   help="cap each case's address space (0: 90%% of this machine's memory with --lengths, else none)")
 
 
 def main(args) -> int:
@@ -221,6 +313,19 @@ def main(args) -> int:
         raise ConfigError(f"bench train: --vs {','.join(unknown)}: unknown peer; choose from {', '.join(PEERS)}")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         raise ConfigError("bench train: --steps, --warmup and --rounds must be at least 1")
+    try:
+        args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"bench train: --lengths {args.lengths}: give comma-separated integers, e.g. "
+                          "4096,8192,16384") from None
+    if any(L < 2 for L in args.lengths):
+        raise ConfigError("bench train: --lengths: every length must be at least 2")
+    if args.memory_limit_gb < 0:
+        raise ConfigError("bench train: --memory-limit-gb must be 0 (default) or positive")
+    if args.lengths and not args.memory_limit_gb:
+        args.memory_limit_gb = 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    for L in args.lengths:  # every length's config is valid before any process starts
+        load_config(args.config, [*args.overrides, f"data.seq_len={L}"])
     cfg = load_config(args.config, args.overrides)  # bad keys fail here, before any process starts
     for v in args.variant:
         load_config(args.config, [*args.overrides, *v.split()])
@@ -234,6 +339,8 @@ def main(args) -> int:
           f"L {cfg.data.seq_len}, batch {cfg.data.batch_size}, {cfg.trainer.precision}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"{args.rounds} rounds x ({args.warmup} + {args.steps}) steps", flush=True)
+    if args.lengths:
+        return _main_lengths(args)
     results = run(args)
     print()
     print(format_results(results))
@@ -249,6 +356,25 @@ def main(args) -> int:
         with open(args.out, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "date": time.strftime("%Y-%m-%d"),
                        "results": results}, f, indent=2)
+    return 1 if mismatched else 0
+
+
+def _main_lengths(args) -> int:
+    by_length = run_lengths(args)
+    for L, results in by_length.items():
+        print(f"\nL = {L}:\n")
+        print(format_results(results))
+    print("\nScaling in L:\n")
+    print(format_scaling(by_length))
+    mismatched = [(L, r) for L, results in by_length.items() for r in results
+                  if "failed" not in r and r["params"] != r["params_lmtrain"]]
+    for L, r in mismatched:
+        print(f"warning: L={L}: {r['impl']} has {r['params']:,} parameters, lmtrain {r['params_lmtrain']:,}: "
+              f"not the same model", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "date": time.strftime("%Y-%m-%d"),
+                       "results": {str(L): r for L, r in by_length.items()}}, f, indent=2)
     return 1 if mismatched else 0
 
 
