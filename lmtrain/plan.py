@@ -18,6 +18,13 @@ Activations per layer (Korthikanti et al. 2022, "Reducing Activation Recomputati
 kernels, which lmtrain uses). With activation checkpointing a layer keeps only its input,
 2 s b h, and one layer's full activations exist during its recomputation. The LM head
 adds s b V logits (16-bit) and their fp32 copy for the loss.
+
+Sequence parallelism (trainer.sequence_parallel = N, DeepSpeed Ulysses): each rank of a group
+holds s/N positions of every tensor outside attention, and inside attention all s positions
+of a/N heads, which is again s b h / N per tensor; so every per-layer term above is divided
+by N, the materialised s^2 term included (a/N heads each). Model states are sharded over all
+ranks (ZeRO's data-parallel group is the whole world). The all-to-alls move, per layer and
+micro-batch, 4 tensors forward and 4 backward, each (N-1)/N of a rank's s b h / N elements.
 """
 
 from __future__ import annotations
@@ -60,16 +67,27 @@ def model_state_bytes(psi: int, n_d: int, stage: str, b: Bytes, *, offload_optim
 
 
 def activation_bytes(*, seq_len: int, micro_batch: int, d_model: int, n_heads: int, d_ff: int, n_layers: int,
-                     vocab: int, checkpointing: bool, flash: bool = True, act_bytes: int = 2) -> float:
-    """Activation memory of one micro-batch's forward pass (the peak at the start of backward)."""
-    s, b, h, a = seq_len, micro_batch, d_model, n_heads
+                     vocab: int, checkpointing: bool, flash: bool = True, act_bytes: int = 2,
+                     sequence_parallel: int = 1) -> float:
+    """Activation memory of one micro-batch's forward pass (the peak at the start of backward)
+    on one rank; with sequence parallelism the rank holds 1/N of the sequence."""
+    s, b, h, a, n = seq_len, micro_batch, d_model, n_heads, sequence_parallel
     f = d_ff / d_model
-    per_layer = s * b * h * (18 + 4 * f) * act_bytes / 2
+    per_layer = s * b * h * (18 + 4 * f) * act_bytes / 2 / n
     if not flash:
-        per_layer += 5 * a * s * s * b * act_bytes / 2
-    layers = (2 * s * b * h * act_bytes / 2) * n_layers + per_layer if checkpointing else per_layer * n_layers
-    logits = s * b * vocab * (act_bytes + 4)
+        per_layer += 5 * a * s * s * b * act_bytes / 2 / n
+    layers = (2 * s * b * h * act_bytes / 2 / n) * n_layers + per_layer if checkpointing else per_layer * n_layers
+    logits = s * b * vocab * (act_bytes + 4) / n
     return layers + logits
+
+
+def all_to_all_bytes(*, seq_len: int, micro_batch: int, d_model: int, n_layers: int, act_bytes: int,
+                     sequence_parallel: int) -> float:
+    """Bytes one rank sends per micro-batch in Ulysses' all-to-alls (forward and backward)."""
+    n = sequence_parallel
+    if n == 1:
+        return 0.0
+    return 8 * n_layers * (n - 1) / n * seq_len * micro_batch * d_model / n * act_bytes
 
 
 def count_params(cfg) -> int:
@@ -91,9 +109,12 @@ def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> di
 
     applications = DEPTH.get(m.depth.kind).layer_applications(m)  # a shared block keeps activations per step
 
+    sp = cfg.trainer.sequence_parallel
+
     def act(mb: int, ckpt: bool) -> float:
         return activation_bytes(seq_len=d.seq_len, micro_batch=mb, d_model=m.d_model, n_heads=m.n_heads, d_ff=m.d_ff,
-                                n_layers=applications, vocab=d.vocab_size, checkpointing=ckpt, act_bytes=act_bytes)
+                                n_layers=applications, vocab=d.vocab_size, checkpointing=ckpt, act_bytes=act_bytes,
+                                sequence_parallel=sp)
 
     budget = (gpu_mem_gb - headroom_gb) * GB
     rows = []
@@ -126,6 +147,9 @@ def plan(cfg, *, gpu_mem_gb: float, n_gpus: int, headroom_gb: float = 2.0) -> di
         "headroom_gb": headroom_gb,
         "seq_len": d.seq_len,
         "micro_batch": d.batch_size,
+        "sequence_parallel": sp,
+        "all_to_all_gb": all_to_all_bytes(seq_len=d.seq_len, micro_batch=d.batch_size, d_model=m.d_model,
+                                          n_layers=applications, act_bytes=act_bytes, sequence_parallel=sp) / GB,
         "activations_gb": act(d.batch_size, False) / GB,
         "activations_ckpt_gb": act(d.batch_size, True) / GB,
         "stages": rows,
@@ -142,6 +166,9 @@ def format_plan(p: dict) -> str:
         "context and fragmentation)",
         f"activations          {p['activations_gb']:.2f} GB per GPU at micro-batch {p['micro_batch']} x "
         f"{p['seq_len']} tokens ({p['activations_ckpt_gb']:.2f} GB with activation checkpointing)",
+        *([f"sequence parallel    {p['sequence_parallel']} GPUs per sequence ({p['seq_len'] // p['sequence_parallel']} "
+           f"positions each; {p['n_gpus'] // p['sequence_parallel']} data-parallel groups); all-to-all "
+           f"{p['all_to_all_gb']:.2f} GB sent per GPU per micro-batch"] if p["sequence_parallel"] > 1 else []),
         "",
         "| stage | model states per GPU (GB) | largest micro-batch | with activation checkpointing |",
         "|---|---:|---:|---:|",

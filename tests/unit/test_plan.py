@@ -7,7 +7,7 @@ import pytest
 
 from lmtrain.config import load_config
 from lmtrain.model import build_model
-from lmtrain.plan import STAGES, Bytes, activation_bytes, count_params, model_state_bytes, plan
+from lmtrain.plan import STAGES, Bytes, activation_bytes, count_params, format_plan, model_state_bytes, plan
 from tests.helpers import CONFIGS
 
 
@@ -83,3 +83,28 @@ def test_the_configured_strategy_is_costed():
     assert off["model_states_gb"] == pytest.approx(z3["model_states_gb"] * 2 / 16)  # gradients only
 
 
+
+
+def test_sequence_parallelism_divides_activations_per_rank():
+    """trainer.sequence_parallel=N: each rank holds L/N positions of every activation (the
+    materialised attention matrix too), model states stay sharded over all ranks, and the
+    all-to-all traffic is 8 layers x (N-1)/N x L/N x b x d per rank."""
+    from lmtrain.plan import activation_bytes, all_to_all_bytes
+
+    shape = dict(seq_len=65536, micro_batch=1, d_model=4096, n_heads=32, d_ff=16384, n_layers=32, vocab=50304,
+                 checkpointing=False)
+    for flash in (True, False):
+        whole = activation_bytes(**shape, flash=flash)
+        assert activation_bytes(**shape, flash=flash, sequence_parallel=8) == pytest.approx(whole / 8)
+    assert all_to_all_bytes(seq_len=65536, micro_batch=1, d_model=4096, n_layers=32, act_bytes=2,
+                            sequence_parallel=8) == pytest.approx(8 * 32 * 7 / 8 * 8192 * 4096 * 2)
+    big = ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "model.d_ff=16384", "data.seq_len=65536",
+           "data.batch_size=1", "trainer.precision=bf16-mixed", "trainer.strategy=deepspeed", "deepspeed.zero_stage=3",
+           "trainer.devices=8"]
+    one = plan(load_config(CONFIGS / "default.yaml", big), gpu_mem_gb=80, n_gpus=8)
+    split = plan(load_config(CONFIGS / "default.yaml", [*big, "trainer.sequence_parallel=8"]), gpu_mem_gb=80, n_gpus=8)
+    assert split["configured"]["activations_gb"] == pytest.approx(one["configured"]["activations_gb"] / 8)
+    assert split["configured"]["model_states_gb"] == one["configured"]["model_states_gb"]
+    assert not one["configured"]["fits"] and split["configured"]["fits"]
+    text = format_plan(split)
+    assert "sequence parallel    8 GPUs per sequence (8192 positions each; 1 data-parallel groups)" in text
