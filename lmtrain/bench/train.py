@@ -228,7 +228,9 @@ def format_scaling(by_length: dict[int, list[dict]]) -> str:
     find = {(L, r["impl"]): r for L in lengths for r in by_length[L]}
 
     def cell(r, key, fmt):
-        return "cannot run" if r is None or "failed" in r or r.get(key) is None else fmt(r[key])
+        if r is None:
+            return "-"  # not run at this length (a retry with checkpointing is run only where needed)
+        return "cannot run" if "failed" in r or r.get(key) is None else fmt(r[key])
 
     def growth(key):
         out = []

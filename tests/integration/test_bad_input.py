@@ -544,6 +544,11 @@ CASES = [
     Case("bench-memory-set-form", cmd("bench", "memory", "--set", "nonsense"),
          "nonsense: an override must look like key=value"),
     Case("bench-train-peer", cmd("bench", "train", DEBUG, "--vs", "gpt5"), "unknown peer"),
+    Case("bench-train-lengths", cmd("bench", "train", DEBUG, "--lengths", "4k"),
+         "--lengths 4k: give comma-separated integers"),
+    Case("bench-train-length-odd", cmd("bench", "train", DEBUG, "trainer.sequence_parallel=2", "trainer.devices=2",
+                                       "trainer.strategy=ddp", "--lengths", "4095"),
+         "must divide data.seq_len=4095"),
     # -- plan, submit --
     Case("plan-gpus", cmd("plan", DEBUG, "--gpus", "0"), "--gpus"),
     Case("plan-gpu-mem", cmd("plan", DEBUG, "--gpu-mem", "1"), "--gpu-mem"),

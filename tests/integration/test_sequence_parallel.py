@@ -58,6 +58,15 @@ def test_two_processes_train_as_one(trained, position):
     one = trained(f"one-{position}", f"model.position.kind={position}")
     two = trained(f"sp-{position}", f"model.position.kind={position}", *SP, "trainer.strategy=ddp")
     assert_same_losses(one, two)
+    # The checkpoints load as any other (no shard), with the same weights.
+    import torch
+
+    from lmtrain.train.checkpoint import load_trained
+
+    a, b = load_trained(one), load_trained(two)
+    assert a.model.sequence_shard is None and b.model.sequence_shard is None
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
