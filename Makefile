@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse lsh-lowrank early-exit
+.PHONY: train test test-unit test-slow test-all lint env clean-runs extrapolation adaptive-span act kernelized sparse lsh-lowrank early-exit long-context
 
 env: $(STAMP)
 
@@ -142,3 +142,11 @@ early-exit: $(STAMP)
 
 clean-runs:
 	rm -rf runs
+
+# Long-context training speed against the peers at 4k, 8k and 16k (docs/benchmarks.md; about 40 minutes on 2 cores).
+long-context: $(STAMP)
+	$(VENV)/bin/lmtrain bench train configs/default.yaml model.n_layers=6 model.d_model=512 model.n_heads=8 \
+	  model.d_ff=2048 model.bias=false data.batch_size=1 --lengths 4096,8192,16384 --vs mpt,xtransformers \
+	  --variant trainer.activation_checkpointing=true --variant "model.attention=performer model.position=rope" \
+	  --variant "model.attention=sparse model.attention.window=512" --steps 2 --warmup 1 --rounds 1 --threads 2 \
+	  --out runs/bench_train_lengths.json
