@@ -89,12 +89,13 @@ class Decoder(nn.Module):
         start = cache.length if cache is not None else 0
         pos_L = torch.arange(start, start + L, device=idx_BL.device)
         ctx = Context(pos_L=pos_L, position=self.position, aux=Aux(), cache=cache, readout=self.readout)
-        shard = self.sequence_shard
+        shard, own = self.sequence_shard, None
         if shard is not None:
             # idx_BL is the whole sequence; this process computes its own positions only.
             if cache is not None:
                 raise ValueError("a KV cache and sequence parallelism do not mix: decode without a sequence shard")
-            ctx.shard, ctx.seq_pos, ctx.pos_L = shard, pos_L, pos_L[shard.positions(L)]
+            own = shard.positions(L)
+            ctx.shard, ctx.seq_pos, ctx.pos_L = shard, pos_L, pos_L[own]
         if self.document_mask:
             if cache is not None:
                 raise ValueError("a document-masked model decodes without a KV cache (supports_kv_cache is False)")
@@ -105,8 +106,7 @@ class Decoder(nn.Module):
                 ctx.doc_ids, ctx.embed_pos = doc_BL, pos_BL
         if self.global_token_ids is not None:
             ctx.global_mask = torch.isin(idx_BL, self.global_token_ids)
-        if shard is not None:
-            own = shard.positions(L)
+        if own is not None:
             idx_BL = idx_BL[:, own]
             ctx.embed_pos = ctx.embed_pos[:, own] if ctx.embed_pos is not None else None
         tok_BLM = self.embed(idx_BL)

@@ -185,11 +185,10 @@ class SelfAttention(nn.Module):
             o_BLM = gather_rows(o_BLM, rows_BQ)  # every query was attended; project the asked-for ones
         return self.proj(o_BLM)
 
-
-    def _exchanged(self, q_BHlD: Tensor, k_BHlD: Tensor, v_BHlD: Tensor, ctx: Context) -> Tensor:
+    def _exchanged(self, q_BHPD: Tensor, k_BHPD: Tensor, v_BHPD: Tensor, ctx: Context) -> Tensor:
         """Attention over the whole sequence from this process's P = L/N positions (sequence
         parallelism): the exchange hands the kernel all L positions of this process's heads."""
-        B, H, P, D = q_BHlD.shape
+        B, H, P, D = q_BHPD.shape
         heads = ctx.shard.heads(H)
         position = HeadSubset(ctx.position, heads)
 
@@ -199,8 +198,8 @@ class SelfAttention(nn.Module):
             o_BhLD = self.kernel(q_BLhD.transpose(1, 2), k_BLhD.transpose(1, 2), v_BLhD.transpose(1, 2), inp)
             return o_BhLD.transpose(1, 2).contiguous()
 
-        o_BlHD = ctx.shard.exchange(local, *(t.transpose(1, 2) for t in (q_BHlD, k_BHlD, v_BHlD)))
-        return o_BlHD.reshape(B, P, H * D)
+        o_BPHD = ctx.shard.exchange(local, *(t.transpose(1, 2) for t in (q_BHPD, k_BHPD, v_BHPD)))
+        return o_BPHD.reshape(B, P, H * D)
 
     def _trim_cache(self, ctx: Context, key: Hashable, k_pos: Tensor) -> None:
         """Keys no later query can see leave the cache (a window keeps its last W and the global
