@@ -1,6 +1,8 @@
 """Integration: `lmtrain train` with trainer.sequence_parallel=2 on two gloo processes trains
 exactly as one process over the same global batch (ALiBi and RoPE, with document masking),
-under DDP and ZeRO-3, and a USR1 mid-run then a resume continues exactly."""
+also when stopped by USR1 mid-run and resumed, under DDP and ZeRO-3. The default suite runs
+ALiBi (stopped and resumed); RoPE, ZeRO-3 and four processes run under `slow` (the unit tests
+cover every position scheme and kind at the model level)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmtrain.train.callbacks.metrics_file import read_metrics
-from tests.helpers import CONFIGS, TINY_DATA, run_cli, train_and_signal
+from tests.helpers import CONFIGS, run_cli, train_and_signal
 
 DEBUG = str(CONFIGS / "debug.yaml")
 STEPS = ["trainer.max_steps=20", "trainer.val_every_n_steps=10", "checkpoint.every_n_steps=10",
@@ -18,11 +20,8 @@ SP = ["trainer.devices=2", "trainer.sequence_parallel=2"]
 
 
 @pytest.fixture(scope="module")
-def base_args(tmp_path_factory) -> list[str]:
-    work = tmp_path_factory.mktemp("sp")
-    data = [*TINY_DATA, f"data.dir={work / 'data'}"]
-    run_cli("prepare-data", DEBUG, *data, check=True)
-    return [DEBUG, *data, *STEPS, f"run.root={work / 'runs'}"]
+def base_args(tiny_data, tmp_path_factory) -> list[str]:
+    return [DEBUG, *tiny_data, *STEPS, f"run.root={tmp_path_factory.mktemp('sp') / 'runs'}"]
 
 
 def runs(args) -> Path:
@@ -52,40 +51,43 @@ def assert_same_losses(a: Path, b: Path, steps: int = 20) -> None:
             assert got[s] == pytest.approx(want[s], rel=1e-5), (key, s, want[s], got[s])
 
 
-@pytest.mark.parametrize("position", ["alibi", "rope"])
-def test_two_processes_train_as_one(trained, position):
-    """Per-step losses of 20 steps, and the validation losses, within relative 1e-5."""
-    one = trained(f"one-{position}", f"model.position.kind={position}")
-    two = trained(f"sp-{position}", f"model.position.kind={position}", *SP, "trainer.strategy=ddp")
-    assert_same_losses(one, two)
-    # The checkpoints load as any other (no shard), with the same weights.
+def test_two_processes_stopped_and_resumed_train_as_one(base_args, trained):
+    """ALiBi with documents: two processes, stopped by USR1 after step 6 (a checkpoint at the step
+    they stop) and resumed to step 20, log one process's losses within relative 1e-5, and the
+    checkpoints load as any other (no shard) and compute the same function."""
     import torch
 
     from lmtrain.train.checkpoint import load_trained
 
-    a, b = load_trained(one), load_trained(two)
+    one = trained("one-alibi", "model.position.kind=alibi")
+    args = [*base_args, *SP, "trainer.strategy=ddp", "run.name=sp-cut"]
+    cut = runs(base_args) / "sp-cut"
+    code, out = train_and_signal(args, cut / "metrics.jsonl", after_step=6)
+    assert code == 0 and "stopped at step" in out, out[-3000:]
+    assert 6 <= max(read_metrics(cut / "metrics.jsonl")) < 20
+    run_cli("train", *args, check=True)
+    assert_same_losses(one, cut)
+    # (Weights are not compared one by one: Adam turns noise-level gradient differences into
+    # updates of either sign.)
+    a, b = load_trained(one), load_trained(cut)
     assert a.model.sequence_shard is None and b.model.sequence_shard is None
-    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    x = torch.randint(0, a.cfg.data.vocab_size, (2, a.cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = (torch.nn.functional.cross_entropy(t.model(x).logits_BLV[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+                  for t in (a, b))
+    assert float(lb) == pytest.approx(float(la), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_rope_two_processes_train_as_one(trained):
+    one = trained("one-rope", "model.position.kind=rope")
+    assert_same_losses(one, trained("sp-rope", "model.position.kind=rope", *SP, "trainer.strategy=ddp"))
 
 
 @pytest.mark.slow
 def test_zero3_with_sequence_parallelism(trained):
     zero3 = trained("sp-zero3", *SP, "trainer.strategy=deepspeed", "deepspeed.zero_stage=3")
     assert_same_losses(trained("one-alibi", "model.position.kind=alibi"), zero3)
-
-
-def test_usr1_then_resume_continues_exactly(base_args, trained):
-    """Stopped by USR1 after step 6 (a checkpoint at the step it stops), resumed to step 20:
-    the same losses as the uninterrupted sequence-parallel run."""
-    args = [*base_args, *SP, "trainer.strategy=ddp", "run.name=sp-cut"]
-    cut = runs(base_args) / "sp-cut"
-    code, out = train_and_signal(args, cut / "metrics.jsonl", after_step=6)
-    assert code == 0 and "stopped at step" in out, out[-3000:]
-    stopped = max(read_metrics(cut / "metrics.jsonl"))
-    assert 6 <= stopped < 20
-    run_cli("train", *args, check=True)
-    assert_same_losses(trained("sp-alibi", "model.position.kind=alibi", *SP, "trainer.strategy=ddp"), cut)
 
 
 @pytest.mark.slow

@@ -161,7 +161,8 @@ def test_configs_saved_by_earlier_releases_still_load():
     `model.rope_theta` and `model.max_position`, `model.residual: prenorm`, and no ffn."""
     old = to_dict(load_config(CONFIGS / "default.yaml"))
     model = {k: v for k, v in old["model"].items() if k not in ("position", "residual", "ffn")}
-    for pos, theta, rows, want in (("rope", 5e5, 0, {"kind": "rope", "theta": 5e5}),
+    # (a saved rope node gets the options added since at their defaults: interpolate 1, none)
+    for pos, theta, rows, want in (("rope", 5e5, 0, {"kind": "rope", "theta": 5e5, "interpolate": 1.0}),
                                    ("learned", 1e4, 256, {"kind": "learned", "max_position": 256}),
                                    ("alibi", 1e4, 0, {"kind": "alibi"})):
         saved = {**old, "model": {**model, "position": pos, "rope_theta": theta, "max_position": rows,
