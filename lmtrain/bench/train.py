@@ -15,9 +15,12 @@ MFU, peak memory, and the share of step time spent waiting for the next batch.
 
 FLOPs per token = 6 N + attention, N the parameters in matrix multiplies (the LM head
 included), attention = 12 n_layers d_model L for softmax (PaLM: both halves of the causal
-L x L products). MFU's denominator on CPU is measured on the spot: fp32 matmul throughput
-of 1024^2 matrices at the same thread count (best of 7 trials); on CUDA the datasheet bf16
-peak, with the measured matmul peak printed beside it.
+L x L products). MFU's denominator on CPU is measured on the spot, in the precision the run
+uses (bf16 matmuls for bf16-mixed, which run on AMX or AVX-512 BF16 units where the CPU has
+them; fp32 otherwise): throughput of 2048^2 matrices at the same thread count (best of 5
+trials); both peaks are printed, with the CPU model and its relevant flags beside every
+table. On CUDA the datasheet bf16 peak, with the measured matmul peak printed beside it.
+Peers run in the same precision (autocast for the mixed ones).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -100,6 +102,13 @@ def _measure_peer(cfg, peer: str, warmup: int, steps: int, checkpointing: bool =
 
     model, forward, version = PEERS[peer](cfg)
     model.train()
+    precision = str(cfg.trainer.precision)
+    device_type = "cuda" if cfg.trainer.accelerator in ("cuda", "gpu") else "cpu"
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)
+    # The same precision as lmtrain's Lightning run: autocast for the mixed precisions.
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
+                              enabled=precision.endswith("-mixed"))
     if checkpointing:
         model.gradient_checkpointing_enable()
         version += ", activation checkpointing"
@@ -115,7 +124,9 @@ def _measure_peer(cfg, peer: str, warmup: int, steps: int, checkpointing: bool =
             peak_ok, rss0 = reset_peak(), rss_kb("VmRSS")
             t1 = time.perf_counter()
         x, y = batch[:, :-1], batch[:, 1:]
-        loss = F.cross_entropy(forward(x).float().flatten(0, 1), y.flatten())
+        with autocast:
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -134,7 +145,7 @@ def measure(spec: dict) -> dict:
     from lmtrain.config import load_config
     from lmtrain.model import build_model
     from lmtrain.model.flops import training_flops_per_token
-    from lmtrain.train.hardware import measured_matmul_peak, peak_flops
+    from lmtrain.train.hardware import cpu_description, cpu_matmul_peak, measured_matmul_peak, peak_flops
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -156,16 +167,20 @@ def measure(spec: dict) -> dict:
     params = sum(p.numel() for p in res["model"].parameters())
     peak_kb = rss_kb("VmHWM")
     device = torch.device("cuda" if cfg.trainer.accelerator in ("cuda", "gpu") else "cpu")
-    peak, source = peak_flops(cfg.trainer.peak_tflops, device)
-    matmul = measured_matmul_peak() if device.type == "cpu" else measured_matmul_peak(torch.bfloat16, 4096,
-                                                                                       device=device)
+    peak, source = peak_flops(cfg.trainer.peak_tflops, device, cfg.trainer.precision)
+    if device.type == "cpu":  # both peaks, whatever the precision: their ratio says what bf16 can gain
+        matmul, matmul_bf16 = cpu_matmul_peak(), cpu_matmul_peak(torch.bfloat16)
+    else:
+        matmul = matmul_bf16 = measured_matmul_peak(torch.bfloat16, 4096, device=device)
     step = statistics.median(res["times"])
     tokens = cfg.data.batch_size * cfg.data.seq_len
     tps = tokens / step
     return {"impl": impl, "version": res["version"], "params": params, "params_lmtrain": params_lmtrain,
             "step_s": step, "tokens_per_s": tps, "flops_per_token": flops_per_token,
             "mfu": tps * flops_per_token / peak,
-            "peak_flops": peak, "peak_source": source, "matmul_flops": matmul,
+            "peak_flops": peak, "peak_source": source, "matmul_flops": matmul, "matmul_bf16_flops": matmul_bf16,
+            "precision": str(cfg.trainer.precision), "machine": cpu_description() if device.type == "cpu" else
+            f"{torch.cuda.get_device_name(device)} ({cpu_description()})",
             "data_wait": sum(res["waits"]) / (sum(res["waits"]) + sum(res["times"])),
             "peak_mb": (peak_kb - res["rss0"]) / 1024 if res["peak_ok"] and res["rss0"] else None,
             "threads": torch.get_num_threads(), "step_times_s": res["times"]}
@@ -174,7 +189,7 @@ def measure(spec: dict) -> dict:
 # -- the parent ---------------------------------------------------------------------------------
 
 
-KEYS = ("tokens_per_s", "step_s", "mfu", "data_wait", "peak_flops", "matmul_flops", "peak_mb")
+KEYS = ("tokens_per_s", "step_s", "mfu", "data_wait", "peak_flops", "matmul_flops", "matmul_bf16_flops", "peak_mb")
 
 
 def _argv(args, kind: str, extra: list[str], checkpointing: bool = False) -> list[str]:
@@ -268,9 +283,12 @@ def format_results(results: list[dict]) -> str:
                      f"{r['step_s']:.3f} | {r['mfu']:.1%} | {mem} | {r['data_wait']:.1%} | "
                      f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
     lines.append("")
+    fp32, bf16 = ours["matmul_flops"], ours["matmul_bf16_flops"]
     lines.append(f"FLOPs per token: {ours['flops_per_token'] / 1e6:.1f} M (6 N + 12 n_layers d_model L); MFU against "
-                 f"{ours['peak_flops'] / 1e12:.3f} TFLOP/s ({ours['peak_source']}); measured matmul peak "
-                 f"{ours['matmul_flops'] / 1e12:.3f} TFLOP/s")
+                 f"{ours['peak_flops'] / 1e12:.3f} TFLOP/s ({ours['peak_source']}, the peak of {ours['precision']}); "
+                 f"measured matmul peaks fp32 {fp32 / 1e12:.3f}, bf16 {bf16 / 1e12:.3f} TFLOP/s "
+                 f"(bf16 {bf16 / fp32:.1f}x)")
+    lines.append(f"machine: {ours['machine']}")
     peers = [r for r in results if not r["impl"].startswith("lmtrain") and "failed" not in r]
     if peers:
         best_peer = max(peers, key=lambda r: r["tokens_per_s"])
@@ -336,10 +354,12 @@ def main(args) -> int:
             _common_checks(cfg, peer, needs_no_bias=peer == "mpt")
         except PeerMismatch as e:
             raise ConfigError(str(e)) from None
+    from lmtrain.train.hardware import cpu_description
+
     print(f"bench train: {args.config} {' '.join(args.overrides)}; {cfg.model.n_layers} layers, d_model "
           f"{cfg.model.d_model}, {cfg.model.n_heads} heads, d_ff {cfg.model.d_ff}, vocab {cfg.data.vocab_size}, "
           f"L {cfg.data.seq_len}, batch {cfg.data.batch_size}, {cfg.trainer.precision}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"{cpu_description()}, torch {torch.__version__}; "
           f"{args.rounds} rounds x ({args.warmup} + {args.steps}) steps", flush=True)
     if args.lengths:
         return _main_lengths(args)

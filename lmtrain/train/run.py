@@ -176,7 +176,7 @@ def build_trainer(cfg: Config, *, extra_callbacks=()):
     callbacks = [
         RunCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
         ConfigLog(cfg),
-        Throughput(cfg.data.seq_len, every=t.log_every_n_steps, peak_tflops=t.peak_tflops),
+        Throughput(cfg.data.seq_len, every=t.log_every_n_steps, peak_tflops=t.peak_tflops, precision=t.precision),
         MetricsFile(run_dir / "metrics.jsonl", every=t.log_every_n_steps),
         *extra_callbacks,
     ]

@@ -23,7 +23,8 @@ def _fake_alternate(memory_per_token: dict[str, float], limit: float, calls: lis
             out[label] = [{"failed": f"out of memory at L={L}"} if mb > limit else
                           {"impl": spec["impl"], "tokens_per_s": 1e6 / L, "step_s": L / 1e3, "mfu": 0.5,
                            "data_wait": 0.0, "peak_flops": 1e11, "matmul_flops": 1e11, "peak_mb": mb, "params": 7,
-                           "params_lmtrain": 7, "version": "v", "flops_per_token": 1e6, "peak_source": "test"}
+                           "params_lmtrain": 7, "version": "v", "flops_per_token": 1e6, "peak_source": "test",
+                           "matmul_bf16_flops": 2e11, "precision": "32-true", "machine": "test CPU"}
                           for _ in range(rounds)]
         return out
 

@@ -70,6 +70,60 @@ def test_alibi_is_folded_into_the_dot_product_at_long_lengths(monkeypatch, dtype
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=tol, atol=tol, msg=name)
 
 
+def test_folded_bias_is_exact_in_bf16_at_any_distance():
+    """With content-free queries and keys the folded scores are the bias alone. In bf16 (products
+    accumulated in fp32, as SDPA does) they equal c_h / sqrt(D) (k - q) + a per-query constant
+    exactly, c_h the slope rounded once, at positions far past bf16's 256 exact integers; one
+    dimension holding the position (the fp32 fold) would be off by up to m_h x 4 there."""
+    import math
+
+    from lmtrain.model.attention.paths import fold_linear_bias
+    from lmtrain.model.positions import alibi_slopes
+
+    H, D, L = 6, 64, 5000  # 6 heads: slopes that are not powers of two
+    slopes = torch.tensor(alibi_slopes(H))
+    zeros = torch.zeros(1, H, L, D, dtype=torch.bfloat16)
+    pos = torch.arange(L) + 12345
+    q, k, _ = fold_linear_bias(zeros, zeros, zeros, slopes, pos)
+    scores = (q.float() @ k.float().transpose(-1, -2))[0] / math.sqrt(D)  # H L L
+    c = (slopes * math.sqrt(D)).to(torch.bfloat16).float() / math.sqrt(D)
+    want = c[:, None, None] * (pos[None, :] - pos[:, None]).float()
+    got = scores - scores[:, :, :1]
+    torch.testing.assert_close(got, want - want[:, :, :1], rtol=0, atol=1e-3)  # fp32 rounding of ~1e3 only
+    assert (c / slopes - 1).abs().max() < 2**-8  # the slopes, rounded once to bf16
+
+
+def test_alibi_folds_in_bf16_and_matches_the_reference():
+    """bf16 training with ALiBi takes the folded path (no mask) and stays within the kernel's
+    declared bf16 tolerance of the fp32 reference at L = 2048."""
+    from lmtrain.model.attention import AttentionInputs
+    from lmtrain.model.positions import build_position
+
+    model = make_model("model.position=alibi", dtype=torch.float32)
+    kernel = model.attention_kernels()[0]
+    position = build_position(model.cfg.position, d_model=32, n_heads=4, seq_len=2048)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2048, 8, generator=g) for _ in range(3))
+    pos = torch.arange(2048)
+
+    def run(dtype, reference=False):
+        qs, ks, vs = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
+        inp = AttentionInputs(position=position, q_pos=pos, k_pos=pos, aux=Aux())
+        with reference_paths(reference):
+            out = kernel(qs, ks, vs, inp)
+        out.float().square().sum().backward()
+        return out.float(), [t.grad.float() for t in (qs, ks, vs)]
+
+    kernel.path_counts.clear()
+    fast, fast_grads = run(torch.bfloat16)
+    assert kernel.path_counts["folded"] == 1
+    ref, ref_grads = run(torch.float32, reference=True)
+    tol = kernel.tolerances[torch.bfloat16]
+    torch.testing.assert_close(fast, ref, rtol=tol.rtol, atol=tol.atol)
+    for a, b in zip(fast_grads, ref_grads):  # gradients summed over 2048 queries: relative to their scale
+        assert (a - b).abs().max() <= tol.rtol * b.abs().max() + tol.atol
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, on purpose
 @pytest.mark.parametrize("position", ["alibi", "none"])
 def test_flex_forward_matches_reference_on_cpu(position):

@@ -35,17 +35,34 @@ def triton_applies(x: Tensor) -> bool:
 
 
 # -- a linear bias folded into the dot product ---------------------------------------------------
+# Positions are carried as two small integers, hi * FOLD_STEP + lo with 0 <= lo < FOLD_STEP and
+# |hi| <= L / (2 FOLD_STEP): both are exact in bf16 (8 significant bits) for L up to 2^17.
+FOLD_STEP = 256
+# Where the fold keeps the bias exact: bf16 holds the two parts exactly, and SDPA's CPU and CUDA
+# kernels accumulate the dot products of bf16 inputs in fp32. (fp16 could overflow the products.)
+FOLD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def fold_linear_bias(q_BHLD, k_BHSD, v_BHSD, slopes_H, pos_L):
     """q, k and v with extra dimensions that carry the bias m_h (k - q) through the dot product
-    (softmax ignores the per-query constant): q gets m_h sqrt(D), k its position (centred), v
-    zeros; padded to a multiple of 8. Scale the dot product by 1 / sqrt(D) of the original D."""
+    (softmax ignores the per-query constant), padded to a multiple of 8; scale the dot product by
+    1 / sqrt(D) of the original D. The key's position, centred, is split as hi * FOLD_STEP + lo,
+    two dimensions that bf16 holds exactly; q carries c_h FOLD_STEP and c_h, where c_h = m_h sqrt(D)
+    rounded once to q's dtype (FOLD_STEP is a power of two, so c_h FOLD_STEP is exact too). Every
+    product is then exact and the bias is c_h / sqrt(D) (k - q) exactly: in bf16, ALiBi with each
+    slope within 2^-9 of its own, at any distance (one dimension holding the position would lose
+    it past 256). v gets zeros."""
     B, H, L, D = q_BHLD.shape
-    E = (D + 1 + 7) // 8 * 8 - D  # extra dimensions: the bias's, then zeros
+    E = (D + 2 + 7) // 8 * 8 - D  # extra dimensions: the bias's two, then zeros
+    c_H = (slopes_H * math.sqrt(D)).to(q_BHLD.dtype)
     q_extra = q_BHLD.new_zeros(1, H, 1, E)
-    q_extra[0, :, 0, 0] = slopes_H.to(q_BHLD.dtype) * math.sqrt(D)
+    q_extra[0, :, 0, 0] = c_H * FOLD_STEP
+    q_extra[0, :, 0, 1] = c_H
+    centred = pos_L - (pos_L[0] + pos_L[-1]) // 2  # small products: fp32 accumulates them exactly
+    hi = torch.div(centred, FOLD_STEP, rounding_mode="floor")
     k_extra = k_BHSD.new_zeros(1, 1, L, E)
-    # Centred, so that the largest product stays small (fp32 keeps ~1e-5 of the bias).
-    k_extra[0, 0, :, 0] = pos_L.to(k_BHSD.dtype) - (pos_L[0] + pos_L[-1]).to(k_BHSD.dtype) / 2
+    k_extra[0, 0, :, 0] = hi.to(k_BHSD.dtype)
+    k_extra[0, 0, :, 1] = (centred - hi * FOLD_STEP).to(k_BHSD.dtype)
     q = torch.cat((q_BHLD, q_extra.expand(B, H, L, E)), dim=-1)
     k = torch.cat((k_BHSD, k_extra.expand(B, H, L, E)), dim=-1)
     return q, k, F.pad(v_BHSD, (0, E))

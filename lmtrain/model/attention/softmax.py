@@ -5,15 +5,16 @@ Paths, chosen once per call from the inputs, never from a kind name:
                 positions it uses `is_causal=True` (flash kernels on CPU and GPU). With a
                 bias or a KV cache it passes an explicit mask, built per block of queries
                 so that no L x S x H buffer exists at once at long lengths.
-  * folded    - a linear distance bias m_h (k - q) (ALiBi) with aligned positions, in fp32 or
-                fp64 (the CPU training path): per query, the bias is a constant, which
-                softmax ignores, plus m_h k. One extra dimension carries it through the dot
-                product (q gets m_h sqrt(D), k gets its position, centred), so SDPA runs its
+  * folded    - a linear distance bias m_h (k - q) (ALiBi) with aligned positions, in fp32,
+                fp64 or bf16 (the CPU training path): per query, the bias is a constant, which
+                softmax ignores, plus m_h k. Two extra dimensions carry it through the dot
+                product (k gets its centred position as hi * 256 + lo, both exact in bf16; q
+                gets m_h sqrt(D) times 256 and 1: `paths.fold_linear_bias`), so SDPA runs its
                 fused causal kernel with `is_causal=True`: no mask is built and the masked
                 upper triangle is skipped. The head dim is padded to a multiple of 8 (v too:
                 the fused kernel needs equal head dims), about 12% more attention FLOPs for
-                D = 64 against 2.4x for a materialised mask. Not in bf16/fp16, where k's
-                positions would lose their precision.
+                D = 64 against 2.4x for a materialised mask. Not in fp16 (its products of
+                positions and slopes could overflow).
   * documents - aligned positions with document ids (data.document_mask): query blocks over the
                 keys from the start of their document, with a boolean mask (causal, same
                 document) so that the fused kernel runs; ALiBi folded as on `folded`.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import causal_block_mask, flex_fn
 from lmtrain.model.attention.paths import (
+    FOLD_DTYPES,
     and_mask,
     blockwise_sdpa,
     dense_attention,
@@ -88,15 +90,14 @@ class SoftmaxAttention(AttentionKernel):
         if path == "sdpa" and inp.aligned and inp.doc_ids is not None and (
                 not inp.position.has_score_bias or self._foldable(q_BHLD, inp)):
             return "documents"
-        if (path == "sdpa" and inp.position.has_score_bias and self.cfg.fold_linear_bias and inp.aligned
-                and inp.doc_ids is None
-                and inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in (torch.float32, torch.float64)):
+        if path == "sdpa" and inp.position.has_score_bias and inp.aligned and inp.doc_ids is None and self._foldable(
+                q_BHLD, inp):
             path = "folded"
         return path
 
     def _foldable(self, q_BHLD, inp) -> bool:
         return (self.cfg.fold_linear_bias and inp.position.linear_bias_slopes() is not None
-                and q_BHLD.dtype in (torch.float32, torch.float64))
+                and q_BHLD.dtype in FOLD_DTYPES)
 
     def fast(self, path, q_BHLD, k_BHSD, v_BHSD, inp):
         if path == "documents":

@@ -26,7 +26,7 @@ Paths, chosen per call from the inputs:
   * band      - CPU, one `window` pattern for every head, aligned, no documents, no dropout:
                 two causal flash-attention calls per chunk of W queries, merged by their
                 log-sum-exps (band.py): no mask, no gather, O(L W) at the fused kernel's speed.
-                ALiBi is folded into the dot product (fp32/fp64).
+                ALiBi is folded into the dot product (fp32/fp64/bf16).
   * merged    - CPU, every head group's union holds a window of W (window or bigbird; W a
                 multiple of the block), aligned, no documents, no token-id globals, no dropout:
                 the window on the band and only the blocks beyond it (global, random, ...)
@@ -56,7 +56,14 @@ from torch import Tensor
 from lmtrain.model.attention import band
 from lmtrain.model.attention.base import ATTENTION, AttentionConfig, AttentionKernel, Capabilities
 from lmtrain.model.attention.flex import flex_fn
-from lmtrain.model.attention.paths import and_mask, blockwise_sdpa, document_mask, flex_applies, fold_linear_bias
+from lmtrain.model.attention.paths import (
+    FOLD_DTYPES,
+    and_mask,
+    blockwise_sdpa,
+    document_mask,
+    flex_applies,
+    fold_linear_bias,
+)
 from lmtrain.model.attention.patterns import PATTERNS, Pattern, parse_union
 
 
@@ -437,9 +444,9 @@ class SparseAttention(AttentionKernel):
 
     def _band_ready(self, q_BHLD, inp) -> bool:
         """What the band needs: aligned positions, no documents, no dropout, CPU, and no score
-        bias or a linear one folded in fp32/fp64."""
+        bias or a linear one folded (fp32/fp64/bf16)."""
         bias_ok = not inp.position.has_score_bias or (
-            inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in (torch.float32, torch.float64))
+            inp.position.linear_bias_slopes() is not None and q_BHLD.dtype in FOLD_DTYPES)
         return (bias_ok and not q_BHLD.is_cuda and inp.aligned and inp.doc_ids is None and self.attn_dropout == 0.0
                 and band.available())
 

@@ -14,8 +14,8 @@ from lmtrain.train.hardware import peak_flops
 class Throughput(pl.Callback):
     """Measures over windows of `every` optimizer steps; synchronises only at window edges."""
 
-    def __init__(self, seq_len: int, every: int, peak_tflops: float | None = None):
-        self.seq_len, self.every, self.peak_tflops = seq_len, every, peak_tflops
+    def __init__(self, seq_len: int, every: int, peak_tflops: float | None = None, precision: str = "32-true"):
+        self.seq_len, self.every, self.peak_tflops, self.precision = seq_len, every, peak_tflops, precision
         self._t0 = None
         self._tokens = 0
         self.peak, self.peak_source, self.flops_per_token = None, "", 0.0
@@ -26,7 +26,7 @@ class Throughput(pl.Callback):
         self.flops_per_token = training_flops_per_token(pl_module.model, self.seq_len)
 
     def on_train_start(self, trainer, pl_module):
-        self.peak, self.peak_source = peak_flops(self.peak_tflops, pl_module.device)
+        self.peak, self.peak_source = peak_flops(self.peak_tflops, pl_module.device, self.precision)
         self._t0 = None
         if trainer.is_global_zero:
             print(f"mfu: peak {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source}; pin it with "
