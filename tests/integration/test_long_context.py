@@ -1,5 +1,6 @@
 """Long contexts end to end: a length curriculum resumes bit-identically across a change of
-length, and a run continues another at a longer length (context extension)."""
+length, and a run continues another at a longer length (context extension); bf16-mixed CPU
+training (ALiBi folded in bf16) resumes exactly."""
 
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ def test_a_learned_position_table_is_not_extended(tiny_data, tmp_path):
     refused = run_cli("train", *common, "model.position.kind=learned", "data.seq_len=64",
                       f"run.init_from={tmp_path / 'learned'}", "run.name=learned-long")
     assert refused.returncode == 2 and "a learned position table has no rows for the new positions" in refused.stderr
+
+
+def test_bf16_mixed_on_cpu_folds_alibi_and_resumes_exactly(tiny_data, tmp_path):
+    """bf16-mixed training on the CPU (ALiBi folded in bf16, fp32 loss and optimizer state): a
+    resume from the step-4 checkpoint logs exactly the uninterrupted run's losses."""
+    args = [DEBUG, *tiny_data, *TINY_MODEL, f"run.root={tmp_path}", "model.dropout=0.1", "data.seq_len=512",
+            "data.batch_size=2", "trainer.precision=bf16-mixed", "trainer.max_steps=8", "checkpoint.every_n_steps=4",
+            "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1"]
+    run = train_twice_from_a_checkpoint(args, tmp_path, at=4, compare=(5, 6, 7, 8))
+    losses = read_metrics(run / "metrics.jsonl")
+    assert all(3.0 < v < 7.0 for v in losses.values()), losses
