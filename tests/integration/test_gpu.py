@@ -75,12 +75,15 @@ def test_auto_backend_picks_flex_for_alibi_on_cuda():
     assert all(k.path_counts["flex"] == 1 for k in model.attention_kernels())
 
 
-@pytest.mark.parametrize("position", ["rope", "sinusoidal", "learned"])
+@pytest.mark.parametrize("position", ["rope", "sinusoidal", "learned", "alibi"])
 def test_sdpa_bf16_matches_reference(position):
+    """ALiBi on the sdpa backend in bf16 folds into the dot product (positions as hi * 256 + lo)."""
     model = _model(position, "sdpa", torch.bfloat16)
     x = torch.randint(0, 1024, (2, 512), device="cuda")
     (out, _), (ref, _) = _fwd_bwd(model, x, False), _fwd_bwd(model, x, True)
     torch.testing.assert_close(out.float(), ref.float(), **BF16_TOL)
+    if position == "alibi":
+        assert all(k.path_counts["folded"] >= 1 for k in model.attention_kernels())
 
 
 @pytest.mark.parametrize("kind, position, extra", [
