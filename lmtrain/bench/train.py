@@ -17,10 +17,10 @@ FLOPs per token = 6 N + attention, N the parameters in matrix multiplies (the LM
 included), attention = 12 n_layers d_model L for softmax (PaLM: both halves of the causal
 L x L products). MFU's denominator on CPU is measured on the spot, in the precision the run
 uses (bf16 matmuls for bf16-mixed, which run on AMX or AVX-512 BF16 units where the CPU has
-them; fp32 otherwise): throughput of 2048^2 matrices at the same thread count (best of 5
-trials); both peaks are printed, with the CPU model and its relevant flags beside every
-table. On CUDA the datasheet bf16 peak, with the measured matmul peak printed beside it.
-Peers run in the same precision (autocast for the mixed ones).
+them; fp32 otherwise), at the same thread count and the size where each peaks (1024^3 products
+in fp32, 2048^3 in bf16; `hardware.cpu_matmul_peak`); both peaks are printed, with the CPU
+model and its relevant flags beside every table. On CUDA the datasheet bf16 peak, with the
+measured matmul peak printed beside it. Peers run in the same precision (autocast for the mixed ones).
 """
 
 from __future__ import annotations
