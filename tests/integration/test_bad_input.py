@@ -295,6 +295,8 @@ CASES = [
     Case("wrong-type", cfg("model.n_layers=abc"), "model.n_layers: wrong type"),
     Case("length-schedule-syntax", cfg("data.seq_len=32,64"), "data.seq_len: '64' needs the optimizer step it "
                                                               "starts at: 64@STEP"),
+    Case("rope-interpolate", cfg("model.position=rope", "model.position.interpolate=0.5"),
+         "model.position.interpolate=0.5: must be at least 1"),
     Case("length-schedule-order", cfg("data.seq_len=32,64@5,128@5"), "data.seq_len: steps must increase"),
     Case("length-schedule-tokens", cfg("data.seq_len=48,64@5"), "data.seq_len: 48 does not divide the longest "
                                                                 "length 64"),
